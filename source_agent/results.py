@@ -1,0 +1,201 @@
+"""The results store: every run the source agent drives, kept in SQLite.
+
+Why SQLite: experiments run for hours and get interrupted. A write-ahead-log
+database with one transaction per run means a run is either wholly present or
+wholly absent after a crash or a ``kill -9``, and readers (``source-agent
+results``) never block a sweep that is writing.
+
+Each run is one row. The columns are the figures people filter and plot on;
+the full report (whatever the agents measured, with mechanisms and verdicts)
+is kept alongside as JSON so nothing is lost when the report grows. Failed
+runs are recorded too, with the error, so a sweep's denominator is honest.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import sqlite3
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Mapping
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id            TEXT PRIMARY KEY,
+    started_at        TEXT NOT NULL,
+    finished_at       TEXT NOT NULL,
+    command           TEXT NOT NULL,
+    sweep             TEXT,
+    point             TEXT,
+    outcome           TEXT NOT NULL CHECK (outcome IN ('passed', 'failed', 'error')),
+    exit_code         INTEGER NOT NULL,
+    error             TEXT,
+    destination       TEXT,
+    strategy          TEXT,
+    memory_size       INTEGER,
+    wall_gap_ns       INTEGER,
+    kvmclock_jump_ns  INTEGER,
+    tsc_jump_ns       INTEGER,
+    steal_delta_ns    INTEGER,
+    runnable_delta_ns INTEGER,
+    downtime_ns       INTEGER,
+    report            TEXT NOT NULL
+) STRICT;
+CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep, point);
+"""
+
+#: Columns in the order ``results`` exports them (the report JSON comes last).
+COLUMNS = (
+    "run_id", "started_at", "finished_at", "command", "sweep", "point", "outcome",
+    "exit_code", "error", "destination", "strategy", "memory_size", "wall_gap_ns",
+    "kvmclock_jump_ns", "tsc_jump_ns", "steal_delta_ns", "runnable_delta_ns",
+    "downtime_ns", "report",
+)
+
+
+class ResultsStoreError(Exception):
+    """The results database cannot be opened or is not one of ours."""
+
+
+def default_db_path() -> Path:
+    """``$XDG_DATA_HOME/kvm-testbed/results.sqlite3`` (``~/.local/share`` if unset)."""
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "kvm-testbed" / "results.sqlite3"
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """One run as stored: the indexed figures plus the whole report."""
+
+    run_id: str
+    started_at: str
+    finished_at: str
+    command: str
+    outcome: str
+    exit_code: int
+    report: Mapping[str, Any]
+    sweep: str | None = None
+    point: str | None = None
+    error: str | None = None
+    destination: str | None = None
+    strategy: str | None = None
+    memory_size: int | None = None
+    wall_gap_ns: int | None = None
+    kvmclock_jump_ns: int | None = None
+    tsc_jump_ns: int | None = None
+    steal_delta_ns: int | None = None
+    runnable_delta_ns: int | None = None
+    downtime_ns: int | None = None
+
+    def row(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in COLUMNS}
+        values["report"] = json.dumps(self.report, sort_keys=True)
+        return values
+
+
+class ResultsStore:
+    """A handle on the results database; cheap to open, safe to share across runs.
+
+    Each :meth:`record` is its own transaction on its own connection, so a
+    crash between runs loses nothing and a crash during one loses only that one.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with closing(self._connect()) as con, con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(_SCHEMA)
+                version = con.execute("PRAGMA user_version").fetchone()[0]
+                if version == 0:
+                    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+                elif version != SCHEMA_VERSION:
+                    raise ResultsStoreError(
+                        f"{self.path}: results schema version {version}, this tool writes {SCHEMA_VERSION}"
+                    )
+        except sqlite3.DatabaseError as exc:
+            raise ResultsStoreError(f"{self.path}: cannot use as a results database: {exc}") from exc
+        except OSError as exc:
+            raise ResultsStoreError(f"{self.path}: {exc.strerror or exc}") from exc
+
+    def _connect(self) -> sqlite3.Connection:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves (via `with con`
+        # after an explicit BEGIN), so each run is exactly one transaction.
+        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        con.execute("PRAGMA busy_timeout=30000")
+        return con
+
+    def record(self, run: RunRecord) -> None:
+        """Store one run atomically; a run id already present is an error, not an overwrite."""
+        row = run.row()
+        placeholders = ", ".join(f":{name}" for name in COLUMNS)
+        with closing(self._connect()) as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({placeholders})", row)
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    def runs(self, *, sweep: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored runs, oldest first, as dicts (``report`` decoded)."""
+        query = f"SELECT {', '.join(COLUMNS)} FROM runs"
+        args: list[Any] = []
+        if sweep is not None:
+            query += " WHERE sweep = ?"
+            args.append(sweep)
+        # Newest first so LIMIT keeps the latest runs; reversed below.
+        query += " ORDER BY started_at DESC, run_id DESC"
+        if limit is not None:
+            query += " LIMIT ?"
+            args.append(limit)
+        with closing(self._connect()) as con:
+            rows = con.execute(query, args).fetchall()
+        rows.reverse()
+        return [_decode(dict(zip(COLUMNS, row))) for row in rows]
+
+    def points_done(self, sweep: str) -> set[str]:
+        """Sweep points that already have a successful or failed (not errored) run."""
+        with closing(self._connect()) as con:
+            rows = con.execute(
+                "SELECT DISTINCT point FROM runs WHERE sweep = ? AND outcome != 'error'", (sweep,)
+            ).fetchall()
+        return {row[0] for row in rows if row[0] is not None}
+
+    def integrity_check(self) -> str:
+        with closing(self._connect()) as con:
+            return con.execute("PRAGMA integrity_check").fetchone()[0]
+
+
+def _decode(row: dict[str, Any]) -> dict[str, Any]:
+    row["report"] = json.loads(row["report"])
+    return row
+
+
+def export_json(runs: Iterable[Mapping[str, Any]]) -> str:
+    return json.dumps(list(runs), indent=2, sort_keys=True) + "\n"
+
+
+def export_csv(runs: Iterable[Mapping[str, Any]]) -> str:
+    """One line per run; the report column holds the report as compact JSON."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    for run in runs:
+        row = dict(run)
+        row["report"] = json.dumps(row["report"], sort_keys=True, separators=(",", ":"))
+        writer.writerow(row)
+    return out.getvalue()
+
+
+def iter_csv_rows(text: str) -> Iterator[dict[str, str]]:
+    """Parse what :func:`export_csv` wrote (used by tests and by people's scripts)."""
+    yield from csv.DictReader(io.StringIO(text))

@@ -1,0 +1,92 @@
+"""The results store keeps every run, failed ones too, and never loses one already stored."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sqlite3
+
+import pytest
+
+from source_agent.results import (
+    ResultsStore,
+    ResultsStoreError,
+    RunRecord,
+    export_csv,
+    export_json,
+    iter_csv_rows,
+)
+
+
+def run(run_id: str, *, outcome: str = "passed", started: str = "2026-11-27T10:00:00Z", **kw) -> RunRecord:
+    return RunRecord(
+        run_id=run_id, started_at=started, finished_at=started, command="migrate",
+        outcome=outcome, exit_code={"passed": 0, "failed": 1, "error": 3}[outcome],
+        report={"run_id": run_id, "nested": {"x": [1, 2]}}, **kw,
+    )
+
+
+def test_runs_are_stored_and_listed_oldest_first(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.record(run("b", started="2026-11-27T10:00:02Z", wall_gap_ns=10_000_000))
+    store.record(run("a", started="2026-11-27T10:00:01Z", outcome="error", error="peer reset"))
+    rows = store.runs()
+    assert [r["run_id"] for r in rows] == ["a", "b"]
+    assert rows[0]["outcome"] == "error" and rows[0]["error"] == "peer reset"
+    assert rows[1]["wall_gap_ns"] == 10_000_000
+    assert rows[1]["report"] == {"run_id": "b", "nested": {"x": [1, 2]}}
+    assert [r["run_id"] for r in store.runs(limit=1)] == ["b"]
+
+
+def test_duplicate_run_id_is_refused_and_the_stored_run_survives(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.record(run("a", wall_gap_ns=1))
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record(run("a", wall_gap_ns=2))
+    assert [(r["run_id"], r["wall_gap_ns"]) for r in store.runs()] == [("a", 1)]
+    assert store.integrity_check() == "ok"
+
+
+def test_bad_outcome_is_refused_by_the_schema(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    with pytest.raises(sqlite3.IntegrityError):
+        store.record(dataclasses.replace(run("a"), outcome="maybe"))
+    assert store.runs() == []
+
+
+def test_a_file_that_is_not_a_database_is_a_clear_error_and_is_left_alone(tmp_path):
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"my precious notes, not sqlite" * 100)
+    with pytest.raises(ResultsStoreError, match="cannot use as a results database"):
+        ResultsStore(path)
+    assert path.read_bytes() == b"my precious notes, not sqlite" * 100
+
+
+def test_database_is_in_wal_mode(tmp_path):
+    ResultsStore(tmp_path / "r.db")
+    con = sqlite3.connect(tmp_path / "r.db")
+    try:
+        assert con.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    finally:
+        con.close()
+
+
+def test_sweep_points_done_counts_passed_and_failed_but_not_errored(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.record(run("1", sweep="s", point="p1"))
+    store.record(run("2", sweep="s", point="p2", outcome="failed"))
+    store.record(run("3", sweep="s", point="p3", outcome="error"))
+    store.record(run("4", sweep="other", point="p4"))
+    assert store.points_done("s") == {"p1", "p2"}
+
+
+def test_exports_round_trip(tmp_path):
+    store = ResultsStore(tmp_path / "r.db")
+    store.record(run("a", wall_gap_ns=5))
+    store.record(run("b", started="2026-11-27T11:00:00Z", outcome="failed"))
+    rows = store.runs()
+    assert json.loads(export_json(rows)) == rows
+    parsed = list(iter_csv_rows(export_csv(rows)))
+    assert [p["run_id"] for p in parsed] == ["a", "b"]
+    assert parsed[0]["wall_gap_ns"] == "5" and parsed[1]["wall_gap_ns"] == ""
+    assert json.loads(parsed[0]["report"]) == rows[0]["report"]
