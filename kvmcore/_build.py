@@ -13,6 +13,7 @@ Run by setuptools through ``cffi_modules`` (see setup.py).
 from __future__ import annotations
 
 import os
+import re
 
 from cffi import FFI
 
@@ -116,22 +117,6 @@ typedef unsigned long long __u64;
 #define KVM_FEATURE_STEAL_TIME ...
 #define KVM_FEATURE_CLOCKSOURCE_STABLE_BIT ...
 
-/* --- the guest program's ABI (guest/abi.h) --- */
-#define KVMCORE_PML4_GPA ...
-#define KVMCORE_PDPT_GPA ...
-#define KVMCORE_PD_GPA ...
-#define KVMCORE_GDT_GPA ...
-#define KVMCORE_REPORT_GPA ...
-#define KVMCORE_PVCLOCK_GPA ...
-#define KVMCORE_STEAL_GPA ...
-#define KVMCORE_SHINFO_GPA ...
-#define KVMCORE_RUNSTATE_GPA ...
-#define KVMCORE_CODE_GPA ...
-#define KVMCORE_STACK_TOP ...
-#define KVMCORE_MIN_MEMORY ...
-#define KVMCORE_REPORT_PORT ...
-#define KVMCORE_REPORT_MAGIC ...
-#define KVMCORE_XEN_HYPERCALL_MSR ...
 #define KVMCORE_RUN_EXIT_OFFSET ...
 
 struct kvm_userspace_memory_region {
@@ -336,56 +321,24 @@ struct kvm_steal_time {
     __u32 pad[11];
 };
 
-/* guest/abi.h */
-struct kvmcore_runstate_info {
-    uint32_t state;
-    uint32_t pad0;
-    uint64_t state_entry_time;
-    uint64_t time[4];
-};
-
-struct kvmcore_steal_time {
-    uint64_t steal;
-    uint32_t version;
-    uint32_t flags;
-    uint8_t preempted;
-    uint8_t u8_pad[3];
-    uint32_t pad[11];
-};
-
-struct kvmcore_report {
-    uint64_t magic;
-    uint64_t sequence;
-    uint64_t tsc;
-    uint64_t kvmclock_ns;
-    uint64_t pvclock_retries;
-    struct pvclock_vcpu_time_info pvclock;
-    struct kvmcore_steal_time steal;
-    struct kvmcore_runstate_info runstate;
-    uint64_t last_kvmclock_ns;
-    uint64_t backwards_count;
-    uint64_t backwards_prev_ns;
-    uint64_t backwards_next_ns;
-};
-
 /* ioctl(2) is variadic; these fix the third argument's type (no cdata casts per call). */
 int kvmcore_ioctl(int fd, unsigned long request, void *arg);
 int kvmcore_ioctl_int(int fd, unsigned long request, unsigned long arg);
 """
 
-# Declared separately: packed, like the kernel's (asm/pvclock-abi.h).
-CDEF_PACKED = r"""
-struct pvclock_vcpu_time_info {
-    uint32_t version;
-    uint32_t pad0;
-    uint64_t tsc_timestamp;
-    uint64_t system_time;
-    uint32_t tsc_to_system_mul;
-    int8_t tsc_shift;
-    uint8_t flags;
-    uint8_t pad[2];
-};
-"""
+
+def guest_abi_cdef() -> str:
+    """guest/abi.h's constants and structs, for cffi: one definition for guest and host.
+
+    The constants become ``#define NAME ...`` (values from the compiler); the structs
+    between the cdef-begin/cdef-end markers are plain C that cffi parses as is.
+    """
+    with open(os.path.join(HERE, "guest", "abi.h")) as f:
+        text = f.read()
+    names = re.findall(r"^#define\s+(KVMCORE_[A-Z0-9_]+)\s+\S", text, re.MULTILINE)
+    structs = text.split("cdef-begin")[1].split("*/", 1)[1].split("/* cdef-end */")[0]
+    return "".join(f"#define {n} ...\n" for n in names if not n.endswith("_H")) + structs
+
 
 SOURCE = r"""
 #include <stddef.h>
@@ -410,7 +363,7 @@ _Static_assert(sizeof(struct kvmcore_exit_io) == member_size(struct kvm_run, io)
                "kvm_run.io layout");
 _Static_assert(sizeof(struct kvmcore_steal_time) == sizeof(struct kvm_steal_time),
                "guest/abi.h kvmcore_steal_time must match <asm/kvm_para.h>");
-_Static_assert(sizeof(struct pvclock_vcpu_time_info) == 32, "pvclock_vcpu_time_info");
+_Static_assert(sizeof(struct pvclock_vcpu_time_info) == 32, "asm/pvclock-abi.h layout");
 _Static_assert(sizeof(struct kvmcore_runstate_info) == 0x30, "64-bit vcpu_runstate_info");
 
 static int kvmcore_ioctl(int fd, unsigned long request, void *arg)
@@ -425,8 +378,7 @@ static int kvmcore_ioctl_int(int fd, unsigned long request, unsigned long arg)
 """
 
 ffi = FFI()
-ffi.cdef(CDEF_PACKED, packed=True)
-ffi.cdef(CDEF)
+ffi.cdef(CDEF + guest_abi_cdef())
 ffi.set_source(
     "kvmcore._kvm",
     SOURCE,

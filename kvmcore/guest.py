@@ -150,9 +150,10 @@ class Guest:
         """Run until the guest's next report and return it. The `out` stays pending until
         the next KVM_RUN (or capture) completes it."""
         record = self.restore_record
+        entry_realtime = time.clock_gettime_ns(time.CLOCK_REALTIME)
         first_entry = record is not None and record.first_entry_realtime_ns is None
         if first_entry:
-            record.first_entry_realtime_ns = time.clock_gettime_ns(time.CLOCK_REALTIME)
+            record.first_entry_realtime_ns = entry_realtime
         t0 = time.perf_counter_ns()
         vcpu = self.vcpu
         while True:
@@ -176,7 +177,7 @@ class Guest:
         if report.magic != lib.KVMCORE_REPORT_MAGIC:
             raise GuestError(f"report page magic {report.magic:#x} is not "
                              f"{lib.KVMCORE_REPORT_MAGIC:#x}")
-        snap = Snapshot.from_report(report, realtime, monotonic)
+        snap = Snapshot.from_report(report, entry_realtime, realtime, monotonic)
         if (io.data and int.from_bytes(io.data, "little") != snap.sequence & 0xFFFFFFFF):
             raise GuestError(f"port value {io.data.hex()} does not match sequence "
                              f"{snap.sequence}")

@@ -66,11 +66,16 @@ class Snapshot:
     backwards_count: int         # times the guest's kvmclock went backwards, ever
     backwards_prev_ns: int
     backwards_next_ns: int
-    host_realtime_ns: int        # CLOCK_REALTIME right after KVM_RUN returned
-    host_monotonic_ns: int
+    # The guest took this snapshot between these two host instants (CLOCK_REALTIME):
+    # before the KVM_RUN call that produced it, and after it returned. The bracket
+    # holds even if the vCPU thread was preempted; a single stamp would not.
+    host_entry_realtime_ns: int
+    host_realtime_ns: int
+    host_monotonic_ns: int       # CLOCK_MONOTONIC after KVM_RUN returned
 
     @classmethod
-    def from_report(cls, r: Any, host_realtime_ns: int, host_monotonic_ns: int) -> Snapshot:
+    def from_report(cls, r: Any, host_entry_realtime_ns: int, host_realtime_ns: int,
+                    host_monotonic_ns: int) -> Snapshot:
         rs = r.runstate
         return cls(
             sequence=r.sequence, tsc=r.tsc, kvmclock_ns=r.kvmclock_ns,
@@ -79,7 +84,8 @@ class Snapshot:
             runstate=(rs.state, rs.state_entry_time, *rs.time),
             backwards_count=r.backwards_count, backwards_prev_ns=r.backwards_prev_ns,
             backwards_next_ns=r.backwards_next_ns,
-            host_realtime_ns=host_realtime_ns, host_monotonic_ns=host_monotonic_ns)
+            host_entry_realtime_ns=host_entry_realtime_ns, host_realtime_ns=host_realtime_ns,
+            host_monotonic_ns=host_monotonic_ns)
 
     @property
     def runnable_ns(self) -> int:

@@ -32,6 +32,7 @@ class System:
             os.close(self.fd)
             raise
         self._caps: HostCapabilities | None = None
+        self._msr_indices: frozenset[int] | None = None
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -64,6 +65,12 @@ class System:
                            {"nmsrs": _MAX_MSR_INDICES, "indices": _MAX_MSR_INDICES})
         ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", msr_list)
         return list(ffi.unpack(msr_list.indices, msr_list.nmsrs))
+
+    def msr_indices(self) -> frozenset[int]:
+        """msr_index_list(), read once per System."""
+        if self._msr_indices is None:
+            self._msr_indices = frozenset(self.msr_index_list())
+        return self._msr_indices
 
     def create_vm(self) -> Vm:
         """KVM_CREATE_VM (default machine type)."""

@@ -34,6 +34,8 @@
 #define KVMCORE_XEN_HYPERCALL_MSR 0x40000000 /* configuring it turns on runstate accounting */
 
 #ifndef __ASSEMBLER__
+/* cdef-begin: _build.py feeds the structs from here to cdef-end to cffi verbatim. */
+
 /*
  * The pvclock record KVM writes to the guest's kvmclock page (the kernel's
  * arch/x86/include/asm/pvclock-abi.h; not exported to UAPI), and also the
@@ -48,7 +50,7 @@ struct pvclock_vcpu_time_info {
 	int8_t tsc_shift;
 	uint8_t flags;
 	uint8_t pad[2];
-} __attribute__((packed));
+};	/* packed in the kernel; every field is naturally aligned, so the layout is the same */
 
 /* Xen's public vcpu_runstate_info, 64-bit layout (KVM_XEN_ATTR_TYPE_LONG_MODE = 1): 0x30 bytes. */
 struct kvmcore_runstate_info {
@@ -88,6 +90,8 @@ struct kvmcore_report {
 	uint64_t backwards_prev_ns;	/* the last such step: from ... */
 	uint64_t backwards_next_ns;	/* ... to */
 };
+
+/* cdef-end */
 #endif /* __ASSEMBLER__ */
 
 #endif /* KVMCORE_GUEST_ABI_H */
