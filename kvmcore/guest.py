@@ -39,6 +39,7 @@ RFLAGS_RESERVED = 1 << 1
 MAX_MEMORY = 1 << 30              # one page directory of 2 MiB pages
 
 _image: bytes | None = None
+_boot_pages: bytes | None = None
 
 
 def guest_image() -> bytes:
@@ -47,6 +48,25 @@ def guest_image() -> bytes:
     if _image is None:
         _image = (resources.files("kvmcore") / "guest.bin").read_bytes()
     return _image
+
+
+def boot_pages() -> bytes:
+    """Guest memory from KVMCORE_PML4_GPA to the end of the GDT page: identity map of
+    the first GiB with 2 MiB pages (PML4[0] -> PDPT[0] -> PD) and a flat GDT."""
+    global _boot_pages
+    if _boot_pages is None:
+        pml4 = struct.pack("<Q", lib.KVMCORE_PDPT_GPA | PAGE_PRESENT | PAGE_WRITE)
+        pdpt = struct.pack("<Q", lib.KVMCORE_PD_GPA | PAGE_PRESENT | PAGE_WRITE)
+        pd = struct.pack("<512Q", *(i * HUGE_PAGE | PAGE_PRESENT | PAGE_WRITE | PAGE_HUGE
+                                    for i in range(512)))
+        gdt = struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA)
+        pages = bytearray(lib.KVMCORE_GDT_GPA + 0x1000 - lib.KVMCORE_PML4_GPA)
+        for gpa, data in ((lib.KVMCORE_PML4_GPA, pml4), (lib.KVMCORE_PDPT_GPA, pdpt),
+                          (lib.KVMCORE_PD_GPA, pd), (lib.KVMCORE_GDT_GPA, gdt)):
+            offset = gpa - lib.KVMCORE_PML4_GPA
+            pages[offset:offset + len(data)] = data
+        _boot_pages = bytes(pages)
+    return _boot_pages
 
 
 def clocks_ns() -> tuple[int, int]:
@@ -106,7 +126,7 @@ class Guest:
             vm.set_user_memory_region(0, 0, memory.size, memory.address)
             vcpu = vm.create_vcpu(0)
             # Long mode needs CPUID.LM: KVM refuses EFER.LME without it.
-            vcpu.set_cpuid2(kvm.supported_cpuid())
+            vcpu.set_cpuid2(kvm.cpuid())
             if config.xen:
                 configure_xen(vm, vcpu)
         except BaseException:
@@ -115,17 +135,8 @@ class Guest:
         return cls(vm, vcpu, memory, config)
 
     def _load_program(self) -> None:
-        mem = self.memory
-        mem.write(lib.KVMCORE_CODE_GPA, guest_image())
-        # Identity map the first GiB with 2 MiB pages: PML4[0] -> PDPT[0] -> PD.
-        mem.write(lib.KVMCORE_PML4_GPA,
-                  struct.pack("<Q", lib.KVMCORE_PDPT_GPA | PAGE_PRESENT | PAGE_WRITE))
-        mem.write(lib.KVMCORE_PDPT_GPA,
-                  struct.pack("<Q", lib.KVMCORE_PD_GPA | PAGE_PRESENT | PAGE_WRITE))
-        mem.write(lib.KVMCORE_PD_GPA, struct.pack(
-            "<512Q", *(i * HUGE_PAGE | PAGE_PRESENT | PAGE_WRITE | PAGE_HUGE
-                       for i in range(512))))
-        mem.write(lib.KVMCORE_GDT_GPA, struct.pack("<3Q", 0, GDT_CODE64, GDT_DATA))
+        self.memory.write(lib.KVMCORE_CODE_GPA, guest_image())
+        self.memory.write(lib.KVMCORE_PML4_GPA, boot_pages())
 
         sregs = self.vcpu.get_sregs()     # keep reset values for TR and LDT
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG

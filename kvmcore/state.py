@@ -35,17 +35,42 @@ U64 = (0, (1 << 64) - 1)
 
 # --- cdata <-> plain, driven by the cffi type ---
 
+_converters: dict[Any, Any] = {}
+
+
+def _converter(ctype: Any) -> Any:
+    """A function turning cdata of ``ctype`` into plain data, built once per type
+    (capture converts kvm_sregs and kvm_fpu every time: this keeps it cheap)."""
+    conv = _converters.get(ctype)
+    if conv is not None:
+        return conv
+    if ctype.kind == "struct":
+        fields = [(name, None if f.type.kind == "primitive" else _converter(f.type))
+                  for name, f in ctype.fields]
+
+        def conv(obj: Any) -> Any:
+            return {name: getattr(obj, name) if sub is None else sub(getattr(obj, name))
+                    for name, sub in fields}
+    elif ctype.kind == "array" and ctype.item.kind == "primitive" \
+            and ffi.sizeof(ctype.item) == 1:
+        def conv(obj: Any) -> Any:
+            return bytes(ffi.buffer(obj))
+    elif ctype.kind == "array":
+        item = None if ctype.item.kind == "primitive" else _converter(ctype.item)
+
+        def conv(obj: Any) -> Any:
+            return [x if item is None else item(x) for x in obj]
+    else:
+        raise TypeError(f"no plain form for {ctype.cname}")
+    _converters[ctype] = conv
+    return conv
+
+
 def cdata_to_plain(obj: Any) -> Any:
+    """Struct -> dict, byte array -> bytes, other array -> list, integers as they are."""
     if not isinstance(obj, ffi.CData):
         return obj  # cffi already returned an integer field as a Python int
-    t = ffi.typeof(obj)
-    if t.kind == "struct":
-        return {name: cdata_to_plain(getattr(obj, name)) for name, _ in t.fields}
-    if t.kind == "array":
-        if t.item.kind == "primitive" and ffi.sizeof(t.item) == 1:
-            return ffi.unpack(ffi.cast("char *", obj), t.length)
-        return [cdata_to_plain(x) for x in obj]
-    raise TypeError(f"no plain form for {t.cname}")
+    return _converter(ffi.typeof(obj))(obj)
 
 
 def struct_to_plain(ptr: Any) -> dict[str, Any]:
