@@ -1,1 +1,48 @@
-"""Placeholder; see README."""
+"""kvmcore: run a real KVM guest from Python and carry its state, clock and TSC across a migration.
+
+The only code in the testbed that touches /dev/kvm. Public API::
+
+    from kvmcore import (System, probe, HostCapabilities, GuestConfig, Guest, Snapshot,
+                         GuestMemory, VmState, Strategy, capture, restore, analyse,
+                         KvmError, KvmIoctlError, Unsupported, StateError)
+
+    with System() as kvm:
+        caps = probe(kvm)                      # HostCapabilities; caps.to_plain()
+        with Guest.create(kvm, GuestConfig(memory_size=2 << 20, xen=False)) as g:
+            before = g.run_until_snapshot()    # Snapshot
+            state = capture(g)                 # VmState; state.memory: GuestMemory, no copy
+        plain = state.to_plain()               # msgpack-ready, without memory
+        mem = GuestMemory.allocate(plain["memory_size"])
+        mem.write(0, state.memory.read(0, mem.size))        # or mem.view()[a:b] = chunk
+        state2 = VmState.from_plain(plain, mem)             # validates; StateError
+        strategy = Strategy.best(caps, state2)              # or Strategy.parse("clock=...")
+        with restore(kvm, state2, strategy) as g2:          # Guest, resumed (not restarted)
+            after = g2.run_until_snapshot()
+            result = analyse(before, after, state2, g2.restore_record)
+            result.to_plain()
+
+Lower level: System / Vm / Vcpu (one method per ioctl), kvmcore.xen (Xen ioctl
+argument packing). Per-phase timings: Guest.timings, VmState.timings,
+RestoreRecord.timings / restore_ns / first_entry_ns. See docs/kvmcore.md.
+"""
+
+from __future__ import annotations
+
+from .analysis import Analysis, Check, Measurement, analyse
+from .caps import HostCapabilities, probe
+from .errors import GuestError, KvmError, KvmIoctlError, StateError, Unsupported
+from .guest import Guest, GuestConfig
+from .memory import GuestMemory
+from .migrate import RestoreRecord, Strategy, capture, restore
+from .snapshot import Pvclock, Snapshot
+from .state import VmState
+from .system import System
+from .vcpu import Vcpu
+from .vm import Vm
+
+__all__ = [
+    "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory",
+    "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
+    "RestoreRecord", "Snapshot", "StateError", "Strategy", "System", "Unsupported", "Vcpu",
+    "Vm", "VmState", "analyse", "capture", "probe", "restore",
+]

@@ -1,0 +1,50 @@
+"""kvmcore's whole error hierarchy: one root, and each leaf says whose fault it was."""
+
+from __future__ import annotations
+
+import errno as _errno
+import os
+
+
+class KvmError(Exception):
+    """Root of every error kvmcore raises (catch this to catch them all)."""
+
+
+class KvmIoctlError(KvmError):
+    """An ioctl on /dev/kvm, a VM or a vCPU failed; names the ioctl and the errno."""
+
+    def __init__(self, ioctl: str, errno: int, context: str = "") -> None:
+        self.ioctl = ioctl
+        self.errno = errno
+        self.context = context
+        name = _errno.errorcode.get(errno, str(errno))
+        where = f" ({context})" if context else ""
+        super().__init__(f"{ioctl}{where} failed: {name} ({os.strerror(errno)})")
+
+
+class Unsupported(KvmError):
+    """The host lacks a kernel feature that was asked for; raised before anything changes.
+
+    The message always reads ``unsupported on this host: <capability>``, the
+    same words tests use in ``pytest.skip``.
+    """
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"unsupported on this host: {what}")
+
+
+class StateError(KvmError):
+    """A VmState (usually from the wire) is malformed; names the field and the reason.
+
+    Raised by validation before any VM is created.
+    """
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(f"invalid VmState field {field!r}: {reason}")
+
+
+class GuestError(KvmError):
+    """The guest did something other than report: an unexpected exit, a bad report page."""

@@ -1,0 +1,72 @@
+"""Guest RAM: an anonymous mmap that outlives the VM it backed.
+
+A VmState carries its GuestMemory without copying it, and a destination fills
+a fresh one chunk by chunk as it arrives, then hands it to restore() as RAM.
+"""
+
+from __future__ import annotations
+
+import mmap
+from typing import Any
+
+from ._kvm import ffi
+
+
+class GuestMemory:
+    """``size`` bytes of zeroed, page-aligned, host-private memory."""
+
+    def __init__(self, size: int) -> None:
+        if size <= 0 or size % mmap.PAGESIZE:
+            raise ValueError(f"guest memory size {size} is not a positive multiple of "
+                             f"the page size {mmap.PAGESIZE}")
+        self.size = size
+        self._map: mmap.mmap | None = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._ptr: Any = ffi.from_buffer(self._map)
+        # For KVM_SET_USER_MEMORY_REGION.
+        self.address = int(ffi.cast("uintptr_t", self._ptr))
+
+    @classmethod
+    def allocate(cls, size: int) -> GuestMemory:
+        return cls(size)
+
+    def view(self) -> memoryview:
+        """A writable memoryview of the whole memory (slice it; do not keep it past close)."""
+        if self._map is None:
+            raise ValueError("guest memory is closed")
+        return memoryview(self._map)
+
+    def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if offset < 0 or offset + len(data) > self.size:
+            raise ValueError(f"write of {len(data)} bytes at {offset:#x} outside "
+                             f"{self.size:#x} bytes of guest memory")
+        ffi.memmove(self._ptr + offset, data, len(data))
+
+    def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or offset + length > self.size:
+            raise ValueError(f"read of {length} bytes at {offset:#x} outside "
+                             f"{self.size:#x} bytes of guest memory")
+        return ffi.unpack(ffi.cast("char *", self._ptr) + offset, length)
+
+    def cast(self, ctype: str, offset: int) -> Any:
+        """A typed cdata pointer into guest memory (e.g. the report page)."""
+        return ffi.cast(ctype, ffi.cast("char *", self._ptr) + offset)
+
+    def close(self) -> None:
+        """Unmap. Fails (BufferError) while a view() is still alive, which is the point."""
+        if self._map is not None:
+            ffi.release(self._ptr)
+            self._map.close()
+            self._map = None
+
+    @property
+    def closed(self) -> bool:
+        return self._map is None
+
+    def __enter__(self) -> GuestMemory:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __len__(self) -> int:
+        return self.size

@@ -1,0 +1,294 @@
+"""capture() and restore(): one guest's migration, with a named Strategy for each part.
+
+Strategy parts (issue 2):
+
+- clock: ``guest``    KVM_SET_CLOCK_GUEST with the source's pvclock (kvmclock as a
+                      function of guest TSC; the unmerged series);
+         ``realtime`` KVM_SET_CLOCK with KVM_CLOCK_REALTIME: KVM advances the kvmclock by
+                      the CLOCK_REALTIME elapsed since the source's KVM_GET_CLOCK;
+         ``plain``    KVM_SET_CLOCK without it, as QEMU does: the gap is hidden;
+         ``none``     the new VM's own kvmclock (starts near 0: goes backwards).
+- tsc:   ``offset``   devices/vcpu.rst's KVM_VCPU_TSC_OFFSET algorithm: the guest TSC
+                      advances with the kvmclock as restored;
+         ``adjust``   the seed's MSR_IA32_TSC_ADJUST (a host-initiated write only stores the
+                      MSR, it does not move the TSC: kept to show exactly that);
+         ``none``     the new vCPU's TSC as KVM sets it.
+- runstate: ``kernel`` Xen RUNSTATE_DATA restored with the state forced to runnable (as
+                      the seed): KVM accounts the gap as runnable at the first vcpu_load;
+            ``off``   not restored (always, for a guest without Xen).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from . import xen
+from ._kvm import lib
+from .errors import KvmIoctlError, StateError, Unsupported
+from .guest import Guest, GuestConfig
+from .state import MSRS, VmState, plain_to_struct, struct_to_plain
+
+if TYPE_CHECKING:
+    from .caps import HostCapabilities
+    from .system import System
+
+CLOCK_CHOICES = ("guest", "realtime", "plain", "none")
+TSC_CHOICES = ("offset", "adjust", "none")
+RUNSTATE_CHOICES = ("kernel", "off")
+MASK64 = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """How restore() rebuilds each part of the guest's time (module docstring)."""
+
+    clock: str = "realtime"
+    tsc: str = "offset"
+    runstate: str = "off"
+
+    def __post_init__(self) -> None:
+        for part, choices in (("clock", CLOCK_CHOICES), ("tsc", TSC_CHOICES),
+                              ("runstate", RUNSTATE_CHOICES)):
+            if getattr(self, part) not in choices:
+                raise ValueError(f"strategy {part}={getattr(self, part)!r}: choose one of "
+                                 f"{', '.join(choices)}")
+
+    def __str__(self) -> str:
+        return f"clock={self.clock},tsc={self.tsc},runstate={self.runstate}"
+
+    @classmethod
+    def parse(cls, text: str, base: Strategy | None = None) -> Strategy:
+        """``"clock=realtime,tsc=offset,runstate=off"``; parts left out come from ``base``."""
+        parts = dataclasses.asdict(base or cls())
+        for item in filter(None, (s.strip() for s in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in parts:
+                raise ValueError(f"strategy item {item!r}: expected clock=, tsc= or runstate=")
+            parts[key] = value
+        return cls(**parts)
+
+    @classmethod
+    def best(cls, caps: HostCapabilities, state: VmState | None = None) -> Strategy:
+        """The most faithful strategy this host supports (for ``state``, if given)."""
+        if caps.clock_guest and (state is None or state.clock_guest is not None):
+            clock = "guest"
+        elif "REALTIME" in caps.adjust_clock_flags:
+            clock = "realtime"
+        else:
+            clock = "plain"
+        tsc = "offset" if caps.tsc_offset_attr and caps.tsc_offset_applies else "none"
+        runstate = ("kernel" if caps.xen_runstate and (state is None or state.xen is not None)
+                    else "off")
+        return cls(clock, tsc, runstate)
+
+    def check(self, caps: HostCapabilities, state: VmState) -> None:
+        """Raise Unsupported (host) or StateError (state) for what cannot be done here."""
+        if self.clock == "guest":
+            if not caps.clock_guest:
+                raise Unsupported("KVM_SET_CLOCK_GUEST")
+            if state.clock_guest is None:
+                raise StateError("clock_guest", "clock=guest needs the source's "
+                                 "KVM_GET_CLOCK_GUEST record; the state has none")
+        if self.clock == "realtime":
+            if "REALTIME" not in caps.adjust_clock_flags:
+                raise Unsupported("KVM_CLOCK_REALTIME in KVM_SET_CLOCK")
+            if not state.clock["flags"] & lib.KVM_CLOCK_REALTIME:
+                raise StateError("clock.flags", "clock=realtime needs the source's "
+                                 "KVM_GET_CLOCK realtime (KVM_CLOCK_REALTIME not set)")
+        if self.tsc == "offset":
+            if not caps.tsc_offset_attr:
+                raise Unsupported("KVM_VCPU_TSC_OFFSET")
+            if not caps.tsc_offset_applies:
+                raise Unsupported("KVM_VCPU_TSC_OFFSET applied to the guest TSC "
+                                  f"({caps.tsc_offset_detail})")
+            if state.tsc_offset is None or state.clock["flags"] & lib.KVM_CLOCK_HOST_TSC == 0:
+                raise StateError("tsc_offset", "tsc=offset needs the source's TSC offset and "
+                                 "KVM_GET_CLOCK host_tsc")
+        if self.tsc == "adjust":
+            if not caps.tsc_adjust_msr:
+                raise Unsupported("MSR_IA32_TSC_ADJUST")
+            if "MSR_IA32_TSC_ADJUST" not in state.msrs:
+                raise StateError("msrs.MSR_IA32_TSC_ADJUST", "tsc=adjust needs it; missing")
+        if state.xen is not None and not caps.xen_runstate:
+            raise Unsupported("KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE")
+        if self.runstate == "kernel" and state.xen is None:
+            raise StateError("xen", "runstate=kernel needs a Xen-configured guest")
+
+
+@dataclass
+class RestoreRecord:
+    """What restore() did and when: the host-side facts the analysis and report need."""
+
+    strategy: str
+    source_capture_realtime_ns: int
+    restore_ns: int = 0                                   # restore() start to return
+    timings: dict[str, int] = field(default_factory=dict)  # its phases
+    clock_after: dict[str, int] = field(default_factory=dict)  # KVM_GET_CLOCK after restore
+    tsc_offset_requested: int | None = None
+    tsc_offset_applied: int | None = None                 # read back
+    tsc_khz_source: int = 0
+    tsc_khz_destination: int = 0
+    runstate_restored: dict[str, int] | None = None
+    first_entry_realtime_ns: int | None = None            # CLOCK_REALTIME before 1st KVM_RUN
+    first_entry_ns: int | None = None                     # 1st KVM_RUN until the report
+
+    def to_plain(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def capture(guest: Guest) -> VmState:
+    """Capture a stopped guest (after run_until_snapshot). The `out` it stopped on is
+    completed first, so the destination resumes after it. Memory is shared, not copied."""
+    t0 = time.perf_counter_ns()
+    vcpu, vm = guest.vcpu, guest.vm
+    vcpu.complete_pending_io()
+    t1 = time.perf_counter_ns()
+    regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
+    wanted = {name: index for name, index in MSRS.items()
+              if index in vm.system.msr_indices()}
+    values = vcpu.get_msrs(list(wanted.values()))
+    msrs = {name: values[index] for name, index in wanted.items()}
+    tsc_khz = vcpu.get_tsc_khz()
+    clock = vm.get_clock()
+    has_offset = vcpu.has_device_attr(lib.KVM_VCPU_TSC_CTRL, lib.KVM_VCPU_TSC_OFFSET)
+    tsc_offset = vcpu.get_tsc_offset() if has_offset else None
+    guest_tsc = ((clock.host_tsc + tsc_offset) & MASK64
+                 if tsc_offset is not None and clock.flags & lib.KVM_CLOCK_HOST_TSC else None)
+    clock_guest = _get_clock_guest(guest)
+    xen_state = _capture_xen(guest) if guest.config.xen else None
+    realtime = (clock.realtime if clock.flags & lib.KVM_CLOCK_REALTIME
+                else time.clock_gettime_ns(time.CLOCK_REALTIME))
+    t2 = time.perf_counter_ns()
+    return VmState(
+        memory=guest.memory, memory_size=guest.memory.size,
+        regs=struct_to_plain(regs), sregs=struct_to_plain(sregs), fpu=struct_to_plain(fpu),
+        msrs=msrs, tsc_khz=tsc_khz, tsc_offset=tsc_offset, guest_tsc=guest_tsc,
+        clock={"clock": clock.clock, "flags": clock.flags, "realtime": clock.realtime,
+               "host_tsc": clock.host_tsc},
+        clock_guest=clock_guest, xen=xen_state, capture_realtime_ns=realtime,
+        sequence=guest.last_snapshot.sequence if guest.last_snapshot else 0,
+        timings={"complete_io": t1 - t0, "capture": t2 - t0})
+
+
+def _get_clock_guest(guest: Guest) -> dict[str, Any] | None:
+    try:
+        return struct_to_plain(guest.vcpu.get_clock_guest())
+    except KvmIoctlError as e:
+        if e.errno in (errno.EINVAL, errno.ENOTTY):
+            return None   # absent, or no master clock: the probe tells which
+        raise
+
+
+def _capture_xen(guest: Guest) -> dict[str, Any]:
+    attr = guest.vcpu.xen_get_attr(lib.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA)
+    return {"hypercall_msr": lib.KVMCORE_XEN_HYPERCALL_MSR, "long_mode": True,
+            "shared_info_gfn": lib.KVMCORE_SHINFO_GPA >> 12,
+            "runstate_gpa": lib.KVMCORE_RUNSTATE_GPA,
+            "runstate": xen.Runstate.from_attr(attr).to_plain()}
+
+
+def restore(kvm: System, state: VmState, strategy: Strategy | None = None,
+            caps: HostCapabilities | None = None) -> Guest:
+    """A new VM resuming ``state``'s guest on ``state.memory`` (used as RAM, not copied).
+
+    The strategy is checked against the host and the state first: Unsupported or
+    StateError are raised before any VM exists. The returned guest's
+    ``restore_record`` says what was done; its first run_until_snapshot() fills in
+    the first-entry timestamps.
+    """
+    caps = caps or kvm.capabilities()
+    strategy = strategy or Strategy.best(caps, state)
+    strategy.check(caps, state)
+    if state.memory.closed:
+        raise StateError("memory", "the guest memory is closed")
+
+    t0 = time.perf_counter_ns()
+    record = RestoreRecord(strategy=str(strategy),
+                           source_capture_realtime_ns=state.capture_realtime_ns,
+                           tsc_khz_source=state.tsc_khz)
+    config = GuestConfig(memory_size=state.memory_size, xen=state.xen is not None)
+    guest = Guest.with_memory(kvm, config, state.memory)
+    try:
+        t1 = time.perf_counter_ns()
+        _restore_registers(guest, state, strategy)
+        t2 = time.perf_counter_ns()
+        if strategy.clock == "guest":
+            # kvmclock is then a function of guest TSC: the TSC must be in place first.
+            _restore_tsc(guest, state, strategy, record)
+            guest.vcpu.set_clock_guest(plain_to_struct("struct pvclock_vcpu_time_info",
+                                                       state.clock_guest))
+        else:
+            _restore_clock(guest, state, strategy)
+            _restore_tsc(guest, state, strategy, record)
+        t3 = time.perf_counter_ns()
+        if strategy.runstate == "kernel":
+            record.runstate_restored = _restore_runstate(guest, state)
+        after = guest.vm.get_clock()
+        record.clock_after = {"clock": after.clock, "flags": after.flags,
+                              "realtime": after.realtime, "host_tsc": after.host_tsc}
+        record.tsc_khz_destination = guest.vcpu.get_tsc_khz()
+    except BaseException:
+        guest.close()
+        raise
+    t4 = time.perf_counter_ns()
+    record.timings = {"create": t1 - t0, "registers": t2 - t1, "clock_tsc": t3 - t2,
+                      "runstate": t4 - t3}
+    record.restore_ns = t4 - t0
+    guest.restore_record = record
+    guest.timings.update(create=t1 - t0, setup=t4 - t1)
+    return guest
+
+
+def _restore_registers(guest: Guest, state: VmState, strategy: Strategy) -> None:
+    vcpu = guest.vcpu
+    vcpu.set_sregs(plain_to_struct("struct kvm_sregs", state.sregs))
+    vcpu.set_regs(plain_to_struct("struct kvm_regs", state.regs))
+    vcpu.set_fpu(plain_to_struct("struct kvm_fpu", state.fpu))
+    # Host-initiated writes: kvmclock and steal time point at the carried pages again.
+    msrs = {MSRS[name]: value for name, value in state.msrs.items()
+            if name != "MSR_IA32_TSC_ADJUST" or strategy.tsc == "adjust"}
+    vcpu.set_msrs(msrs)
+
+
+def _restore_clock(guest: Guest, state: VmState, strategy: Strategy) -> None:
+    if strategy.clock == "realtime":
+        guest.vm.set_clock(state.clock["clock"], lib.KVM_CLOCK_REALTIME,
+                           state.clock["realtime"])
+    elif strategy.clock == "plain":
+        guest.vm.set_clock(state.clock["clock"])
+
+
+def _restore_tsc(guest: Guest, state: VmState, strategy: Strategy,
+                 record: RestoreRecord) -> None:
+    """tsc=offset, devices/vcpu.rst: with (tsc_src, guest_src, ofs_src) from the source
+    and (tsc_dst, guest_dst) from KVM_GET_CLOCK here,
+        ofs_dst = ofs_src + (guest_dst - guest_src) * freq + (tsc_src - tsc_dst),
+    i.e. the guest TSC advances exactly as the (restored) kvmclock did. With
+    clock=guest the kvmclock is not set yet, so CLOCK_REALTIME measures the gap."""
+    if strategy.tsc != "offset":
+        return
+    assert state.tsc_offset is not None
+    now = guest.vm.get_clock()
+    if strategy.clock == "guest":
+        elapsed_ns = now.realtime - state.clock["realtime"]
+    else:
+        elapsed_ns = now.clock - state.clock["clock"]
+    offset = (state.tsc_offset + elapsed_ns * state.tsc_khz // 1_000_000
+              + state.clock["host_tsc"] - now.host_tsc) & MASK64
+    guest.vcpu.set_tsc_offset(offset)
+    record.tsc_offset_requested = offset
+    record.tsc_offset_applied = guest.vcpu.get_tsc_offset()
+
+
+def _restore_runstate(guest: Guest, state: VmState) -> dict[str, int]:
+    """As the seed: RUNSTATE_DATA with the state forced to runnable, so the first
+    vcpu_load accounts (kvmclock now - state_entry_time) as runnable. Needs the kvmclock
+    restored first (KVM refuses an entry time in the future with EINVAL)."""
+    assert state.xen is not None
+    runstate = dict(state.xen["runstate"], state=xen.RUNSTATE_RUNNABLE)
+    guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(xen.Runstate(**runstate)))
+    return runstate

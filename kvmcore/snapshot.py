@@ -1,0 +1,98 @@
+"""What the guest reports: its snapshot, decoded from the report page (guest/abi.h)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MASK64 = (1 << 64) - 1
+
+
+def pvclock_ns(system_time: int, tsc_timestamp: int, mul: int, shift: int, tsc: int) -> int:
+    """The kernel's pvclock read: system_time + ((tsc - tsc_timestamp) << shift) * mul >> 32,
+    in the guest's u64 arithmetic (so a TSC behind the timestamp wraps, as in the guest)."""
+    delta = (tsc - tsc_timestamp) & MASK64
+    delta = delta >> -shift if shift < 0 else (delta << shift) & MASK64
+    return (system_time + ((delta * mul) >> 32)) & MASK64
+
+
+def signed64(value: int) -> int:
+    """Reinterpret a u64 difference as signed (jumps can be backwards)."""
+    value &= MASK64
+    return value - (1 << 64) if value >> 63 else value
+
+
+def tsc_ticks_to_ns(ticks: int, tsc_khz: int) -> int:
+    return ticks * 1_000_000 // tsc_khz
+
+
+@dataclass(frozen=True)
+class Pvclock:
+    """struct pvclock_vcpu_time_info as the guest read it (version protocol obeyed)."""
+
+    version: int
+    tsc_timestamp: int
+    system_time: int
+    tsc_to_system_mul: int
+    tsc_shift: int
+    flags: int
+
+    @classmethod
+    def from_c(cls, pv: Any) -> Pvclock:
+        return cls(pv.version, pv.tsc_timestamp, pv.system_time, pv.tsc_to_system_mul,
+                   pv.tsc_shift, pv.flags)
+
+    def ns_at(self, tsc: int) -> int:
+        """kvmclock ns at guest TSC ``tsc``, computed host-side."""
+        return pvclock_ns(self.system_time, self.tsc_timestamp, self.tsc_to_system_mul,
+                          self.tsc_shift, tsc)
+
+    def to_plain(self) -> dict[str, int]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """One report: what the guest saw, plus host clocks read right after the exit."""
+
+    sequence: int
+    tsc: int                     # guest rdtsc, inside the pvclock read
+    kvmclock_ns: int             # computed by the guest from pvclock and tsc
+    pvclock: Pvclock
+    pvclock_retries: int
+    steal_ns: int                # struct kvm_steal_time.steal
+    steal_version: int           # 0: KVM never wrote the steal record
+    runstate: tuple[int, int, int, int, int, int]  # state, entry time, times[4]; zeros without Xen
+    backwards_count: int         # times the guest's kvmclock went backwards, ever
+    backwards_prev_ns: int
+    backwards_next_ns: int
+    # The guest took this snapshot between these two host instants (CLOCK_REALTIME):
+    # before the KVM_RUN call that produced it, and after it returned. The bracket
+    # holds even if the vCPU thread was preempted; a single stamp would not.
+    host_entry_realtime_ns: int
+    host_realtime_ns: int
+    host_monotonic_ns: int       # CLOCK_MONOTONIC after KVM_RUN returned
+
+    @classmethod
+    def from_report(cls, r: Any, host_entry_realtime_ns: int, host_realtime_ns: int,
+                    host_monotonic_ns: int) -> Snapshot:
+        rs = r.runstate
+        return cls(
+            sequence=r.sequence, tsc=r.tsc, kvmclock_ns=r.kvmclock_ns,
+            pvclock=Pvclock.from_c(r.pvclock), pvclock_retries=r.pvclock_retries,
+            steal_ns=r.steal.steal, steal_version=r.steal.version,
+            runstate=(rs.state, rs.state_entry_time, *rs.time),
+            backwards_count=r.backwards_count, backwards_prev_ns=r.backwards_prev_ns,
+            backwards_next_ns=r.backwards_next_ns,
+            host_entry_realtime_ns=host_entry_realtime_ns, host_realtime_ns=host_realtime_ns,
+            host_monotonic_ns=host_monotonic_ns)
+
+    @property
+    def runnable_ns(self) -> int:
+        """Xen runstate time_runnable (steal) as the guest saw it."""
+        return self.runstate[3]
+
+    def to_plain(self) -> dict[str, Any]:
+        plain = asdict(self)
+        plain["runstate"] = list(self.runstate)
+        return plain

@@ -1,0 +1,267 @@
+"""VmState: everything a destination needs to resume the guest, as plain msgpack-ready data.
+
+``to_plain()`` leaves guest memory out (it travels separately, in chunks);
+``from_plain(plain, memory)`` validates every field -- names, types, ranges,
+the format version and the memory size -- and raises StateError naming the
+field before anything touches KVM.
+
+Kernel structs (kvm_regs, kvm_sregs, kvm_fpu, pvclock_vcpu_time_info) travel
+as dicts of their fields, converted by walking the cffi types, so the wire
+form follows the compiler-checked layout with no hand-written field lists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._kvm import ffi, lib
+from .errors import StateError
+from .guest import HUGE_PAGE, MAX_MEMORY
+from .memory import GuestMemory
+
+FORMAT_VERSION = 1
+
+MSR_IA32_TSC_ADJUST = 0x3B
+# The MSRs a VmState may carry, by the names the wire uses.
+MSRS = {
+    "MSR_KVM_SYSTEM_TIME_NEW": lib.MSR_KVM_SYSTEM_TIME_NEW,   # kvmclock page + enable
+    "MSR_KVM_STEAL_TIME": lib.MSR_KVM_STEAL_TIME,             # steal record + enable
+    "MSR_IA32_TSC_ADJUST": MSR_IA32_TSC_ADJUST,               # for tsc=adjust (the seed)
+}
+U64 = (0, (1 << 64) - 1)
+
+
+# --- cdata <-> plain, driven by the cffi type ---
+
+_converters: dict[Any, Any] = {}
+
+
+def _converter(ctype: Any) -> Any:
+    """A function turning cdata of ``ctype`` into plain data, built once per type
+    (capture converts kvm_sregs and kvm_fpu every time: this keeps it cheap)."""
+    conv = _converters.get(ctype)
+    if conv is not None:
+        return conv
+    if ctype.kind == "struct":
+        fields = [(name, None if f.type.kind == "primitive" else _converter(f.type))
+                  for name, f in ctype.fields]
+
+        def conv(obj: Any) -> Any:
+            return {name: getattr(obj, name) if sub is None else sub(getattr(obj, name))
+                    for name, sub in fields}
+    elif ctype.kind == "array" and ctype.item.kind == "primitive" \
+            and ffi.sizeof(ctype.item) == 1:
+        def conv(obj: Any) -> Any:
+            return bytes(ffi.buffer(obj))
+    elif ctype.kind == "array":
+        item = None if ctype.item.kind == "primitive" else _converter(ctype.item)
+
+        def conv(obj: Any) -> Any:
+            return [x if item is None else item(x) for x in obj]
+    else:
+        raise TypeError(f"no plain form for {ctype.cname}")
+    _converters[ctype] = conv
+    return conv
+
+
+def cdata_to_plain(obj: Any) -> Any:
+    """Struct -> dict, byte array -> bytes, other array -> list, integers as they are."""
+    if not isinstance(obj, ffi.CData):
+        return obj  # cffi already returned an integer field as a Python int
+    return _converter(ffi.typeof(obj))(obj)
+
+
+def struct_to_plain(ptr: Any) -> dict[str, Any]:
+    """A ``struct X *`` from an ioctl, as a dict."""
+    return cdata_to_plain(ptr[0])
+
+
+def check_ctype(ctype: Any, plain: Any, path: str) -> None:
+    """Validate ``plain`` against a cffi struct/array/integer type."""
+    if isinstance(ctype, str):
+        ctype = ffi.typeof(ctype)
+    if ctype.kind == "struct":
+        check_record(plain, path, {name: f.type for name, f in ctype.fields})
+    elif ctype.kind == "array":
+        if ctype.item.kind == "primitive" and ffi.sizeof(ctype.item) == 1:
+            check_bytes(plain, path, ctype.length)
+            return
+        if not isinstance(plain, list) or len(plain) != ctype.length:
+            raise StateError(path, f"expected a list of {ctype.length}, got {_describe(plain)}")
+        for i, item in enumerate(plain):
+            check_ctype(ctype.item, item, f"{path}[{i}]")
+    else:
+        size = ffi.sizeof(ctype)
+        signed = int(ffi.cast(ctype, -1)) < 0
+        lo, hi = ((-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed
+                  else (0, (1 << (8 * size)) - 1))
+        check_int(plain, path, lo, hi)
+
+
+def plain_to_struct(ctype: str, plain: dict[str, Any]) -> Any:
+    """A new ``struct X *`` filled from a validated dict."""
+    return ffi.new(ctype + " *", plain)
+
+
+# --- the small schema language for the rest ---
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def check_int(value: Any, path: str, lo: int = U64[0], hi: int = U64[1]) -> None:
+    # bool is an int subclass; a bool where a number belongs is a type error.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StateError(path, f"expected an integer, got {_describe(value)}")
+    if not lo <= value <= hi:
+        raise StateError(path, f"{value} outside [{lo}, {hi}]")
+
+
+def check_bytes(value: Any, path: str, length: int) -> None:
+    if not isinstance(value, bytes):
+        raise StateError(path, f"expected bytes, got {_describe(value)}")
+    if len(value) != length:
+        raise StateError(path, f"expected {length} bytes, got {len(value)}")
+
+
+def check_record(value: Any, path: str, spec: dict[str, Any]) -> None:
+    """Exact keys; each value checked by its spec (a checker, a cffi type or a dict)."""
+    if not isinstance(value, dict):
+        raise StateError(path, f"expected a dict, got {_describe(value)}")
+    for key in spec:
+        if key not in value:
+            raise StateError(f"{path}.{key}", "missing")
+    for key in value:
+        if key not in spec:
+            raise StateError(f"{path}.{key}", "unexpected field")
+    for key, sub in spec.items():
+        where = f"{path}.{key}"
+        if isinstance(sub, dict):
+            check_record(value[key], where, sub)
+        elif callable(sub):
+            sub(value[key], where)
+        else:
+            check_ctype(sub, value[key], where)
+
+
+def optional(spec: Any) -> Any:
+    """``spec`` or None (a feature the source host lacked)."""
+    def check_optional(value: Any, path: str) -> None:
+        if value is None:
+            return
+        if isinstance(spec, dict):
+            check_record(value, path, spec)
+        elif callable(spec):
+            spec(value, path)
+        else:
+            check_ctype(spec, value, path)
+    return check_optional
+
+
+def check_u64(value: Any, path: str) -> None:
+    check_int(value, path)
+
+
+def check_bool(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        raise StateError(path, f"expected a bool, got {_describe(value)}")
+
+
+def check_msrs(value: Any, path: str) -> None:
+    if not isinstance(value, dict):
+        raise StateError(path, f"expected a dict, got {_describe(value)}")
+    for key, data in value.items():
+        if key not in MSRS:
+            raise StateError(f"{path}.{key}", f"unknown MSR (known: {', '.join(MSRS)})")
+        check_int(data, f"{path}.{key}")
+    for key in ("MSR_KVM_SYSTEM_TIME_NEW", "MSR_KVM_STEAL_TIME"):
+        if key not in value:
+            raise StateError(f"{path}.{key}", "missing")
+
+
+def check_timings(value: Any, path: str) -> None:
+    if not isinstance(value, dict):
+        raise StateError(path, f"expected a dict, got {_describe(value)}")
+    for key, ns in value.items():
+        if not isinstance(key, str):
+            raise StateError(path, f"key {key!r} is not a string")
+        check_int(ns, f"{path}.{key}")
+
+
+CLOCK_SPEC = {"clock": check_u64, "flags": check_u64, "realtime": check_u64,
+              "host_tsc": check_u64}
+RUNSTATE_SPEC = {k: check_u64 for k in ("state", "state_entry_time", "time_running",
+                                        "time_runnable", "time_blocked", "time_offline")}
+XEN_SPEC = {"hypercall_msr": check_u64, "long_mode": check_bool, "shared_info_gfn": check_u64,
+            "runstate_gpa": check_u64, "runstate": RUNSTATE_SPEC}
+
+
+@dataclass
+class VmState:
+    """A captured guest. ``memory`` is the source's GuestMemory itself (no copy)."""
+
+    memory: GuestMemory
+    memory_size: int
+    regs: dict[str, Any]                 # struct kvm_regs
+    sregs: dict[str, Any]                # struct kvm_sregs
+    fpu: dict[str, Any]                  # struct kvm_fpu (the guest uses none; carried anyway)
+    msrs: dict[str, int]                 # by name, see MSRS
+    tsc_khz: int                         # KVM_GET_TSC_KHZ at the source
+    tsc_offset: int | None               # KVM_VCPU_TSC_OFFSET (None: no such attribute)
+    guest_tsc: int | None                # guest TSC at clock.host_tsc (host_tsc + offset)
+    clock: dict[str, int]                # KVM_GET_CLOCK: clock, flags, realtime, host_tsc
+    clock_guest: dict[str, Any] | None   # KVM_GET_CLOCK_GUEST's pvclock, where present
+    xen: dict[str, Any] | None           # Xen config and RUNSTATE_DATA, Xen guests only
+    capture_realtime_ns: int             # CLOCK_REALTIME of the capture (clock.realtime)
+    sequence: int                        # guest's last reported sequence number
+    timings: dict[str, int] = field(default_factory=dict)   # capture phases, ns
+    format_version: int = FORMAT_VERSION
+
+    SPEC = {
+        "format_version": check_u64,
+        "memory_size": check_u64,
+        "regs": "struct kvm_regs",
+        "sregs": "struct kvm_sregs",
+        "fpu": "struct kvm_fpu",
+        "msrs": check_msrs,
+        "tsc_khz": check_u64,
+        "tsc_offset": optional(check_u64),
+        "guest_tsc": optional(check_u64),
+        "clock": CLOCK_SPEC,
+        "clock_guest": optional("struct pvclock_vcpu_time_info"),
+        "xen": optional(XEN_SPEC),
+        "capture_realtime_ns": check_u64,
+        "sequence": check_u64,
+        "timings": check_timings,
+    }
+
+    def to_plain(self) -> dict[str, Any]:
+        """Everything but the memory, as str-keyed dicts of ints, bytes, bools and None."""
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "memory"}
+        return plain
+
+    @classmethod
+    def from_plain(cls, plain: Any, memory: GuestMemory) -> VmState:
+        """Validate ``plain`` (from the wire) and pair it with ``memory``; StateError on
+        the first problem, naming the field. Creates nothing in KVM."""
+        if not isinstance(plain, dict):
+            raise StateError("<state>", f"expected a dict, got {_describe(plain)}")
+        # The version first: a future format may differ in every other field.
+        if "format_version" not in plain:
+            raise StateError("format_version", "missing")
+        if plain["format_version"] != FORMAT_VERSION or isinstance(plain["format_version"],
+                                                                   bool):
+            raise StateError("format_version", f"{plain['format_version']!r} is not the "
+                             f"supported version {FORMAT_VERSION}")
+        check_record(plain, "state", cls.SPEC)
+        size = plain["memory_size"]
+        if size % HUGE_PAGE or not lib.KVMCORE_MIN_MEMORY <= size <= MAX_MEMORY:
+            raise StateError("memory_size", f"{size:#x} is not a multiple of 2 MiB in "
+                             f"[{lib.KVMCORE_MIN_MEMORY:#x}, {MAX_MEMORY:#x}]")
+        if memory.size != size:
+            raise StateError("memory_size", f"{size:#x} but the memory given has "
+                             f"{memory.size:#x} bytes")
+        return cls(memory=memory, **plain)

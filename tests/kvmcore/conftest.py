@@ -1,0 +1,81 @@
+"""Fixtures for kvmcore's tests: all on the real /dev/kvm (nothing here mocks it)."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import pytest
+
+from kvmcore import (Analysis, Guest, GuestConfig, GuestMemory, HostCapabilities,
+                     RestoreRecord, Snapshot, Strategy, System, VmState, analyse, capture,
+                     probe, restore)
+
+
+@pytest.fixture(scope="session")
+def caps() -> HostCapabilities:
+    with System() as kvm:
+        return probe(kvm)
+
+
+@pytest.fixture
+def kvm(caps):
+    with System() as system:
+        system._caps = caps          # probe once per session
+        yield system
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def require(strategy: Strategy, caps: HostCapabilities) -> None:
+    """Skip, naming the capability, when this host cannot do ``strategy``."""
+    if strategy.clock == "guest" and not caps.clock_guest:
+        pytest.skip("unsupported on this host: KVM_SET_CLOCK_GUEST")
+    if strategy.tsc == "offset" and not (caps.tsc_offset_attr and caps.tsc_offset_applies):
+        pytest.skip("unsupported on this host: KVM_VCPU_TSC_OFFSET applied to the guest TSC "
+                    f"({caps.tsc_offset_detail})")
+    if strategy.runstate == "kernel" and not caps.xen_runstate:
+        pytest.skip("unsupported on this host: KVM_CAP_XEN_HVM")
+
+
+@dataclass
+class Migration:
+    before: Snapshot
+    after: Snapshot
+    state: VmState
+    analysis: Analysis
+    record: RestoreRecord
+    memory_intact: bool
+
+
+def migrate(kvm: System, strategy: Strategy, gap_s: float, *, source_run_s: float = 0.0,
+            config: GuestConfig = GuestConfig()) -> Migration:
+    """An in-process migration through the wire form: capture, to_plain, a fresh
+    GuestMemory filled by chunks, from_plain, ``gap_s`` of sleep, restore, run."""
+    with Guest.create(kvm, config) as g:
+        g.run_until_snapshot()
+        if source_run_s:
+            time.sleep(source_run_s)   # let the source kvmclock get ahead of a new VM's
+        before = g.run_until_snapshot()
+        state = capture(g)
+    plain = state.to_plain()
+    memory = GuestMemory.allocate(plain["memory_size"])
+    source = state.memory.view()
+    chunk = 256 << 10
+    for off in range(0, memory.size, chunk):
+        memory.view()[off:off + chunk] = source[off:off + chunk]
+    # The code and page tables must arrive untouched; the report page is the guest's.
+    code = memory.read(0x10000, 0x1000)
+    state2 = VmState.from_plain(plain, memory)
+    time.sleep(gap_s)
+    with restore(kvm, state2, strategy) as g2:
+        after = g2.run_until_snapshot()
+        record = g2.restore_record
+        analysis = analyse(before, after, state2, record)
+        intact = memory.read(0x10000, 0x1000) == code == state.memory.read(0x10000, 0x1000)
+    del source
+    state.memory.close()
+    return Migration(before, after, state2, analysis, record, intact)
