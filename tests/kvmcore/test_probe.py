@@ -21,7 +21,7 @@ KEYS = {
 
 
 def test_probe_json_has_every_key():
-    out = subprocess.run([sys.executable, "-m", "kvmcore", "probe", "--json"], check=True,
+    out = subprocess.run([sys.executable, "-P", "-m", "kvmcore", "probe", "--json"], check=True,
                          capture_output=True, text=True).stdout
     doc = json.loads(out)
     assert set(doc) == KEYS
@@ -31,7 +31,7 @@ def test_probe_json_has_every_key():
 
 
 def test_probe_table_is_readable():
-    out = subprocess.run([sys.executable, "-m", "kvmcore", "probe"], check=True,
+    out = subprocess.run([sys.executable, "-P", "-m", "kvmcore", "probe"], check=True,
                          capture_output=True, text=True).stdout
     assert all(any(line.startswith(key) for line in out.splitlines()) for key in KEYS)
 
