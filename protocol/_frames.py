@@ -84,6 +84,8 @@ def unpack(body: bytes | memoryview, limits: Limits) -> Any:
         raise FieldError(f"not valid msgpack: {text}") from None
 
 
+_INT_MIN = -(2**63)
+_INT_MAX = 2**64 - 1
 _SCALARS = (int, str, bytes, bool, type(None))
 _SCALARS_FLOAT = (*_SCALARS, float)
 
@@ -120,6 +122,8 @@ def check_plain(value: Any, limits: Limits, *, allow_float: bool, where: str) ->
                 stack.append((item, f"{path}[{key!r}]", depth + 1))
             elif not isinstance(item, scalars):
                 raise FieldError(f"{path}[{key!r}]: {type(item).__name__} is not a plain value")
+            elif type(item) is int and not _INT_MIN <= item <= _INT_MAX:
+                raise FieldError(f"{path}[{key!r}]: {item} does not fit msgpack's 64-bit integers")
 
 
 # MEMORY body: {"type": "memory", "offset": <uint64>, "data": <bin32>} in this order.

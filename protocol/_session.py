@@ -236,7 +236,10 @@ class Session:
             pieces: list[bytes | memoryview] = [LENGTH.pack(length) + header, data]
             maced: list[bytes | memoryview] = [header]
         else:
-            body = pack(message.to_wire())
+            try:
+                body = pack(message.to_wire())
+            except (ValueError, TypeError, OverflowError) as exc:  # validate() should prevent this
+                raise LocalProtocolError(f"{name_of(message)} cannot be encoded: {exc}") from None
             length = len(body) + tag_size
             pieces = [LENGTH.pack(length) + body]
             maced = [body]
@@ -359,13 +362,11 @@ class Session:
         try:
             layout = parse_memory_header(body)
         except FieldError as exc:
+            # Not a well-formed MEMORY frame: it must then carry a MAC over its
+            # whole body, and a frame failing that is an authentication failure.
+            self._verify_frame(length, body, view[body_end:end])
             raise RemoteProtocolError(f"{exc} (from the {self.peer_role})") from None
-        maced = body if layout is None else body[:MEMORY_HEADER_SIZE]
-        if self._recv_mac is not None and not self._recv_mac.verify(length, [maced], view[body_end:end]):
-            raise AuthenticationFailed(
-                f"frame {self._recv_mac.seq - 1} from the {self.peer_role} fails its MAC "
-                f"(state {self.state.name}): altered, replayed, reordered or injected"
-            )
+        self._verify_frame(length, body if layout is None else body[:MEMORY_HEADER_SIZE], view[body_end:end])
         if layout is not None:
             return self._read_memory(layout[0], body[MEMORY_HEADER_SIZE:])
         try:
@@ -389,6 +390,13 @@ class Session:
         elif isinstance(message, Auth):
             self._recv_mac = FrameMac(self._keys[self.peer_role])
         return message
+
+    def _verify_frame(self, length: int, maced: memoryview, tag: memoryview) -> None:
+        if self._recv_mac is not None and not self._recv_mac.verify(length, [maced], tag):
+            raise AuthenticationFailed(
+                f"frame {self._recv_mac.seq - 1} from the {self.peer_role} fails its MAC "
+                f"(state {self.state.name}): altered, replayed, reordered or injected"
+            )
 
     def _read_memory(self, offset: int, data: memoryview) -> MemoryChunk:
         self._advance(self.peer_role, MemoryChunk(offset=offset, data=data), local=False)
