@@ -150,6 +150,9 @@ class Session:
     a trio stream.
     """
 
+    #: The version this side speaks (a class attribute so tests can play a future agent).
+    protocol_version: int = PROTOCOL_VERSION
+
     def __init__(
         self,
         role: Role,
@@ -191,7 +194,7 @@ class Session:
     def make_hello(self, agent_version: str, capabilities: dict[str, Any]) -> Hello:
         """This side's HELLO, carrying the protocol version, the role and the session's nonce."""
         return Hello(
-            protocol_version=PROTOCOL_VERSION,
+            protocol_version=self.protocol_version,
             agent_version=agent_version,
             role=self.role,
             capabilities=capabilities,
@@ -253,7 +256,11 @@ class Session:
             self._hello_bodies[self.role] = maced[0]  # type: ignore[assignment]
             self._after_hellos()
         if self._send_mac is not None:
-            pieces.append(self._send_mac.tag(length, maced))
+            tag = self._send_mac.tag(length, maced)
+            if len(pieces) == 1:
+                pieces[0] += tag  # small messages: one write, one segment
+            else:
+                pieces.append(tag)
         if isinstance(message, Auth):
             self._send_mac = FrameMac(self._keys[self.role])
         if isinstance(message, Error):
@@ -412,10 +419,10 @@ class Session:
         # Before the strict field checks: a later version's HELLO may have other fields.
         if isinstance(obj, dict) and obj.get("type") == "hello":
             version = obj.get("protocol_version")
-            if type(version) is int and 0 <= version <= 0xFFFF and version != PROTOCOL_VERSION:
+            if type(version) is int and 0 <= version <= 0xFFFF and version != self.protocol_version:
                 raise VersionMismatch(
                     f"the {self.peer_role} speaks protocol version {version}, this {self.role} "
-                    f"speaks version {PROTOCOL_VERSION}: upgrade one of the two agents"
+                    f"speaks version {self.protocol_version}: upgrade one of the two agents"
                 )
 
     # -- the state machine -----------------------------------------------------
@@ -438,9 +445,9 @@ class Session:
         following = allowed.get(type(message))
         if following is None:
             raise error(
-                f"{who} ({sender}) sent {name_of(message)} in state {self.state.name}, "
-                f"where the {self.role} accepts "
-                + (", ".join(sorted(name_of(m) for m in allowed)) or "nothing") + f" from the {sender}"
+                f"{who} ({sender}) sent {name_of(message)} in state {self.state.name}, where "
+                + (" or ".join(sorted(name_of(m) for m in allowed)) or "nothing")
+                + f" may come from the {sender}"
             )
         limit_error: type[ProtocolError] = LocalProtocolError if local else LimitExceeded
         if isinstance(message, Hello):
@@ -499,8 +506,8 @@ class Session:
         if local:
             if hello.nonce != self._nonce or hello.role != self.role:
                 raise LocalProtocolError("HELLO must come from Session.make_hello (nonce and role)")
-            if hello.protocol_version != PROTOCOL_VERSION:
-                raise LocalProtocolError(f"HELLO.protocol_version must be {PROTOCOL_VERSION}")
+            if hello.protocol_version != self.protocol_version:
+                raise LocalProtocolError(f"HELLO.protocol_version must be {self.protocol_version}")
             return
         if hello.role != self.peer_role:
             raise RemoteProtocolError(f"peer HELLO says it is a {hello.role}; this side is the {self.role}")

@@ -93,11 +93,15 @@ class Channel:
 
     async def send(self, message: Message) -> None:
         """Send one message within ``message_timeout``."""
+        self._check_usable()
         await self._write(self.session.send_iov(message), message)
 
-    async def _write(self, pieces: list[bytes | memoryview], message: Message) -> None:
+    def _check_usable(self) -> None:
         if self._broken is not None:
             raise LocalProtocolError(f"channel unusable: {self._broken}")
+
+    async def _write(self, pieces: list[bytes | memoryview], message: Message) -> None:
+        self._check_usable()
         # A frame cut short by cancellation or an error leaves the stream
         # unframed: nothing more may be written to it.
         self._broken = f"a {name_of(message)} frame was cut short"
@@ -124,6 +128,7 @@ class Channel:
         The chunk data goes to the stream straight from ``memory``: no copy of
         the whole memory is made.  Returns the COMMIT sent.
         """
+        self._check_usable()
         progress = self.session.memory_progress
         if progress is None:
             raise LocalProtocolError(
