@@ -119,12 +119,15 @@ class Message:
 
     TYPE: ClassVar[str]
     _CHECKS: ClassVar[dict[str, _Check]]
+    #: (field, check, name in errors), computed once from _CHECKS.
+    _FIELDS: ClassVar[tuple[tuple[str, _Check, str], ...]]
+    _KEYS: ClassVar[frozenset[str]]
 
     def to_wire(self) -> dict[str, Any]:
         """The msgpack map for this message (not validated; see `validate`)."""
         wire: dict[str, Any] = {"type": self.TYPE}
-        for f in fields(self):  # type: ignore[arg-type]
-            wire[f.name] = getattr(self, f.name)
+        for key, _, _ in self._FIELDS:
+            wire[key] = getattr(self, key)
         return wire
 
 
@@ -303,6 +306,12 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
 }
 
 
+for _cls in MESSAGE_TYPES.values():
+    _cls._FIELDS = tuple((key, check, f"{_cls.TYPE.upper()}.{key}") for key, check in _cls._CHECKS.items())
+    _cls._KEYS = frozenset(_cls._CHECKS) | {"type"}
+    assert [f.name for f in fields(_cls)] == list(_cls._CHECKS), _cls  # type: ignore[arg-type]
+
+
 def name_of(message: Message | type[Message]) -> str:
     """The message's name as errors and docs write it: ``MIGRATE``, ``CLOCK_REQUEST``."""
     return message.TYPE.upper()
@@ -310,10 +319,10 @@ def name_of(message: Message | type[Message]) -> str:
 
 def validate(message: Message, limits: Limits) -> None:
     """Check every field of ``message``; FieldError (or LimitError) naming the field."""
-    if type(message) not in MESSAGE_TYPES.values():
+    if MESSAGE_TYPES.get(getattr(message, "TYPE", None)) is not type(message):  # type: ignore[arg-type]
         raise FieldError(f"{type(message).__name__} is not a protocol message")
-    for key, check in message._CHECKS.items():
-        check(getattr(message, key), limits, f"{name_of(message)}.{key}")
+    for key, check, where in message._FIELDS:
+        check(getattr(message, key), limits, where)
 
 
 def from_wire(obj: Any, limits: Limits) -> Message:
@@ -326,7 +335,7 @@ def from_wire(obj: Any, limits: Limits) -> Message:
     cls = MESSAGE_TYPES.get(kind)
     if cls is None:
         raise FieldError(f"unknown message type {kind[:64]!r}")
-    expected = set(cls._CHECKS) | {"type"}
+    expected = cls._KEYS
     if obj.keys() != expected:
         missing = sorted(expected - obj.keys())
         extra = sorted(repr(k)[:64] for k in obj.keys() - expected)

@@ -207,3 +207,18 @@ def test_a_commit_with_another_digest_cannot_be_sent() -> None:
     source, _, _ = drive_to(State.COMMIT)
     with pytest.raises(LocalProtocolError, match="COMMIT.digest differs"):
         source.send(protocol.Commit(digest=b"\0" * 32))
+
+
+def test_frame_mac_is_hmac_sha256_over_seq_length_and_body() -> None:
+    import hashlib
+    import hmac
+    import struct
+
+    from protocol._auth import FrameMac
+
+    key = bytes(range(32))
+    mac = FrameMac(key)
+    for seq, body in enumerate([b"", b"abc", b"x" * 1000]):
+        expected = hmac.new(key, struct.pack(">QI", seq, 77) + body, hashlib.sha256).digest()[:16]
+        assert mac.tag(77, [body[:1], body[1:]]) == expected
+    assert FrameMac(key).tag(78, [b"abc"]) != hmac.new(key, struct.pack(">QI", 0, 77) + b"abc", hashlib.sha256).digest()[:16]
