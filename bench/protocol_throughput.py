@@ -34,6 +34,7 @@ import trio
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import protocol  # noqa: E402
+from protocol_common import authenticated_pair  # noqa: E402
 from protocol import Channel, MiB, Session  # noqa: E402
 
 PSK = b"benchmark key, 32 bytes long...."
@@ -51,16 +52,7 @@ def best_of(runs: int, fn: Any) -> float:
 
 
 def authenticated() -> tuple[Session, Session]:
-    source, destination = Session("source", PSK), Session("destination", PSK)
-    for sender, receiver, build in (
-        (source, destination, lambda: source.make_hello("bench", {})),
-        (destination, source, lambda: destination.make_hello("bench", {})),
-        (source, destination, source.make_auth),
-        (destination, source, destination.make_auth),
-    ):
-        receiver.receive_data(sender.send(build()))
-        receiver.next_event()
-    return source, destination
+    return authenticated_pair(PSK)
 
 
 def sans_io_migration(memory: memoryview, into: bytearray, mac_memory: bool = True) -> None:

@@ -111,7 +111,12 @@ class Channel:
                 for piece in pieces:
                     await self.stream.send_all(piece)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The peer usually closed because it failed and said why first: an
+            # ERROR already received is the error to report, not the broken pipe.
+            peer_error = await self._pending_peer_error()
             self.session._fail(f"stream broke while sending {name_of(message)}")
+            if peer_error is not None:
+                raise peer_error from exc
             raise ConnectionClosed(
                 f"stream to the {self.session.peer_role} broke while sending {name_of(message)}: {exc}"
             ) from exc
@@ -122,6 +127,24 @@ class Channel:
                 f"{self.message_timeout} s"
             )
         self._broken = None
+
+    async def _pending_peer_error(self) -> ProtocolError | None:
+        """An ERROR the peer sent before the stream broke, if it can still be read."""
+        with trio.move_on_after(_ERROR_SEND_TIMEOUT):
+            while True:
+                try:
+                    event = self.session.next_event()
+                    if isinstance(event, Error):
+                        return _peer_error(self.session.peer_role, event)
+                    if event is not NEED_DATA:
+                        continue
+                    data = await self.stream.receive_some(self.receive_size)
+                except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    return None
+                if not data:
+                    return None
+                self.session.receive_data(data)
+        return None
 
     async def send_memory(self, memory: Any) -> Commit:
         """Send ``memory`` (any contiguous buffer, e.g. guest RAM) as chunks after MIGRATE, then COMMIT.

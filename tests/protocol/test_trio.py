@@ -373,3 +373,45 @@ async def test_tls_to_an_untrusted_server_is_refused(nursery: trio.Nursery, tmp_
         async with channel:
             await run_source(channel)
     assert isinstance(info.value.__cause__.__cause__, ssl.SSLCertVerificationError)  # type: ignore[union-attr]
+
+
+async def test_memory_over_the_destination_cap_gets_a_clear_error_on_both_sides(nursery: trio.Nursery) -> None:
+    big = bytes(32 * protocol.MiB)
+    done: dict[str, Any] = {}
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        session = Session("destination", PSK, limits=protocol.Limits(max_memory_size=16 * protocol.MiB))
+        async with Channel(stream, session) as channel:
+            await protocol.destination_handshake(channel, agent_version="d", capabilities={})
+            try:
+                await channel.receive()
+            except protocol.LimitExceeded as exc:
+                done["error"] = exc
+
+    port = await serve_one(nursery, handler)
+    async with await protocol.open_channel("127.0.0.1", port, Session("source", PSK)) as channel:
+        await protocol.source_handshake(channel, agent_version="s", capabilities={}, clock_rounds=1)
+        await channel.send(protocol.Migrate({}, "full", len(big), 1 << 20))
+        with pytest.raises(protocol.PeerError) as info:
+            await channel.send_memory(big)
+            await channel.receive()
+    assert info.value.code == "limit"
+    # 32 MiB cannot all fit in the socket buffers: the write broke, and the ERROR was read after it.
+    assert isinstance(info.value.__cause__, trio.BrokenResourceError)
+    assert "MIGRATE.memory_size: 33554432 bytes exceeds the limit 16777216" in info.value.message
+    assert "exceeds the limit" in str(done["error"])
+
+
+async def test_memory_within_the_destination_cap_control(nursery: trio.Nursery) -> None:
+    done: dict[str, Any] = {}
+
+    async def handler(stream: trio.abc.Stream) -> None:
+        session = Session("destination", PSK, limits=protocol.Limits(max_memory_size=len(MEMORY)))
+        done.update(await run_destination(Channel(stream, session)))
+
+    port = await serve_one(nursery, handler)
+    result = await run_source(await protocol.open_channel("127.0.0.1", port, Session("source", PSK)))
+    with trio.fail_after(10):
+        while "ram" not in done:
+            await trio.sleep(0.01)
+    check_migration(result, done)
