@@ -24,8 +24,11 @@ def transfer_bytes(receiver: Session, data: bytes) -> protocol.Message:
     return event
 
 
-def replay(stream: bytes, cuts: list[int], nonce: bytes, downstream: list[bytes] | None = None) -> list[object]:
-    """Feed ``stream`` to a destination with ``nonce``, cut at ``cuts``; sending its own replies."""
+def replay(stream: bytes, cuts: list[int], nonce: bytes, sink: bytearray | None = None) -> list[object]:
+    """Feed ``stream`` to a destination with ``nonce``, cut at ``cuts``; sending its own replies.
+
+    With ``sink``, the memory is received into it rather than returned as bytes.
+    """
     destination = Session("destination", b"a pre-shared key of 32 bytes....", nonce=nonce)
     events: list[object] = []
     bounds = [0, *sorted(set(cuts)), len(stream)]
@@ -42,6 +45,8 @@ def replay(stream: bytes, cuts: list[int], nonce: bytes, downstream: list[bytes]
                 destination.send(destination.make_auth())
             elif isinstance(event, protocol.ClockSyncRequest):
                 destination.send(protocol.ClockSyncReply(t1=10, t2=20, t3=21))
+            elif isinstance(event, protocol.Migrate) and sink is not None:
+                destination.receive_memory_into(sink)
             elif isinstance(event, protocol.Commit):
                 destination.send(protocol.Report({"ok": True}))
     return events
@@ -95,6 +100,15 @@ def test_recorded_stream_replays_whole() -> None:
 def test_any_split_yields_the_same_events(cuts: list[int]) -> None:
     stream, events, nonce, _ = recorded()
     assert replay(stream, [cut % (len(stream) + 1) for cut in cuts], nonce) == events
+
+
+@settings(max_examples=100, deadline=None)
+@given(cuts=st.lists(st.integers(0, 2**20), max_size=40))
+def test_any_split_writes_the_same_memory_into_a_sink(cuts: list[int]) -> None:
+    stream, events, nonce, memory = recorded()
+    sink = bytearray(len(memory))
+    assert replay(stream, [cut % (len(stream) + 1) for cut in cuts], nonce, sink) == events
+    assert sink == memory
 
 
 def test_split_control_a_changed_byte_changes_the_outcome() -> None:
