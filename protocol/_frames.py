@@ -144,11 +144,12 @@ def memory_header(offset: int, size: int) -> bytes:
     )
 
 
-def parse_memory_header(body: memoryview) -> tuple[int, int] | None:
+def parse_memory_header(body: memoryview, *, partial: bool = False) -> tuple[int, int] | None:
     """Return ``(offset, size)`` if ``body`` is a MEMORY message, else None.
 
     FieldError if it starts like a MEMORY message but does not follow the
-    fixed layout exactly (its data must run to the end of the body).
+    fixed layout exactly (its data must run to the end of the body, unless
+    ``partial``: then ``body`` may be only the header and what follows).
     """
     if body[:_OFFSET_AT] != _MEMORY_PREFIX:
         return None
@@ -161,7 +162,7 @@ def parse_memory_header(body: memoryview) -> tuple[int, int] | None:
         raise FieldError("MEMORY message not in its fixed layout (uint64 offset, bin32 data last)")
     (offset,) = _U64.unpack_from(body, _OFFSET_AT + 1)
     (size,) = _U32.unpack_from(body, _SIZE_AT + 1)
-    if size != len(body) - MEMORY_HEADER_SIZE:
+    if not partial and size != len(body) - MEMORY_HEADER_SIZE:
         raise FieldError(
             f"MEMORY data length {size} disagrees with the frame ({len(body) - MEMORY_HEADER_SIZE})"
         )

@@ -141,6 +141,19 @@ class _MemoryStream:
         self.sink: memoryview | None = None
 
 
+class _PartialChunk:
+    """A MEMORY frame whose header has arrived and whose data goes straight to the sink."""
+
+    __slots__ = ("length", "header", "offset", "size", "got")
+
+    def __init__(self, length: int, header: bytes, offset: int, size: int) -> None:
+        self.length = length
+        self.header = header
+        self.offset = offset
+        self.size = size
+        self.got = 0
+
+
 class Session:
     """One side of one connection: feed it bytes, get messages; give it messages, get bytes.
 
@@ -187,6 +200,7 @@ class Session:
         self._clock_t1: int | None = None
         self._clock_rounds = 0
         self._memory: _MemoryStream | None = None
+        self._partial: _PartialChunk | None = None
         self._sent_error = False
 
     # -- building the messages only the session can fill in ------------------
@@ -273,10 +287,52 @@ class Session:
         """Add bytes read from the stream; ``b""`` means the peer closed it."""
         if self._eof and data:
             raise LocalProtocolError("receive_data after end of stream")
-        if data:
-            self._buf += data
-        else:
+        if not data:
             self._eof = True
+            return
+        partial = self._partial
+        if partial is not None and not self._buf and partial.got < partial.size:
+            # Inside a MEMORY frame's data: straight to the sink, not via the buffer.
+            view = _byte_view(data)
+            take = min(len(view), partial.size - partial.got)
+            self._absorb(view[:take])
+            data = view[take:]
+            if not data:
+                return
+        self._buf += data
+
+    def memory_window(self) -> memoryview | None:
+        """The part of the memory buffer the next received bytes belong to, if any.
+
+        Non-None only inside a MEMORY frame's data when nothing else is
+        buffered: the caller may then receive straight into it (``recv_into``)
+        and report the count with `memory_received`, so the bytes are copied
+        once, from the kernel into guest memory.
+        """
+        partial = self._partial
+        if partial is None or self._buf or partial.got >= partial.size or self._memory is None:
+            return None
+        sink = self._memory.sink
+        assert sink is not None
+        return sink[partial.offset + partial.got : partial.offset + partial.size]
+
+    def memory_received(self, count: int) -> None:
+        """Account ``count`` bytes the caller wrote at the start of `memory_window()`."""
+        window = self.memory_window()
+        if window is None or not 0 < count <= len(window):
+            raise LocalProtocolError(f"memory_received({count}) outside the memory window")
+        assert self._partial is not None and self._memory is not None
+        self._memory.digest.update(window[:count])
+        self._partial.got += count
+
+    def _absorb(self, piece: memoryview) -> None:
+        partial = self._partial
+        stream = self._memory
+        assert partial is not None and stream is not None and stream.sink is not None
+        start = partial.offset + partial.got
+        stream.sink[start : start + len(piece)] = piece
+        stream.digest.update(piece)
+        partial.got += len(piece)
 
     @property
     def memory_progress(self) -> tuple[int, int, int] | None:
@@ -289,6 +345,9 @@ class Session:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages (non-zero: a frame has begun)."""
+        partial = self._partial
+        if partial is not None:
+            return len(self._buf) + LENGTH.size + MEMORY_HEADER_SIZE + partial.got
         return len(self._buf)
 
     def receive_memory_into(self, buffer: Any) -> None:
@@ -328,10 +387,13 @@ class Session:
         except ProtocolError as exc:
             # Views of the buffer may live on in the traceback: start a new one.
             self._buf = bytearray()
+            self._partial = None
             self._fail(str(exc))
             raise
 
     def _next_event(self) -> Any:
+        if self._partial is not None:
+            return self._continue_partial()
         buf = self._buf
         if len(buf) < LENGTH.size:
             if not self._eof:
@@ -354,15 +416,75 @@ class Session:
         end = LENGTH.size + length
         if len(buf) < end:
             if self._eof:
-                raise ConnectionClosed(
-                    f"peer ({self.peer_role}) closed the stream in the middle of a frame "
-                    f"(state {self.state.name})"
-                )
+                raise self._closed_mid_frame()
+            if self._begin_partial(length, tag_size):
+                return self._continue_partial()
             return NEED_DATA
         with memoryview(buf) as view:
             message = self._read_frame(view, length, end - tag_size, end)
         del buf[:end]
         return message
+
+    def _closed_mid_frame(self) -> ConnectionClosed:
+        return ConnectionClosed(
+            f"peer ({self.peer_role}) closed the stream in the middle of a frame (state {self.state.name})"
+        )
+
+    def _begin_partial(self, length: int, tag_size: int) -> bool:
+        """Start streaming an incomplete MEMORY frame's data into the sink, if it is one.
+
+        Only a header that is exactly what the state demands (the expected
+        offset and size) qualifies; anything else waits for its whole frame
+        and is judged there, MAC first.  The header's MAC is checked when the
+        frame ends; the data it announces is written where the state says
+        it belongs, and is trusted only once COMMIT's digest matches.
+        """
+        stream = self._memory
+        if (
+            stream is None
+            or stream.sink is None
+            or self.state is not State.MEMORY
+            or self.role != "destination"
+            or len(self._buf) < LENGTH.size + MEMORY_HEADER_SIZE
+        ):
+            return False
+        header = bytes(self._buf[LENGTH.size : LENGTH.size + MEMORY_HEADER_SIZE])
+        try:
+            layout = parse_memory_header(memoryview(header), partial=True)
+        except FieldError:
+            return False
+        if layout is None:
+            return False
+        offset, size = layout
+        due = min(stream.chunk_size, stream.size - stream.offset)
+        if offset != stream.offset or size != due or length != MEMORY_HEADER_SIZE + size + tag_size:
+            return False
+        del self._buf[: LENGTH.size + MEMORY_HEADER_SIZE]
+        self._partial = _PartialChunk(length, header, offset, size)
+        return True
+
+    def _continue_partial(self) -> Any:
+        partial = self._partial
+        stream = self._memory
+        assert partial is not None and stream is not None and stream.sink is not None
+        buf = self._buf
+        if partial.got < partial.size and buf:
+            take = min(len(buf), partial.size - partial.got)
+            with memoryview(buf) as view:
+                self._absorb(view[:take])
+            del buf[:take]
+        tag_size = TAG_SIZE if self._recv_mac is not None else 0
+        if partial.got < partial.size or len(buf) < tag_size:
+            if self._eof:
+                raise self._closed_mid_frame()
+            return NEED_DATA
+        with memoryview(buf) as view:
+            self._verify_frame(partial.length, memoryview(partial.header), view[:tag_size])
+        del buf[:tag_size]
+        self._partial = None
+        stream.offset += partial.size
+        self.state = State.COMMIT if stream.offset == stream.size else State.MEMORY
+        return MemoryChunk(offset=partial.offset, data=stream.sink[partial.offset : partial.offset + partial.size])
 
     def _read_frame(self, view: memoryview, length: int, body_end: int, end: int) -> Message:
         body = view[LENGTH.size : body_end]

@@ -239,13 +239,12 @@ class Channel:
                     scope.deadline = idle_deadline
                     waiting = f"a message (idle_timeout {self.idle_timeout} s)"
                 try:
-                    data = await self.stream.receive_some(self.receive_size)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    await self._receive_some()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                     session._fail("stream broke")
                     raise ConnectionClosed(
                         f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
                     ) from exc
-                session.receive_data(data)
                 event = self._next_event()
                 if event is not NEED_DATA:
                     return event
@@ -255,6 +254,20 @@ class Channel:
         await self.send_error(exc)
         session._fail(str(exc))
         raise exc
+
+    async def _receive_some(self) -> None:
+        session = self.session
+        window = session.memory_window()
+        if window is not None and isinstance(self.stream, trio.SocketStream):
+            # Inside a MEMORY frame on plain TCP: from the kernel straight into
+            # the caller's buffer (guest RAM), one copy in all.
+            count = await self.stream.socket.recv_into(window)
+            if count:
+                session.memory_received(count)
+            else:
+                session.receive_data(b"")
+            return
+        session.receive_data(await self.stream.receive_some(self.receive_size))
 
     def _next_event(self) -> Any:
         session = self.session

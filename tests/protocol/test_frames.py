@@ -255,3 +255,96 @@ def test_session_buffer_is_bounded_by_one_frame() -> None:
     destination.receive_data(hello + b"\0\0\0\1")
     assert isinstance(destination.next_event(), protocol.Hello)
     assert destination.buffered == 4  # only the next frame's beginning is kept
+
+
+# -- MEMORY data streamed into the sink while its frame is still arriving ----------------
+
+
+def streaming(into: bytearray) -> tuple[Session, Session, bytes]:
+    from protocol_helpers import State, drive_to
+
+    source, destination, memory = drive_to(State.MEMORY)
+    destination.receive_memory_into(into)
+    return source, destination, memory
+
+
+def test_data_is_streamed_into_the_sink_before_the_frame_ends() -> None:
+    into = bytearray(MEMORY_SIZE)
+    source, destination, memory = streaming(into)
+    frame = source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))
+    destination.receive_data(frame[:1000])
+    assert destination.next_event() is protocol.NEED_DATA
+    assert into[: 1000 - 43] == memory[: 1000 - 43]  # already in place, not buffered
+    window = destination.memory_window()
+    assert window is not None and len(window) == CHUNK_SIZE - (1000 - 43)
+    window[:100] = frame[1000:1100]  # as recv_into would
+    destination.memory_received(100)
+    destination.receive_data(frame[1100:])
+    chunk = destination.next_event()
+    assert isinstance(chunk, protocol.MemoryChunk) and chunk.offset == 0
+    assert bytes(chunk.data) == memory[:CHUNK_SIZE] and chunk.data.obj is into
+
+
+def test_streamed_frame_with_a_bad_tag_fails() -> None:
+    into = bytearray(MEMORY_SIZE)
+    source, destination, memory = streaming(into)
+    frame = bytearray(source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE])))
+    frame[-1] ^= 1
+    destination.receive_data(bytes(frame[:500]))
+    assert destination.next_event() is protocol.NEED_DATA
+    destination.receive_data(bytes(frame[500:]))
+    with pytest.raises(protocol.AuthenticationFailed, match="fails its MAC"):
+        destination.next_event()
+
+
+def test_streamed_data_altered_fails_the_commit() -> None:
+    into = bytearray(MEMORY_SIZE)
+    source, destination, memory = streaming(into)
+    for offset in range(0, MEMORY_SIZE, CHUNK_SIZE):
+        frame = bytearray(source.send(protocol.MemoryChunk(offset, memory[offset : offset + CHUNK_SIZE])))
+        frame[200] ^= 1
+        destination.receive_data(bytes(frame[:100]))
+        destination.next_event()
+        destination.receive_data(bytes(frame[100:]))
+        assert isinstance(destination.next_event(), protocol.MemoryChunk)
+    destination.receive_data(source.send(source.make_commit()))
+    with pytest.raises(protocol.IntegrityError):
+        destination.next_event()
+
+
+def test_stream_closed_inside_streamed_data() -> None:
+    into = bytearray(MEMORY_SIZE)
+    source, destination, memory = streaming(into)
+    frame = source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))
+    destination.receive_data(frame[:500])
+    assert destination.next_event() is protocol.NEED_DATA
+    assert destination.buffered > 0  # a frame has begun, for the message timeout
+    destination.receive_data(b"")
+    with pytest.raises(protocol.ConnectionClosed, match="middle of a frame"):
+        destination.next_event()
+
+
+def test_unexpected_offset_is_not_streamed_and_is_refused() -> None:
+    from protocol_helpers import forge
+
+    into = bytearray(MEMORY_SIZE)
+    source, destination, memory = streaming(into)
+    frame = forge(source, protocol.MemoryChunk(CHUNK_SIZE, memory[:CHUNK_SIZE]))
+    destination.receive_data(frame[:500])
+    assert destination.next_event() is protocol.NEED_DATA
+    assert destination.memory_window() is None  # buffered, not streamed
+    assert into == bytes(MEMORY_SIZE)
+    destination.receive_data(frame[500:])
+    with pytest.raises(protocol.RemoteProtocolError, match="expected offset 0"):
+        destination.next_event()
+
+
+def test_memory_received_outside_the_window_is_refused() -> None:
+    into = bytearray(MEMORY_SIZE)
+    source, destination, memory = streaming(into)
+    with pytest.raises(protocol.LocalProtocolError, match="outside the memory window"):
+        destination.memory_received(1)
+    destination.receive_data(source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))[:100])
+    destination.next_event()
+    with pytest.raises(protocol.LocalProtocolError, match="outside the memory window"):
+        destination.memory_received(CHUNK_SIZE)
