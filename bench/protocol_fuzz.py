@@ -1,0 +1,179 @@
+"""Fuzz the frame decoder, the validators and the state machine; only protocol errors may come out.
+
+    python bench/protocol_fuzz.py [--inputs 100000] [--seed 1]
+
+Three kinds of input, in equal shares: random bytes fed to a fresh
+destination; a recorded, authenticated conversation with random byte flips,
+insertions, deletions and truncations; and random msgpack maps shaped like
+messages, framed with a valid MAC so that they reach the decoder and the state
+machine rather than stopping at the MAC.  Any exception that is not a
+`protocol.ProtocolError` is printed with the input's index and the run exits 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import msgpack
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import protocol  # noqa: E402
+from protocol_common import authenticated_pair  # noqa: E402
+from protocol import Session  # noqa: E402
+from protocol._frames import LENGTH  # noqa: E402
+
+PSK = b"fuzzing key, 32 bytes long......"
+NONCE = b"N" * 32
+FIELDS = [
+    "protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
+    "state", "strategy", "memory_size", "chunk_size", "offset", "data", "digest", "report", "code", "message",
+]
+TYPES = ["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye"]
+
+
+def record() -> bytes:
+    """The source's bytes of a whole session, for a destination with nonce NONCE."""
+    source, destination = Session("source", PSK), Session("destination", PSK, nonce=NONCE)
+    out = []
+
+    def up(message: protocol.Message) -> None:
+        out.append(source.send(message))
+        destination.receive_data(out[-1])
+        destination.next_event()
+
+    def down(message: protocol.Message) -> None:
+        source.receive_data(destination.send(message))
+        source.next_event()
+
+    up(source.make_hello("fuzz", {"k": [1, 2.5]}))
+    down(destination.make_hello("fuzz", {}))
+    up(source.make_auth())
+    down(destination.make_auth())
+    up(protocol.ClockSyncRequest(t1=1))
+    down(protocol.ClockSyncReply(t1=1, t2=2, t3=3))
+    up(protocol.Migrate({"a": [1, b"x", None]}, "full", 3 * 4096, 2 * 4096))
+    up(protocol.MemoryChunk(0, bytes(8192)))
+    up(protocol.MemoryChunk(8192, bytes(4096)))
+    up(source.make_commit())
+    down(protocol.Report({}))
+    up(protocol.Bye())
+    return b"".join(out)
+
+
+def replies(destination: Session, event: Any) -> None:
+    if isinstance(event, protocol.Hello):
+        destination.send(destination.make_hello("fuzz", {}))
+    elif isinstance(event, protocol.Auth):
+        destination.send(destination.make_auth())
+    elif isinstance(event, protocol.ClockSyncRequest):
+        destination.send(protocol.ClockSyncReply(t1=event.t1, t2=event.t1, t3=event.t1))
+    elif isinstance(event, protocol.Commit):
+        destination.send(protocol.Report({}))
+
+
+def feed(destination: Session, data: bytes, rng: random.Random) -> None:
+    position = 0
+    while position < len(data):
+        step = rng.randint(1, 4096)
+        destination.receive_data(data[position : position + step])
+        position += step
+        while (event := destination.next_event()) is not protocol.NEED_DATA:
+            if event is protocol.END_OF_STREAM:
+                return
+            replies(destination, event)
+    destination.receive_data(b"")
+    destination.next_event()
+
+
+def random_value(rng: random.Random, depth: int = 0) -> Any:
+    kind = rng.randrange(9 if depth < 3 else 7)
+    return [
+        lambda: None,
+        lambda: rng.random() < 0.5,
+        lambda: rng.randint(-(2**63), 2**64 - 1),
+        lambda: rng.randint(-5, 70000),
+        lambda: rng.random() * 1e6,
+        lambda: "".join(rng.choice("ab_-.Z9 ") for _ in range(rng.randrange(12))),
+        lambda: rng.randbytes(rng.choice([0, 16, 31, 32, 33, 64])),
+        lambda: [random_value(rng, depth + 1) for _ in range(rng.randrange(4))],
+        lambda: {rng.choice(FIELDS + ["x"]): random_value(rng, depth + 1) for _ in range(rng.randrange(4))},
+    ][kind]()
+
+
+def message_like(rng: random.Random) -> bytes:
+    obj = {"type": rng.choice(TYPES + ["nope"])}
+    for _ in range(rng.randrange(7)):
+        obj[rng.choice(FIELDS)] = random_value(rng)
+    return msgpack.packb(obj, use_bin_type=True)
+
+
+def one(kind: int, rng: random.Random, recorded: bytes, authenticated: tuple[Session, Session]) -> None:
+    if kind == 0:
+        data = rng.randbytes(rng.randrange(600))
+        feed(Session("destination", PSK), data, rng)
+        return
+    if kind == 1:
+        data = bytearray(recorded)
+        for _ in range(rng.randint(1, 6)):
+            at = rng.randrange(len(data))
+            action = rng.randrange(4)
+            if action == 0:
+                data[at] ^= rng.randint(1, 255)
+            elif action == 1:
+                data[at:at] = rng.randbytes(rng.randint(1, 8))
+            elif action == 2:
+                del data[at]
+            else:
+                del data[at:]
+            if not data:
+                break
+        feed(Session("destination", PSK, nonce=NONCE), bytes(data), rng)
+        return
+    source, destination = authenticated
+    body = message_like(rng)
+    mac = source._send_mac
+    assert mac is not None
+    length = len(body) + 16
+    frame = LENGTH.pack(length) + body + mac.tag(length, [body])
+    destination.receive_data(frame)
+    destination.next_event()
+
+
+def fresh_pair() -> tuple[Session, Session]:
+    return authenticated_pair(PSK)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inputs", type=int, default=100_000)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args()
+    rng = random.Random(args.seed)
+    recorded = record()
+    counts = {"ok": 0, "protocol error": 0}
+    start = time.perf_counter()
+    for i in range(args.inputs):
+        kind = i % 3
+        pair = fresh_pair() if kind == 2 else (None, None)
+        try:
+            one(kind, rng, recorded, pair)  # type: ignore[arg-type]
+            counts["ok"] += 1
+        except protocol.ProtocolError:
+            counts["protocol error"] += 1
+        except Exception as exc:  # the point of the run: anything else is a bug
+            print(f"input {i} (kind {kind}, --seed {args.seed}) raised {type(exc).__name__}: {exc}")
+            return 1
+    elapsed = time.perf_counter() - start
+    print(f"{args.inputs} inputs in {elapsed:.1f} s: {counts['protocol error']} refused with a ProtocolError, "
+          f"{counts['ok']} accepted, nothing else raised")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,660 @@
+"""The sans-IO session: bytes in, messages out, no I/O (in the manner of h11).
+
+Both sides run the same state machine over the one conversation; each
+message, sent or received, moves it on.  A message the current state does
+not allow is refused with an error naming the state and the message: a
+`LocalProtocolError` if this side tried to send it, a `RemoteProtocolError`
+if the peer did.
+
+    source                                   destination
+    HELLO ----------------------------------->
+          <----------------------------------- HELLO     (or ERROR version)
+    AUTH  ----------------------------------->
+          <----------------------------------- AUTH      (or ERROR auth)
+    CLOCK_REQUEST --------------------------->           } repeated,
+          <----------------------------------- CLOCK_REPLY } at most max_clock_sync_rounds
+    MIGRATE, MEMORY × n, COMMIT ------------->
+          <----------------------------------- REPORT    (or ERROR)
+    ... more clock syncs or migrations ...
+    BYE   -----------------------------------> (either side, in READY)
+
+ERROR may be sent by either side in any state before BYE; it ends the session.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import secrets
+from typing import Any
+
+from ._auth import TAG_SIZE, FrameMac, derive_keys, make_proof, transcript_hash, verify_proof
+from ._errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    IntegrityError,
+    LimitExceeded,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from ._frames import (
+    LENGTH,
+    MEMORY_HEADER_SIZE,
+    FieldError,
+    LimitError,
+    memory_header,
+    pack,
+    parse_memory_header,
+    unpack,
+)
+from ._limits import Limits
+from ._messages import (
+    NONCE_SIZE,
+    PROTOCOL_VERSION,
+    ROLES,
+    Auth,
+    Bye,
+    ClockSyncReply,
+    ClockSyncRequest,
+    Commit,
+    Error,
+    Hello,
+    MemoryChunk,
+    Message,
+    Migrate,
+    Report,
+    Role,
+    from_wire,
+    name_of,
+    validate,
+)
+
+__all__ = ["END_OF_STREAM", "NEED_DATA", "Session", "State"]
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
+    def __repr__(self) -> str:
+        return self._name
+
+
+#: `Session.next_event` needs more bytes before it can return a message.
+NEED_DATA: Any = _Sentinel("NEED_DATA")
+#: The peer closed the stream cleanly, after BYE or ERROR.
+END_OF_STREAM: Any = _Sentinel("END_OF_STREAM")
+
+
+class State(enum.Enum):
+    """Where the conversation is; the name says whose message is awaited."""
+
+    AWAIT_SOURCE_HELLO = enum.auto()
+    AWAIT_DESTINATION_HELLO = enum.auto()
+    AWAIT_SOURCE_AUTH = enum.auto()
+    AWAIT_DESTINATION_AUTH = enum.auto()
+    #: Authenticated, between migrations: the source may sync clocks, migrate or say BYE.
+    READY = enum.auto()
+    #: A CLOCK_REQUEST awaits its CLOCK_REPLY.
+    CLOCK_SYNC = enum.auto()
+    #: MIGRATE received; MEMORY chunks are due until memory_size is covered.
+    MEMORY = enum.auto()
+    #: All memory sent; COMMIT is due.
+    COMMIT = enum.auto()
+    #: COMMIT sent; the destination's REPORT is due.
+    REPORT = enum.auto()
+    #: BYE was sent or received.
+    CLOSED = enum.auto()
+    #: ERROR was sent or received, or a protocol error happened.
+    ERROR = enum.auto()
+
+
+# (state, sender) -> {message class: next state}; MEMORY's next state depends on the count.
+_TRANSITIONS: dict[tuple[State, Role], dict[type[Message], State]] = {
+    (State.AWAIT_SOURCE_HELLO, "source"): {Hello: State.AWAIT_DESTINATION_HELLO},
+    (State.AWAIT_DESTINATION_HELLO, "destination"): {Hello: State.AWAIT_SOURCE_AUTH},
+    (State.AWAIT_SOURCE_AUTH, "source"): {Auth: State.AWAIT_DESTINATION_AUTH},
+    (State.AWAIT_DESTINATION_AUTH, "destination"): {Auth: State.READY},
+    (State.READY, "source"): {
+        ClockSyncRequest: State.CLOCK_SYNC,
+        Migrate: State.MEMORY,
+        Bye: State.CLOSED,
+    },
+    (State.READY, "destination"): {Bye: State.CLOSED},
+    (State.CLOCK_SYNC, "destination"): {ClockSyncReply: State.READY},
+    (State.MEMORY, "source"): {MemoryChunk: State.MEMORY},
+    (State.COMMIT, "source"): {Commit: State.REPORT},
+    (State.REPORT, "destination"): {Report: State.READY},
+}
+
+
+class _MemoryStream:
+    """Progress of one MIGRATE's memory: next offset, and the digest so far."""
+
+    def __init__(self, size: int, chunk_size: int) -> None:
+        self.size = size
+        self.chunk_size = chunk_size
+        self.offset = 0
+        self.digest = hashlib.sha256()
+        self.sink: memoryview | None = None
+
+
+class _PartialChunk:
+    """A MEMORY frame whose header has arrived and whose data goes straight to the sink."""
+
+    __slots__ = ("length", "header", "offset", "size", "got")
+
+    def __init__(self, length: int, header: bytes, offset: int, size: int) -> None:
+        self.length = length
+        self.header = header
+        self.offset = offset
+        self.size = size
+        self.got = 0
+
+
+class Session:
+    """One side of one connection: feed it bytes, get messages; give it messages, get bytes.
+
+    ``psk`` is the pre-shared key; an empty key is allowed for loopback use
+    and authenticates nothing (anyone who can connect knows it).  The session
+    never does I/O and never reads a clock; `protocol.Channel` drives it over
+    a trio stream.
+    """
+
+    #: The version this side speaks (a class attribute so tests can play a future agent).
+    protocol_version: int = PROTOCOL_VERSION
+
+    def __init__(
+        self,
+        role: Role,
+        psk: bytes,
+        *,
+        limits: Limits | None = None,
+        nonce: bytes | None = None,
+    ) -> None:
+        if role not in ROLES:
+            raise ValueError(f"role must be 'source' or 'destination', not {role!r}")
+        if not isinstance(psk, bytes):
+            raise TypeError("psk must be bytes")
+        self.role: Role = role
+        self.peer_role: Role = "destination" if role == "source" else "source"
+        self.limits = limits if limits is not None else Limits()
+        self.state = State.AWAIT_SOURCE_HELLO
+        #: The peer's HELLO once received: its agent version and capabilities.
+        self.peer_hello: Hello | None = None
+        #: What ended the session, once state is ERROR.
+        self.failure: str | None = None
+        self._psk = psk
+        self._nonce = nonce if nonce is not None else secrets.token_bytes(NONCE_SIZE)
+        if len(self._nonce) != NONCE_SIZE:
+            raise ValueError(f"nonce must be {NONCE_SIZE} bytes")
+        self._hello_bodies: dict[Role, bytes] = {}
+        self._transcript: bytes | None = None
+        self._send_mac: FrameMac | None = None
+        self._recv_mac: FrameMac | None = None
+        self._keys: dict[Role, bytes] = {}
+        self._buf = bytearray()
+        self._eof = False
+        self._clock_t1: int | None = None
+        self._clock_rounds = 0
+        self._memory: _MemoryStream | None = None
+        self._partial: _PartialChunk | None = None
+        self._sent_error = False
+
+    # -- building the messages only the session can fill in ------------------
+
+    def make_hello(self, agent_version: str, capabilities: dict[str, Any]) -> Hello:
+        """This side's HELLO, carrying the protocol version, the role and the session's nonce."""
+        return Hello(
+            protocol_version=self.protocol_version,
+            agent_version=agent_version,
+            role=self.role,
+            capabilities=capabilities,
+            nonce=self._nonce,
+        )
+
+    def make_auth(self) -> Auth:
+        """This side's AUTH proof; the destination can build it only once the source proved."""
+        due = State.AWAIT_SOURCE_AUTH if self.role == "source" else State.AWAIT_DESTINATION_AUTH
+        if self.state is not due or self._transcript is None:
+            raise LocalProtocolError(f"cannot build AUTH in state {self.state.name} ({self.role})")
+        return Auth(proof=make_proof(self._psk, self.role, self._transcript))
+
+    def make_commit(self) -> Commit:
+        """The COMMIT closing the memory stream sent so far (its SHA-256 digest)."""
+        if self.state is not State.COMMIT or self._memory is None or self.role != "source":
+            raise LocalProtocolError(f"cannot build COMMIT in state {self.state.name} ({self.role})")
+        return Commit(digest=self._memory.digest.digest())
+
+    # -- sending ---------------------------------------------------------------
+
+    def send(self, message: Message) -> bytes:
+        """The bytes that carry ``message`` to the peer; the state moves on."""
+        return b"".join(self.send_iov(message))
+
+    def send_iov(self, message: Message) -> list[bytes | memoryview]:
+        """Like `send`, as pieces to write in order; a MEMORY chunk's data is not copied."""
+        if self.state is State.ERROR and not (isinstance(message, Error) and not self._sent_error):
+            raise LocalProtocolError(
+                f"cannot send {name_of(message)} in state ERROR (session failed: {self.failure})"
+            )
+        try:
+            validate(message, self.limits)
+        except FieldError as exc:
+            raise LocalProtocolError(str(exc)) from None
+        tag_size = TAG_SIZE if self._send_mac is not None else 0
+        if isinstance(message, MemoryChunk):
+            data = _byte_view(message.data)
+            message = MemoryChunk(offset=message.offset, data=data)
+            header = memory_header(message.offset, len(data))
+            length = len(header) + len(data) + tag_size
+            pieces: list[bytes | memoryview] = [LENGTH.pack(length) + header, data]
+            maced: list[bytes | memoryview] = [header]
+        else:
+            try:
+                body = pack(message.to_wire())
+            except (ValueError, TypeError, OverflowError) as exc:  # validate() should prevent this
+                raise LocalProtocolError(f"{name_of(message)} cannot be encoded: {exc}") from None
+            length = len(body) + tag_size
+            pieces = [LENGTH.pack(length) + body]
+            maced = [body]
+        if length > self.limits.max_frame_size:
+            raise LocalProtocolError(
+                f"{name_of(message)} needs a {length}-byte frame, over max_frame_size "
+                f"{self.limits.max_frame_size}"
+            )
+        self._advance(self.role, message, local=True)
+        if isinstance(message, Hello):
+            self._hello_bodies[self.role] = maced[0]  # type: ignore[assignment]
+            self._after_hellos()
+        if self._send_mac is not None:
+            tag = self._send_mac.tag(length, maced)
+            if len(pieces) == 1:
+                pieces[0] += tag  # small messages: one write, one segment
+            else:
+                pieces.append(tag)
+        if isinstance(message, Auth):
+            self._send_mac = FrameMac(self._keys[self.role])
+        if isinstance(message, Error):
+            self._sent_error = True
+        return pieces
+
+    # -- receiving -------------------------------------------------------------
+
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Add bytes read from the stream; ``b""`` means the peer closed it."""
+        if self._eof and data:
+            raise LocalProtocolError("receive_data after end of stream")
+        if not data:
+            self._eof = True
+            return
+        partial = self._partial
+        if partial is not None and not self._buf and partial.got < partial.size:
+            # Inside a MEMORY frame's data: straight to the sink, not via the buffer.
+            view = _byte_view(data)
+            take = min(len(view), partial.size - partial.got)
+            self._absorb(view[:take])
+            data = view[take:]
+            if not data:
+                return
+        self._buf += data
+
+    def memory_window(self) -> memoryview | None:
+        """The part of the memory buffer the next received bytes belong to, if any.
+
+        Non-None only inside a MEMORY frame's data when nothing else is
+        buffered: the caller may then receive straight into it (``recv_into``)
+        and report the count with `memory_received`, so the bytes are copied
+        once, from the kernel into guest memory.
+        """
+        partial = self._partial
+        if partial is None or self._buf or partial.got >= partial.size or self._memory is None:
+            return None
+        sink = self._memory.sink
+        assert sink is not None
+        return sink[partial.offset + partial.got : partial.offset + partial.size]
+
+    def memory_received(self, count: int) -> None:
+        """Account ``count`` bytes the caller wrote at the start of `memory_window()`."""
+        window = self.memory_window()
+        if window is None or not 0 < count <= len(window):
+            raise LocalProtocolError(f"memory_received({count}) outside the memory window")
+        assert self._partial is not None and self._memory is not None
+        self._memory.digest.update(window[:count])
+        self._partial.got += count
+
+    def _absorb(self, piece: memoryview) -> None:
+        partial = self._partial
+        stream = self._memory
+        assert partial is not None and stream is not None and stream.sink is not None
+        start = partial.offset + partial.got
+        stream.sink[start : start + len(piece)] = piece
+        stream.digest.update(piece)
+        partial.got += len(piece)
+
+    @property
+    def memory_progress(self) -> tuple[int, int, int] | None:
+        """``(offset, memory_size, chunk_size)`` of the memory stream in progress, else None."""
+        stream = self._memory
+        if stream is None or self.state not in (State.MEMORY, State.COMMIT):
+            return None
+        return stream.offset, stream.size, stream.chunk_size
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as messages (non-zero: a frame has begun)."""
+        partial = self._partial
+        if partial is not None:
+            return len(self._buf) + LENGTH.size + MEMORY_HEADER_SIZE + partial.got
+        return len(self._buf)
+
+    def receive_memory_into(self, buffer: Any) -> None:
+        """Write the coming MEMORY chunks' data straight into ``buffer`` at their offsets.
+
+        Call after MIGRATE was received and before its first chunk; ``buffer``
+        is any writable, contiguous buffer of at least ``memory_size`` bytes
+        (the guest's RAM, say), so the whole memory is never held twice.
+        """
+        stream = self._memory
+        if self.state is not State.MEMORY or stream is None or stream.offset or self.role != "destination":
+            raise LocalProtocolError(
+                f"receive_memory_into is for a destination before the first MEMORY chunk "
+                f"(state {self.state.name}, {self.role})"
+            )
+        view = _byte_view(buffer)
+        if view.readonly:
+            raise LocalProtocolError("receive_memory_into needs a writable buffer")
+        if len(view) < stream.size:
+            raise LocalProtocolError(
+                f"receive_memory_into buffer holds {len(view)} bytes, memory_size is {stream.size}"
+            )
+        stream.sink = view
+
+    def next_event(self) -> Any:
+        """The next message from the peer, or `NEED_DATA`, or `END_OF_STREAM`.
+
+        Raises a `RemoteProtocolError` (or one of its kin) if the peer broke
+        the protocol; the session is then in state ERROR.
+        """
+        if self.state is State.ERROR:
+            if not self._buf:
+                return END_OF_STREAM if self._eof else NEED_DATA
+            raise RemoteProtocolError(f"cannot receive in state ERROR (session failed: {self.failure})")
+        try:
+            return self._next_event()
+        except ProtocolError as exc:
+            # Views of the buffer may live on in the traceback: start a new one.
+            self._buf = bytearray()
+            self._partial = None
+            self._fail(str(exc))
+            raise
+
+    def _next_event(self) -> Any:
+        if self._partial is not None:
+            return self._continue_partial()
+        buf = self._buf
+        if len(buf) < LENGTH.size:
+            if not self._eof:
+                return NEED_DATA
+            if not buf and self.state is State.CLOSED:
+                return END_OF_STREAM
+            raise ConnectionClosed(
+                f"peer ({self.peer_role}) closed the stream in state {self.state.name}"
+                + (" in the middle of a frame" if buf else "")
+            )
+        (length,) = LENGTH.unpack_from(buf)
+        if length > self.limits.max_frame_size:
+            raise LimitExceeded(
+                f"frame of {length} bytes from the {self.peer_role} exceeds max_frame_size "
+                f"{self.limits.max_frame_size} (state {self.state.name})"
+            )
+        tag_size = TAG_SIZE if self._recv_mac is not None else 0
+        if length <= tag_size:
+            raise RemoteProtocolError(f"empty frame from the {self.peer_role} (state {self.state.name})")
+        end = LENGTH.size + length
+        if len(buf) < end:
+            if self._eof:
+                raise self._closed_mid_frame()
+            if self._begin_partial(length, tag_size):
+                return self._continue_partial()
+            return NEED_DATA
+        with memoryview(buf) as view:
+            message = self._read_frame(view, length, end - tag_size, end)
+        del buf[:end]
+        return message
+
+    def _closed_mid_frame(self) -> ConnectionClosed:
+        return ConnectionClosed(
+            f"peer ({self.peer_role}) closed the stream in the middle of a frame (state {self.state.name})"
+        )
+
+    def _begin_partial(self, length: int, tag_size: int) -> bool:
+        """Start streaming an incomplete MEMORY frame's data into the sink, if it is one.
+
+        Only a header that is exactly what the state demands (the expected
+        offset and size) qualifies; anything else waits for its whole frame
+        and is judged there, MAC first.  The header's MAC is checked when the
+        frame ends; the data it announces is written where the state says
+        it belongs, and is trusted only once COMMIT's digest matches.
+        """
+        stream = self._memory
+        if (
+            stream is None
+            or stream.sink is None
+            or self.state is not State.MEMORY
+            or self.role != "destination"
+            or len(self._buf) < LENGTH.size + MEMORY_HEADER_SIZE
+        ):
+            return False
+        header = bytes(self._buf[LENGTH.size : LENGTH.size + MEMORY_HEADER_SIZE])
+        try:
+            layout = parse_memory_header(memoryview(header), partial=True)
+        except FieldError:
+            return False
+        if layout is None:
+            return False
+        offset, size = layout
+        due = min(stream.chunk_size, stream.size - stream.offset)
+        if offset != stream.offset or size != due or length != MEMORY_HEADER_SIZE + size + tag_size:
+            return False
+        del self._buf[: LENGTH.size + MEMORY_HEADER_SIZE]
+        self._partial = _PartialChunk(length, header, offset, size)
+        return True
+
+    def _continue_partial(self) -> Any:
+        partial = self._partial
+        stream = self._memory
+        assert partial is not None and stream is not None and stream.sink is not None
+        buf = self._buf
+        if partial.got < partial.size and buf:
+            take = min(len(buf), partial.size - partial.got)
+            with memoryview(buf) as view:
+                self._absorb(view[:take])
+            del buf[:take]
+        tag_size = TAG_SIZE if self._recv_mac is not None else 0
+        if partial.got < partial.size or len(buf) < tag_size:
+            if self._eof:
+                raise self._closed_mid_frame()
+            return NEED_DATA
+        with memoryview(buf) as view:
+            self._verify_frame(partial.length, memoryview(partial.header), view[:tag_size])
+        del buf[:tag_size]
+        self._partial = None
+        stream.offset += partial.size
+        self.state = State.COMMIT if stream.offset == stream.size else State.MEMORY
+        return MemoryChunk(offset=partial.offset, data=stream.sink[partial.offset : partial.offset + partial.size])
+
+    def _read_frame(self, view: memoryview, length: int, body_end: int, end: int) -> Message:
+        body = view[LENGTH.size : body_end]
+        try:
+            layout = parse_memory_header(body)
+        except FieldError as exc:
+            # Not a well-formed MEMORY frame: it must then carry a MAC over its
+            # whole body, and a frame failing that is an authentication failure.
+            self._verify_frame(length, body, view[body_end:end])
+            raise RemoteProtocolError(f"{exc} (from the {self.peer_role})") from None
+        self._verify_frame(length, body if layout is None else body[:MEMORY_HEADER_SIZE], view[body_end:end])
+        if layout is not None:
+            return self._read_memory(layout[0], body[MEMORY_HEADER_SIZE:])
+        try:
+            obj = unpack(body, self.limits)
+            if self.state is State.AWAIT_DESTINATION_HELLO or self.state is State.AWAIT_SOURCE_HELLO:
+                self._check_version(obj)
+            message = from_wire(obj, self.limits)
+        except LimitError as exc:
+            raise LimitExceeded(f"{exc} (from the {self.peer_role}, state {self.state.name})") from None
+        except FieldError as exc:
+            raise RemoteProtocolError(
+                f"{exc} (from the {self.peer_role}, state {self.state.name})"
+            ) from None
+        if isinstance(message, MemoryChunk):
+            raise RemoteProtocolError("MEMORY message not in its fixed layout (uint64 offset, bin32 data)")
+        self._advance(self.peer_role, message, local=False)
+        if isinstance(message, Hello):
+            self._hello_bodies[self.peer_role] = bytes(body)
+            self.peer_hello = message
+            self._after_hellos()
+        elif isinstance(message, Auth):
+            self._recv_mac = FrameMac(self._keys[self.peer_role])
+        return message
+
+    def _verify_frame(self, length: int, maced: memoryview, tag: memoryview) -> None:
+        if self._recv_mac is not None and not self._recv_mac.verify(length, [maced], tag):
+            raise AuthenticationFailed(
+                f"frame {self._recv_mac.seq - 1} from the {self.peer_role} fails its MAC "
+                f"(state {self.state.name}): altered, replayed, reordered or injected"
+            )
+
+    def _read_memory(self, offset: int, data: memoryview) -> MemoryChunk:
+        self._advance(self.peer_role, MemoryChunk(offset=offset, data=data), local=False)
+        stream = self._memory
+        assert stream is not None
+        if stream.sink is not None:
+            target = stream.sink[offset : offset + len(data)]
+            target[:] = data
+            return MemoryChunk(offset=offset, data=target)
+        return MemoryChunk(offset=offset, data=bytes(data))
+
+    def _check_version(self, obj: Any) -> None:
+        # Before the strict field checks: a later version's HELLO may have other fields.
+        if isinstance(obj, dict) and obj.get("type") == "hello":
+            version = obj.get("protocol_version")
+            if type(version) is int and 0 <= version <= 0xFFFF and version != self.protocol_version:
+                raise VersionMismatch(
+                    f"the {self.peer_role} speaks protocol version {version}, this {self.role} "
+                    f"speaks version {self.protocol_version}: upgrade one of the two agents"
+                )
+
+    # -- the state machine -----------------------------------------------------
+
+    def _fail(self, reason: str) -> None:
+        self.state = State.ERROR
+        if self.failure is None:
+            self.failure = reason
+
+    def _advance(self, sender: Role, message: Message, *, local: bool) -> None:
+        """Move the state on for ``message`` from ``sender``, or raise naming both."""
+        error: type[ProtocolError] = LocalProtocolError if local else RemoteProtocolError
+        who = "this side" if local else "the peer"
+        if isinstance(message, Error):
+            if self.state is State.CLOSED:
+                raise error(f"{who} ({sender}) sent ERROR in state CLOSED, after BYE")
+            self._fail(f"{sender} sent ERROR {message.code!r}: {message.message}")
+            return
+        allowed = _TRANSITIONS.get((self.state, sender), {})
+        following = allowed.get(type(message))
+        if following is None:
+            raise error(
+                f"{who} ({sender}) sent {name_of(message)} in state {self.state.name}, where "
+                + (" or ".join(sorted(name_of(m) for m in allowed)) or "nothing")
+                + f" may come from the {sender}"
+            )
+        limit_error: type[ProtocolError] = LocalProtocolError if local else LimitExceeded
+        if isinstance(message, Hello):
+            self._check_hello(message, local)
+        elif isinstance(message, Auth):
+            if not local:
+                self._verify_auth(message)
+        elif isinstance(message, ClockSyncRequest):
+            if self._clock_rounds >= self.limits.max_clock_sync_rounds:
+                raise limit_error(
+                    f"more than {self.limits.max_clock_sync_rounds} CLOCK_REQUESTs in a row"
+                )
+            self._clock_rounds += 1
+            self._clock_t1 = message.t1
+        elif isinstance(message, ClockSyncReply):
+            if message.t1 != self._clock_t1:
+                raise error(f"CLOCK_REPLY echoes t1={message.t1}, the request had t1={self._clock_t1}")
+            if message.t3 < message.t2:
+                raise error(f"CLOCK_REPLY sent (t3={message.t3}) before received (t2={message.t2})")
+        elif isinstance(message, Migrate):
+            if message.chunk_size + MEMORY_HEADER_SIZE + TAG_SIZE + LENGTH.size > self.limits.max_frame_size:
+                raise limit_error(f"MIGRATE.chunk_size {message.chunk_size} does not fit max_frame_size")
+            self._clock_rounds = 0
+            self._memory = _MemoryStream(message.memory_size, message.chunk_size)
+        elif isinstance(message, MemoryChunk):
+            following = self._advance_memory(message, error)
+        elif isinstance(message, Commit):
+            assert self._memory is not None
+            digest = self._memory.digest.digest()
+            self._memory = None
+            if message.digest != digest:
+                if local:
+                    raise LocalProtocolError("COMMIT.digest differs from the memory sent")
+                raise IntegrityError(
+                    "COMMIT.digest differs from the SHA-256 of the memory received: "
+                    "the memory stream was corrupted"
+                )
+        elif isinstance(message, Report):
+            self._clock_rounds = 0
+        self.state = following
+
+    def _advance_memory(self, chunk: MemoryChunk, error: type[ProtocolError]) -> State:
+        stream = self._memory
+        assert stream is not None
+        size = len(chunk.data)
+        due = min(stream.chunk_size, stream.size - stream.offset)
+        if chunk.offset != stream.offset:
+            raise error(f"MEMORY chunk at offset {chunk.offset}, expected offset {stream.offset}")
+        if size != due:
+            raise error(f"MEMORY chunk at offset {chunk.offset} has {size} bytes, expected {due}")
+        stream.digest.update(chunk.data)
+        stream.offset += size
+        return State.COMMIT if stream.offset == stream.size else State.MEMORY
+
+    def _check_hello(self, hello: Hello, local: bool) -> None:
+        if local:
+            if hello.nonce != self._nonce or hello.role != self.role:
+                raise LocalProtocolError("HELLO must come from Session.make_hello (nonce and role)")
+            if hello.protocol_version != self.protocol_version:
+                raise LocalProtocolError(f"HELLO.protocol_version must be {self.protocol_version}")
+            return
+        if hello.role != self.peer_role:
+            raise RemoteProtocolError(f"peer HELLO says it is a {hello.role}; this side is the {self.role}")
+        if hello.nonce == self._nonce:
+            raise AuthenticationFailed("peer HELLO carries this side's own nonce: a reflection")
+
+    def _after_hellos(self) -> None:
+        if len(self._hello_bodies) == 2:
+            self._transcript = transcript_hash(
+                self._hello_bodies["source"], self._hello_bodies["destination"]
+            )
+            source_key, destination_key = derive_keys(self._psk, self._transcript)
+            self._keys = {"source": source_key, "destination": destination_key}
+
+    def _verify_auth(self, auth: Auth) -> None:
+        assert self._transcript is not None
+        if not verify_proof(self._psk, self.peer_role, self._transcript, auth.proof):
+            raise AuthenticationFailed(
+                f"the {self.peer_role} failed to prove the pre-shared key (wrong key, "
+                "replayed or reflected proof)"
+            )
+
+
+def _byte_view(data: Any) -> memoryview:
+    view = memoryview(data)
+    if not view.c_contiguous:
+        raise LocalProtocolError("memory buffers must be contiguous")
+    return view.cast("B") if view.format != "B" or view.ndim != 1 else view

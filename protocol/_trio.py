@@ -1,0 +1,432 @@
+"""The trio adapter: a `Channel` drives a `Session` over any trio stream.
+
+Timeouts: the peer must start a frame within ``idle_timeout`` of this side
+starting to wait for one, and finish it within ``message_timeout`` of its
+first byte (a client dripping bytes is dropped then); every write must finish
+within ``message_timeout``.  When this side finds the peer at fault (a
+protocol error, a failed proof, a version mismatch, a timeout), the channel
+sends the peer an ERROR saying so before raising, so both users see why.
+"""
+
+from __future__ import annotations
+
+import ssl
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from ._clocksync import ClockEstimate, ClockSample, estimate_clock_offset
+from ._errors import (
+    AuthenticationFailed,
+    ConnectionClosed,
+    LocalProtocolError,
+    PeerError,
+    ProtocolError,
+    ProtocolTimeout,
+    VersionMismatch,
+)
+from ._limits import KiB
+from ._messages import (
+    Auth,
+    Bye,
+    ClockSyncReply,
+    ClockSyncRequest,
+    Commit,
+    Error,
+    Hello,
+    MemoryChunk,
+    Message,
+    name_of,
+)
+from ._session import END_OF_STREAM, NEED_DATA, Session, _byte_view
+
+__all__ = [
+    "Channel",
+    "Handshake",
+    "destination_handshake",
+    "open_channel",
+    "source_handshake",
+    "tls_client_context",
+    "tls_server_context",
+]
+
+_ERROR_SEND_TIMEOUT = 1.0
+
+
+class Channel:
+    """One connection: a `Session` driven over a trio `Stream`.
+
+    ``clock`` stamps CLOCK_SYNC exchanges (nanoseconds of wall time by
+    default, since the testbed measures wall gaps between hosts).  A
+    destination channel answers CLOCK_REQUESTs itself inside `receive`.
+    """
+
+    def __init__(
+        self,
+        stream: trio.abc.Stream,
+        session: Session,
+        *,
+        message_timeout: float = 30.0,
+        idle_timeout: float = 60.0,
+        receive_size: int = 256 * KiB,
+        clock: Callable[[], int] = time.time_ns,
+    ) -> None:
+        self.stream = stream
+        self.session = session
+        self.message_timeout = message_timeout
+        self.idle_timeout = idle_timeout
+        self.receive_size = receive_size
+        self.clock = clock
+        self._frame_started: float | None = None
+        self._broken: str | None = None
+
+    async def __aenter__(self) -> Channel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    # -- sending ---------------------------------------------------------------
+
+    async def send(self, message: Message) -> None:
+        """Send one message within ``message_timeout``."""
+        self._check_usable()
+        await self._write(self.session.send_iov(message), message)
+
+    def _check_usable(self) -> None:
+        if self._broken is not None:
+            raise LocalProtocolError(f"channel unusable: {self._broken}")
+
+    async def _write(self, pieces: list[bytes | memoryview], message: Message) -> None:
+        self._check_usable()
+        # A frame cut short by cancellation or an error leaves the stream
+        # unframed: nothing more may be written to it.
+        self._broken = f"a {name_of(message)} frame was cut short"
+        try:
+            # CancelScope(deadline=...) costs about half of move_on_after per message.
+            with trio.CancelScope(deadline=trio.current_time() + self.message_timeout) as scope:
+                for piece in pieces:
+                    await self.stream.send_all(piece)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # The peer usually closed because it failed and said why first: an
+            # ERROR already received is the error to report, not the broken pipe.
+            peer_error = await self._pending_peer_error()
+            self.session._fail(f"stream broke while sending {name_of(message)}")
+            if peer_error is not None:
+                raise peer_error from exc
+            raise ConnectionClosed(
+                f"stream to the {self.session.peer_role} broke while sending {name_of(message)}: {exc}"
+            ) from exc
+        if scope.cancelled_caught:
+            self.session._fail("send timeout")
+            raise ProtocolTimeout(
+                f"sending {name_of(message)} to the {self.session.peer_role} took over "
+                f"{self.message_timeout} s"
+            )
+        self._broken = None
+
+    async def _pending_peer_error(self) -> ProtocolError | None:
+        """An ERROR the peer sent before the stream broke, if it can still be read."""
+        with trio.move_on_after(_ERROR_SEND_TIMEOUT):
+            while True:
+                try:
+                    event = self.session.next_event()
+                    if isinstance(event, Error):
+                        return _peer_error(self.session.peer_role, event)
+                    if event is not NEED_DATA:
+                        continue
+                    data = await self.stream.receive_some(self.receive_size)
+                except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                    return None
+                if not data:
+                    return None
+                self.session.receive_data(data)
+        return None
+
+    async def send_memory(self, memory: Any) -> Commit:
+        """Send ``memory`` (any contiguous buffer, e.g. guest RAM) as chunks after MIGRATE, then COMMIT.
+
+        The chunk data goes to the stream straight from ``memory``: no copy of
+        the whole memory is made.  Returns the COMMIT sent.
+        """
+        self._check_usable()
+        progress = self.session.memory_progress
+        if progress is None:
+            raise LocalProtocolError(
+                f"send_memory needs a MIGRATE sent first (state {self.session.state.name})"
+            )
+        offset, size, chunk_size = progress
+        view = _byte_view(memory)
+        if len(view) < size:
+            raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {size}")
+        while offset < size:
+            chunk = MemoryChunk(offset=offset, data=view[offset : offset + chunk_size])
+            await self._write(self.session.send_iov(chunk), chunk)
+            offset += len(chunk.data)
+        commit = self.session.make_commit()
+        await self.send(commit)
+        return commit
+
+    async def send_error(self, exc: BaseException) -> None:
+        """Tell the peer why the session ends on this side; best effort, never raises."""
+        if self._broken is not None or isinstance(exc, (ConnectionClosed, PeerError)):
+            return
+        try:
+            pieces = self.session.send_iov(Error.from_exception(exc))
+        except ProtocolError:
+            return
+        with trio.move_on_after(_ERROR_SEND_TIMEOUT):
+            try:
+                for piece in pieces:
+                    await self.stream.send_all(piece)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+                pass
+
+    # -- receiving -------------------------------------------------------------
+
+    async def receive(self) -> Message:
+        """The next message from the peer (a destination answers CLOCK_REQUESTs on the way).
+
+        An ERROR from the peer is raised: `VersionMismatch` or
+        `AuthenticationFailed` for those codes, `PeerError` otherwise.
+        """
+        while True:
+            try:
+                message = await self._receive_one()
+            except ProtocolTimeout:
+                raise  # the peer has been told already
+            except ProtocolError as exc:
+                await self.send_error(exc)  # tell the peer what it did wrong
+                raise
+            if isinstance(message, ClockSyncRequest) and self.session.role == "destination":
+                t2 = self.clock()
+                await self.send(ClockSyncReply(t1=message.t1, t2=t2, t3=self.clock()))
+                continue
+            if isinstance(message, Error):
+                raise _peer_error(self.session.peer_role, message)
+            return message
+
+    async def receive_memory(self, into: Any) -> Commit:
+        """After MIGRATE: receive every chunk straight into ``into`` (guest RAM), then COMMIT.
+
+        The COMMIT's digest has been checked when this returns.
+        """
+        self.session.receive_memory_into(into)
+        while True:
+            message = await self.receive()
+            if isinstance(message, Commit):
+                return message
+            assert isinstance(message, MemoryChunk), message  # the session allows nothing else
+
+    async def _receive_one(self) -> Message:
+        event = self._next_event()
+        if event is not NEED_DATA:
+            return event
+        session = self.session
+        idle_deadline = trio.current_time() + self.idle_timeout
+        # One cancel scope for the whole wait, its deadline moved as frames begin.
+        with trio.CancelScope() as scope:
+            while True:
+                if session.buffered:
+                    if self._frame_started is None:
+                        self._frame_started = trio.current_time()
+                    scope.deadline = self._frame_started + self.message_timeout
+                    waiting = f"the rest of a frame (message_timeout {self.message_timeout} s)"
+                else:
+                    scope.deadline = idle_deadline
+                    waiting = f"a message (idle_timeout {self.idle_timeout} s)"
+                try:
+                    await self._receive_some()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    session._fail("stream broke")
+                    raise ConnectionClosed(
+                        f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
+                    ) from exc
+                event = self._next_event()
+                if event is not NEED_DATA:
+                    return event
+        exc = ProtocolTimeout(
+            f"waited too long for {waiting} from the {session.peer_role} (state {session.state.name})"
+        )
+        await self.send_error(exc)
+        session._fail(str(exc))
+        raise exc
+
+    async def _receive_some(self) -> None:
+        session = self.session
+        window = session.memory_window()
+        if window is not None and isinstance(self.stream, trio.SocketStream):
+            # Inside a MEMORY frame on plain TCP: from the kernel straight into
+            # the caller's buffer (guest RAM), one copy in all.
+            count = await self.stream.socket.recv_into(window)
+            if count:
+                session.memory_received(count)
+            else:
+                session.receive_data(b"")
+            return
+        session.receive_data(await self.stream.receive_some(self.receive_size))
+
+    def _next_event(self) -> Any:
+        session = self.session
+        event = session.next_event()
+        if event is END_OF_STREAM:
+            raise ConnectionClosed(
+                f"the {session.peer_role} closed the stream (state {session.state.name})"
+            )
+        if event is not NEED_DATA:
+            self._frame_started = trio.current_time() if session.buffered else None
+        return event
+
+    # -- clock sync and closing ------------------------------------------------
+
+    async def sync_clock(self, rounds: int = 8) -> tuple[ClockEstimate, list[ClockSample]]:
+        """Source side: ``rounds`` CLOCK_SYNC exchanges; the minimum-RTT estimate and the samples."""
+        if rounds < 1:
+            raise ValueError("rounds must be at least 1")
+        samples = []
+        for _ in range(rounds):
+            t1 = self.clock()
+            await self.send(ClockSyncRequest(t1=t1))
+            reply = await self.receive()
+            t4 = self.clock()
+            assert isinstance(reply, ClockSyncReply), reply  # the session allows nothing else
+            samples.append(ClockSample(t1=t1, t2=reply.t2, t3=reply.t3, t4=t4))
+        try:
+            return estimate_clock_offset(samples), samples
+        except ValueError as exc:
+            raise ProtocolError(f"clock sync with the {self.session.peer_role} failed: {exc}") from None
+
+    async def bye(self) -> None:
+        """Say BYE (between migrations) and close the stream."""
+        try:
+            await self.send(Bye())
+        finally:
+            await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the stream; safe to call twice and after the peer went away."""
+        try:
+            await self.stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _peer_error(peer: str, error: Error) -> ProtocolError:
+    if error.code == VersionMismatch.error_code:
+        return VersionMismatch(f"the {peer} refused the session: {error.message}")
+    if error.code == AuthenticationFailed.error_code:
+        return AuthenticationFailed(f"the {peer} refused the authentication: {error.message}")
+    return PeerError(error.code, error.message)
+
+
+@dataclass(frozen=True)
+class Handshake:
+    """What HELLO, AUTH and clock sync established."""
+
+    #: The peer's HELLO: its agent version and capability summary.
+    peer: Hello
+    #: Destination clock minus source clock (source side only; None on the destination).
+    clock: ClockEstimate | None
+    samples: tuple[ClockSample, ...] = ()
+
+
+async def source_handshake(
+    channel: Channel,
+    *,
+    agent_version: str,
+    capabilities: Mapping[str, Any],
+    clock_rounds: int = 8,
+    timeout: float = 30.0,
+) -> Handshake:
+    """Source side of HELLO, AUTH and ``clock_rounds`` clock syncs, all within ``timeout``."""
+    session = channel.session
+
+    async def steps() -> Handshake:
+        await channel.send(session.make_hello(agent_version, dict(capabilities)))
+        peer = await channel.receive()
+        assert isinstance(peer, Hello), peer
+        await channel.send(session.make_auth())
+        proof = await channel.receive()
+        assert isinstance(proof, Auth), proof
+        if not clock_rounds:
+            return Handshake(peer=peer, clock=None)
+        estimate, samples = await channel.sync_clock(clock_rounds)
+        return Handshake(peer=peer, clock=estimate, samples=tuple(samples))
+
+    return await _within(channel, timeout, steps)
+
+
+async def destination_handshake(
+    channel: Channel,
+    *,
+    agent_version: str,
+    capabilities: Mapping[str, Any],
+    timeout: float = 30.0,
+) -> Handshake:
+    """Destination side of HELLO and AUTH within ``timeout``; clock syncs are served by `receive`."""
+    session = channel.session
+
+    async def steps() -> Handshake:
+        peer = await channel.receive()
+        assert isinstance(peer, Hello), peer
+        await channel.send(session.make_hello(agent_version, dict(capabilities)))
+        proof = await channel.receive()
+        assert isinstance(proof, Auth), proof
+        await channel.send(session.make_auth())
+        return Handshake(peer=peer, clock=None)
+
+    return await _within(channel, timeout, steps)
+
+
+async def _within(channel: Channel, timeout: float, steps: Callable[[], Awaitable[Handshake]]) -> Handshake:
+    """Run the handshake ``steps`` under an overall deadline; on expiry tell the peer and raise."""
+    with trio.move_on_after(timeout) as scope:
+        return await steps()
+    session = channel.session
+    exc = ProtocolTimeout(
+        f"handshake with the {session.peer_role} took over {timeout} s (state {session.state.name})"
+    )
+    await channel.send_error(exc)
+    session._fail(str(exc))
+    raise exc
+
+
+def tls_server_context(
+    certfile: str, keyfile: str, *, client_ca_file: str | None = None
+) -> ssl.SSLContext:
+    """TLS for the destination; with ``client_ca_file`` the source must present a certificate."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(certfile, keyfile)
+    if client_ca_file is not None:
+        context.load_verify_locations(client_ca_file)
+        context.verify_mode = ssl.CERT_REQUIRED
+    return context
+
+
+def tls_client_context(
+    ca_file: str, *, certfile: str | None = None, keyfile: str | None = None
+) -> ssl.SSLContext:
+    """TLS for the source, trusting ``ca_file``; ``certfile``/``keyfile`` for mutual TLS."""
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    if certfile is not None:
+        context.load_cert_chain(certfile, keyfile)
+    return context
+
+
+async def open_channel(
+    host: str,
+    port: int,
+    session: Session,
+    *,
+    ssl_context: ssl.SSLContext | None = None,
+    server_hostname: str | None = None,
+    **channel_options: Any,
+) -> Channel:
+    """Connect over TCP (and TLS if ``ssl_context``) and return a `Channel` for ``session``."""
+    stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+    if ssl_context is not None:
+        stream = trio.SSLStream(stream, ssl_context, server_hostname=server_hostname or host)
+    return Channel(stream, session, **channel_options)
