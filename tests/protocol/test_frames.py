@@ -268,12 +268,18 @@ def streaming(into: bytearray) -> tuple[Session, Session, bytes]:
     return source, destination, memory
 
 
-def test_data_is_streamed_into_the_sink_before_the_frame_ends() -> None:
-    into = bytearray(MEMORY_SIZE)
+def first_chunk_begun(into: bytearray, upto: int) -> tuple[Session, bytes, bytes]:
+    """A destination streaming into ``into`` that has the first ``upto`` bytes of chunk 0's frame."""
     source, destination, memory = streaming(into)
     frame = source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))
-    destination.receive_data(frame[:1000])
+    destination.receive_data(frame[:upto])
     assert destination.next_event() is protocol.NEED_DATA
+    return destination, frame, memory
+
+
+def test_data_is_streamed_into_the_sink_before_the_frame_ends() -> None:
+    into = bytearray(MEMORY_SIZE)
+    destination, frame, memory = first_chunk_begun(into, 1000)
     assert into[: 1000 - 43] == memory[: 1000 - 43]  # already in place, not buffered
     window = destination.memory_window()
     assert window is not None and len(window) == CHUNK_SIZE - (1000 - 43)
@@ -313,11 +319,7 @@ def test_streamed_data_altered_fails_the_commit() -> None:
 
 
 def test_stream_closed_inside_streamed_data() -> None:
-    into = bytearray(MEMORY_SIZE)
-    source, destination, memory = streaming(into)
-    frame = source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))
-    destination.receive_data(frame[:500])
-    assert destination.next_event() is protocol.NEED_DATA
+    destination, _, _ = first_chunk_begun(bytearray(MEMORY_SIZE), 500)
     assert destination.buffered > 0  # a frame has begun, for the message timeout
     destination.receive_data(b"")
     with pytest.raises(protocol.ConnectionClosed, match="middle of a frame"):
