@@ -136,8 +136,10 @@ class Channel:
                     event = self.session.next_event()
                     if isinstance(event, Error):
                         return _peer_error(self.session.peer_role, event)
+                    if event is END_OF_STREAM:
+                        return None
                     if event is not NEED_DATA:
-                        continue
+                        continue  # a message sent before the ERROR: look further
                     data = await self.stream.receive_some(self.receive_size)
                 except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     return None
