@@ -190,3 +190,12 @@ def test_a_destination_cannot_build_auth_before_the_source_proved() -> None:
     with pytest.raises(LocalProtocolError, match="cannot build AUTH in state AWAIT_SOURCE_AUTH"):
         destination.make_auth()
     source.make_auth()  # control: the source can
+
+
+def test_memory_chunk_data_must_be_a_contiguous_buffer() -> None:
+    source, _, memory = drive_to(State.MEMORY)
+    with pytest.raises(LocalProtocolError, match="MEMORY.data: expected a bytes-like buffer, got list"):
+        source.send(protocol.MemoryChunk(0, [0] * CHUNK_SIZE))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="MEMORY.data: the buffer is not contiguous"):
+        source.send(protocol.MemoryChunk(0, memoryview(memory * 2)[::2]))
+    source.send(protocol.MemoryChunk(0, memoryview(memory)[:CHUNK_SIZE]))  # control
