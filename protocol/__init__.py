@@ -20,7 +20,7 @@ from ._errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
-from ._limits import GiB, KiB, Limits, MiB, PAGE_SIZE
+from ._limits import PAGE_SIZE, GiB, KiB, Limits, MiB
 from ._messages import (
     PROTOCOL_VERSION,
     Auth,
