@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
 from functools import partial
 
 import pytest
@@ -79,3 +82,28 @@ def open_fds() -> int:
 @pytest.fixture
 def fd_count():
     return open_fds
+
+
+#: An echo server for inside a namespace: a separate process, as the destination agent will be.
+_NS_ECHO = textwrap.dedent("""
+    import socket, sys
+    server = socket.create_server((sys.argv[1], 0))
+    print(server.getsockname()[1], flush=True)
+    connection, _ = server.accept()
+    while data := connection.recv(65536):
+        connection.sendall(data)
+""")
+
+
+async def _start_ns_echo(topology, nursery: trio.Nursery) -> tuple[str, int]:
+    """Start the echo inside ``topology`` (killed with ``nursery``); return its address."""
+    argv = [sys.executable, "-c", _NS_ECHO, topology.ns_address]
+    server = await nursery.start(partial(topology.run, argv, stdout=subprocess.PIPE))
+    with trio.fail_after(20):
+        port = int((await server.stdout.receive_some(100)).decode())
+    return topology.ns_address, port
+
+
+@pytest.fixture
+def start_ns_echo():
+    return _start_ns_echo
