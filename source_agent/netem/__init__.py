@@ -7,12 +7,12 @@ sits between any two agents.
 from __future__ import annotations
 
 from ._errors import CommandError, ImpairmentError, NetemError, Unsupported
-from ._pipe import DEFAULT_BUFFER, Gate, Pipe, TokenBucket
+from ._pipe import DEFAULT_BUFFER, DirectionStats, Gate, Pipe, TokenBucket
 from .link import Link, format_duration, format_rate, parse_duration, parse_rate
 from .relay import Relay, RelayStats, open_relay
 
 __all__ = [
-    "CommandError", "DEFAULT_BUFFER", "Gate", "ImpairmentError", "Link", "NetemError", "Pipe",
+    "CommandError", "DEFAULT_BUFFER", "DirectionStats", "Gate", "ImpairmentError", "Link", "NetemError", "Pipe",
     "Relay", "RelayStats", "TokenBucket", "Unsupported", "format_duration", "format_rate",
     "open_relay", "parse_duration", "parse_rate",
 ]

@@ -17,13 +17,13 @@ import random
 import socket
 import struct
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import AsyncIterator
 
 import trio
 
-from ._pipe import DEFAULT_BUFFER, Gate, Pipe
+from ._pipe import DEFAULT_BUFFER, DirectionStats, Gate, Pipe
 from .link import Link, Number
 
 Address = tuple[str, int]
@@ -36,16 +36,16 @@ _PEER_GONE = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 class RelayStats:
     """What the relay saw, for the experiment report.
 
-    ``bytes_up`` flows client -> target, ``bytes_down`` target -> client; both
-    count bytes delivered (sent on), not merely received.
+    ``up`` is client -> target, ``down`` target -> client, summed over all
+    connections; bytes count what was delivered (sent on), not merely received.
     """
 
     accepted: int = 0
     active: int = 0
     connect_failures: int = 0
-    bytes_up: int = 0
-    bytes_down: int = 0
     last_error: str | None = None
+    up: DirectionStats = field(default_factory=DirectionStats)
+    down: DirectionStats = field(default_factory=DirectionStats)
 
 
 class _Connection:
@@ -83,7 +83,7 @@ class Relay:
     @property
     def stats(self) -> RelayStats:
         """A snapshot of the counters (a copy: later traffic does not change it)."""
-        return replace(self._stats)
+        return replace(self._stats, up=replace(self._stats.up), down=replace(self._stats.down))
 
     @property
     def partitioned(self) -> bool:
@@ -109,14 +109,8 @@ class Relay:
             connection.reset()
         return len(connections)
 
-    def _count_up(self, nbytes: int) -> None:
-        self._stats.bytes_up += nbytes
-
-    def _count_down(self, nbytes: int) -> None:
-        self._stats.bytes_down += nbytes
-
-    def _pipe(self, link: Link, on_sent: partial[None] | None = None) -> Pipe:
-        return Pipe(link, self._gate, buffer=self.buffer, rng=self._rng, on_sent=on_sent)
+    def _pipe(self, link: Link, stats: DirectionStats | None = None) -> Pipe:
+        return Pipe(link, self._gate, buffer=self.buffer, rng=self._rng, stats=stats)
 
     async def _handle(self, client: trio.SocketStream) -> None:
         """Serve one client; every peer failure is contained here (one escaping would stop the server)."""
@@ -144,8 +138,8 @@ class Relay:
         self._stats.active += 1
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._pipe(self.up, self._count_up).run, client, target)
-                nursery.start_soon(self._pipe(self.down, self._count_down).run, target, client)
+                nursery.start_soon(self._pipe(self.up, self._stats.up).run, client, target)
+                nursery.start_soon(self._pipe(self.down, self._stats.down).run, target, client)
         except* _PEER_GONE as group:
             # One side vanished: pass that on as a reset, so the other side sees
             # an error rather than a clean end of stream.

@@ -128,7 +128,7 @@ async def test_relay_reaches_a_server_inside_the_namespace(rtt, start_ns_echo):
                 async with await trio.open_tcp_stream(*relay.address) as stream:
                     rtts = await rtt(stream, 5)
         assert min(rtts) >= 0.010
-        assert relay.stats.bytes_up == relay.stats.bytes_down == 5 * 64
+        assert relay.stats.up.bytes == relay.stats.down.bytes == 5 * 64
         nursery.cancel_scope.cancel()
     assert leftovers(topology) == []
 

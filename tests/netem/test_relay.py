@@ -31,6 +31,14 @@ async def test_measured_rtt_matches_configured_delay(echo_port, rtt, one_way):
                 rtts = await rtt(stream, PINGS)
     assert min(rtts) >= 2 * one_way  # never early: exact
     assert statistics.median(rtts) <= 2 * one_way + RTT_SLACK
+    for direction in (relay.stats.up, relay.stats.down):  # what the relay itself measured
+        assert direction.bytes == PINGS * 64
+        if one_way == 0:
+            assert direction.batches_held == 0 and direction.held_mean is None  # copy path
+        else:
+            assert direction.batches_held == PINGS
+            assert direction.held_min >= one_way
+            assert direction.held_mean <= one_way + RTT_SLACK / 2
 
 
 async def test_zero_delay_adds_little_over_a_direct_connection(echo_port, rtt):
@@ -42,7 +50,7 @@ async def test_zero_delay_adds_little_over_a_direct_connection(echo_port, rtt):
                 relayed_rtts = await rtt(relayed, 100)
     added = statistics.median(relayed_rtts) - statistics.median(direct_rtts)
     assert added < ZERO_DELAY_BUDGET, f"relay at 0 ms added {added * 1e3:.3f} ms"
-    assert relay.stats.bytes_up == relay.stats.bytes_down == 100 * 64
+    assert relay.stats.up.bytes == relay.stats.down.bytes == 100 * 64
 
 
 async def test_asymmetric_links(echo_port, rtt):
