@@ -118,16 +118,20 @@ def batch_size(link: Link) -> int:
     return int(min(CHUNK, max(1500, link.rate / 100)))
 
 
+def check_buffer(buffer: object) -> int:
+    if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
+        raise ImpairmentError(f"buffer: must be a positive number of bytes, got {buffer!r}")
+    return buffer
+
+
 class Pipe:
     """Forwards ``src`` to ``dst`` through one `Link`, counting into ``stats`` (which may be shared)."""
 
     def __init__(self, link: Link, gate: Gate, *, buffer: int = DEFAULT_BUFFER,
                  rng: random.Random | None = None, stats: DirectionStats | None = None) -> None:
-        if isinstance(buffer, bool) or not isinstance(buffer, int) or buffer < 1:
-            raise ImpairmentError(f"buffer: must be a positive number of bytes, got {buffer!r}")
         self.link = link
         self.gate = gate
-        self.buffer = buffer
+        self.buffer = check_buffer(buffer)
         self.rng = rng or random.Random()
         self.stats = DirectionStats() if stats is None else stats
         self.queued = 0

@@ -23,7 +23,7 @@ from typing import AsyncIterator
 
 import trio
 
-from ._pipe import DEFAULT_BUFFER, DirectionStats, Gate, Pipe
+from ._pipe import DEFAULT_BUFFER, DirectionStats, Gate, Pipe, check_buffer
 from .link import Link, Number
 
 Address = tuple[str, int]
@@ -73,7 +73,7 @@ class Relay:
         self.target = target
         self.up = up
         self.down = down
-        self.buffer = buffer
+        self.buffer = check_buffer(buffer)
         self.address: Address = ("", 0)
         self._stats = RelayStats()
         self._gate = Gate()
@@ -164,11 +164,17 @@ async def open_relay(target: Address, *, delay: str | Number = 0.0, jitter: str 
     """
     both = Link.parse(delay, jitter, rate)
     relay = Relay(target, up or both, down or both, buffer=buffer, seed=seed)
-    relay._pipe(relay.up)  # validate buffer before listening
+    body_error: BaseException | None = None
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(partial(trio.serve_tcp, relay._handle, port, host=host))
         relay.address = listeners[0].socket.getsockname()[:2]
         try:
             yield relay
+        except BaseException as exc:
+            # Re-raised below, outside the nursery, so the caller gets its own
+            # exception rather than an ExceptionGroup wrapping it.
+            body_error = exc
         finally:
             nursery.cancel_scope.cancel()
+    if body_error is not None:
+        raise body_error

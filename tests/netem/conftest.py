@@ -11,6 +11,16 @@ from functools import partial
 import pytest
 import trio
 
+from source_agent.netem import _ip
+
+
+@pytest.fixture(autouse=True)
+def no_namespace_left_behind():
+    """Every test: no namespace of this process's survives it."""
+    yield
+    mine = [n for n in _ip.namespaces() if n.startswith(f"{_ip.PREFIX}{os.getpid()}-")]
+    assert mine == [], f"namespaces left behind: {mine}"
+
 
 async def _echo(stream: trio.SocketStream) -> None:
     try:
@@ -82,6 +92,23 @@ def open_fds() -> int:
 @pytest.fixture
 def fd_count():
     return open_fds
+
+
+async def _fds_after(expected: int, timeout: float = 2.0) -> int:
+    """The fd count once it is back to ``expected``, or after ``timeout``.
+
+    In-process peers (the echo server) close their side a scheduler turn after
+    the relay closes its own; polling avoids racing them.
+    """
+    with trio.move_on_after(timeout):
+        while open_fds() != expected:
+            await trio.sleep(0.01)
+    return open_fds()
+
+
+@pytest.fixture
+def fds_after():
+    return _fds_after
 
 
 #: An echo server for inside a namespace: a separate process, as the destination agent will be.

@@ -159,7 +159,7 @@ async def test_unreachable_target_is_reported_and_contained():
     assert f"connect to 127.0.0.1:{dead_port}" in relay.stats.last_error
 
 
-async def test_exit_closes_listener_and_connections(echo_port, rtt, fd_count):
+async def test_exit_closes_listener_and_connections(echo_port, rtt, fd_count, fds_after):
     before = fd_count()
     async with open_relay(("127.0.0.1", echo_port), delay="1ms") as relay:
         client = await trio.open_tcp_stream(*relay.address)
@@ -168,7 +168,7 @@ async def test_exit_closes_listener_and_connections(echo_port, rtt, fd_count):
     async with client:
         with trio.fail_after(5):
             assert await client.receive_some(100) == b""  # the relay closed its side
-    assert fd_count() == before
+    assert await fds_after(before) == before
     with pytest.raises(OSError):
         await trio.open_tcp_stream(*relay.address)
 
@@ -182,3 +182,25 @@ async def test_bad_options_fail_before_listening(fd_count):
         async with open_relay(("127.0.0.1", 9), buffer=0):
             pass
     assert fd_count() == before
+
+
+async def test_an_error_in_the_block_surfaces_as_itself(echo_port, fd_count, fds_after):
+    """Not wrapped in the relay's ExceptionGroup; the relay is still shut down."""
+    before = fd_count()
+    with pytest.raises(LookupError, match="^experiment failed$"):
+        async with open_relay(("127.0.0.1", echo_port)) as relay:
+            raise LookupError("experiment failed")
+    assert await fds_after(before) == before
+    with pytest.raises(OSError):
+        await trio.open_tcp_stream(*relay.address)
+
+
+async def test_outer_cancellation_stops_the_relay(echo_port, rtt, fd_count, fds_after):
+    before = fd_count()
+    with trio.move_on_after(0.2) as scope:
+        async with open_relay(("127.0.0.1", echo_port), delay="1ms") as relay:
+            async with await trio.open_tcp_stream(*relay.address) as stream:
+                await rtt(stream, 1)
+                await trio.sleep(10)
+    assert scope.cancelled_caught
+    assert await fds_after(before) == before
