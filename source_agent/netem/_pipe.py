@@ -49,7 +49,7 @@ class DirectionStats:
     bytes: int = 0
     batches_held: int = 0
     held_total: float = 0.0
-    held_min: float = math.inf
+    held_min: float | None = None
     held_max: float = 0.0
 
     @property
@@ -59,7 +59,7 @@ class DirectionStats:
     def _held(self, seconds: float) -> None:
         self.batches_held += 1
         self.held_total += seconds
-        self.held_min = min(self.held_min, seconds)
+        self.held_min = seconds if self.held_min is None else min(self.held_min, seconds)
         self.held_max = max(self.held_max, seconds)
 
 

@@ -17,7 +17,7 @@ import random
 import socket
 import struct
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from functools import partial
 from typing import AsyncIterator
 
@@ -109,7 +109,15 @@ class Relay:
             connection.reset()
         return len(connections)
 
-    def _pipe(self, link: Link, stats: DirectionStats | None = None) -> Pipe:
+    def report(self) -> dict[str, object]:
+        """What to store with an experiment: the injector, its links as configured, and what it saw."""
+        stats = asdict(self._stats)
+        for direction in ("up", "down"):
+            stats[direction]["held_mean"] = getattr(self._stats, direction).held_mean
+        return {"injector": "relay", "up_link": str(self.up), "down_link": str(self.down),
+                "target": f"{self.target[0]}:{self.target[1]}", **stats}
+
+    def _pipe(self, link: Link, stats: DirectionStats) -> Pipe:
         return Pipe(link, self._gate, buffer=self.buffer, rng=self._rng, stats=stats)
 
     async def _handle(self, client: trio.SocketStream) -> None:

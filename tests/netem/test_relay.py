@@ -8,6 +8,7 @@ repeated pings (bounded counts) keep a single stall from failing a test.
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
 
@@ -51,6 +52,11 @@ async def test_zero_delay_adds_little_over_a_direct_connection(echo_port, rtt):
     added = statistics.median(relayed_rtts) - statistics.median(direct_rtts)
     assert added < ZERO_DELAY_BUDGET, f"relay at 0 ms added {added * 1e3:.3f} ms"
     assert relay.stats.up.bytes == relay.stats.down.bytes == 100 * 64
+    report = relay.report()
+    assert report["injector"] == "relay" and report["up_link"] == "delay 0ms rate unlimited"
+    assert report["up"]["bytes"] == report["down"]["bytes"] == 100 * 64
+    assert report["accepted"] == 1 and report["up"]["held_mean"] is None
+    json.dumps(report, allow_nan=False)  # storable as-is in the results store
 
 
 async def test_asymmetric_links(echo_port, rtt):
