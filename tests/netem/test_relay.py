@@ -89,8 +89,9 @@ async def test_rate_limit_bounds_throughput(sink, rate):
         assert (total - 20_000) / limit <= elapsed <= 2 * total / limit
 
 
-async def test_partition_silences_and_heal_resumes(echo_port, rtt):
-    async with open_relay(("127.0.0.1", echo_port), delay="1ms") as relay:
+@pytest.mark.parametrize("delay", ["0ms", "1ms"])  # the copy path and the queued path
+async def test_partition_silences_and_heal_resumes(echo_port, rtt, delay):
+    async with open_relay(("127.0.0.1", echo_port), delay=delay) as relay:
         async with await trio.open_tcp_stream(*relay.address) as stream:
             with trio.fail_after(10):
                 await rtt(stream, 2)
@@ -138,6 +139,26 @@ async def test_cut_resets_every_connection_and_keeps_listening(echo_port, rtt):
             with trio.fail_after(5):
                 await rtt(third, 1)
     assert relay.stats.accepted == 3
+
+
+async def test_jitter_keeps_a_real_tcp_stream_in_order(echo_port):
+    """Numbered 4-byte records sent in bursts through 5 ms ± 5 ms come back in order."""
+    records = 4000
+    expected = b"".join(i.to_bytes(4, "big") for i in range(records))
+    async with open_relay(("127.0.0.1", echo_port), delay="5ms", jitter="5ms", seed=7) as relay:
+        async with await trio.open_tcp_stream(*relay.address) as stream:
+            with trio.fail_after(20):
+                async with trio.open_nursery() as nursery:
+                    async def send():
+                        for start in range(0, len(expected), 1000):
+                            await stream.send_all(expected[start:start + 1000])
+                            await trio.sleep(0.001)
+                    nursery.start_soon(send)
+                    received = b""
+                    while len(received) < len(expected):
+                        received += await stream.receive_some(65536)
+    assert received == expected
+    assert relay.stats.up.held_max > relay.stats.up.held_min + 0.001  # jitter was applied
 
 
 async def test_half_close_is_forwarded_both_ways(echo_port):

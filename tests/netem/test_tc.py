@@ -68,3 +68,9 @@ async def test_netem_delay_on_a_veth_pair(rtt, start_ns_echo):
         assert 0.020 <= min(rtts) and sorted(rtts)[2] < 0.020 + 0.015
         await remove_netem(topology.host_if)
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.skipif(netem_unsupported() is None, reason="sch_netem is supported here")
+async def test_apply_raises_unsupported_before_running_tc():
+    with pytest.raises(Unsupported, match=r"^unsupported on this host: sch_netem \(tc said: "):
+        await apply_netem("no-such-dev", Link(0.010))
