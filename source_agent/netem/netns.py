@@ -6,11 +6,15 @@ crosses a real (virtual) link with its own interfaces, routes and qdiscs, so
 tc netem can shape it where the kernel has it, and a crashed agent cannot
 bind anything the host sees.
 
-Teardown is the point of this module. Creation and deletion each run as one
-blocking step in a worker thread: trio cannot interrupt such a step, neither
-by cancellation nor by Ctrl-C (a KeyboardInterrupt waits for it), so the
-``finally`` of `open_topology` always completes its delete. Whatever a
-``kill -9`` leaves behind is found by name (`cleanup_stale`) on the next run.
+Teardown is the point of this module. `open_topology` runs with trio's
+KeyboardInterrupt protection (Ctrl-C inside it is deferred to the next
+checkpoint, which is in the caller's block), creates in a worker thread that
+trio cannot abandon, and deletes *synchronously* in its ``finally``: no
+checkpoint, so neither a cancellation nor a second Ctrl-C can stop a delete
+half-way. The price is blocking the event loop for the few ``ip`` commands of
+the delete (tens of milliseconds) when the experiment is over anyway.
+Whatever ``kill -9`` or an unhandled SIGTERM leaves behind is found by name
+(`cleanup_stale`) on the next run.
 """
 
 from __future__ import annotations
@@ -157,6 +161,7 @@ def cleanup_stale() -> list[str]:
 
 
 @asynccontextmanager
+@trio.lowlevel.enable_ki_protection
 async def open_topology(*, clean_stale: bool = True) -> AsyncIterator[Topology]:
     """Create a namespace joined to this one by veth; delete it on every way out.
 
@@ -172,5 +177,4 @@ async def open_topology(*, clean_stale: bool = True) -> AsyncIterator[Topology]:
     try:
         yield await trio.to_thread.run_sync(_create, namespace)
     finally:
-        with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(_destroy, namespace)
+        _destroy(namespace)

@@ -42,6 +42,7 @@ async def test_gone_after_normal_exit():
         assert set(leftovers(topology)) == {f"namespace {topology.namespace}",
                                              f"link {topology.host_if}"}  # negative control
         assert topology.host_address.startswith("10.201.")
+        assert not trio.lowlevel.currently_ki_protected()  # the caller's block stays interruptible
     assert leftovers(topology) == []
 
 
@@ -84,10 +85,14 @@ async def holder() -> AsyncIterator[tuple[trio.Process, str]]:
             await process.wait()
 
 
-async def test_gone_after_ctrl_c_of_the_owning_process():
+@pytest.mark.parametrize("presses", [1, 2])
+async def test_gone_after_ctrl_c_of_the_owning_process(presses):
+    """Ctrl-C, pressed once or twice in quick succession, leaves nothing behind."""
     async with holder() as (process, namespace):
         assert namespace_exists(namespace)
-        process.send_signal(signal.SIGINT)
+        for _ in range(presses):
+            process.send_signal(signal.SIGINT)
+            await trio.sleep(0.005)
         with trio.fail_after(20):
             await process.wait()
     assert not namespace_exists(namespace)
