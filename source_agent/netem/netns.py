@@ -22,10 +22,11 @@ from __future__ import annotations
 import fcntl
 import functools
 import ipaddress
+import re
 import subprocess
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Iterator
 
 import trio
 
@@ -61,6 +62,9 @@ class Topology:
         it. Anything still running inside at teardown is killed too.
         """
         return await trio.run_process(self.exec_argv(argv), **kwargs)
+
+
+_HOST_LINK = re.compile(r"^nm([0-9a-f]{6})h$")
 
 
 def _names(namespace: str) -> tuple[str, str]:
@@ -105,10 +109,21 @@ def _free_subnet() -> ipaddress.IPv4Network:
     raise CommandError(["ip", "-4", "addr", "show"], 0, f"no free /30 left in {SUBNET}")
 
 
-def _create(namespace: str) -> Topology:
-    host_if, ns_if = _names(namespace)
+@contextmanager
+def _machine_lock() -> Iterator[None]:
+    """Serialise subnet choice and stale cleanup with other runs on this machine.
+
+    Without it, a cleanup could see a parallel run's fresh host link before
+    its namespace was listed, and delete it.
+    """
     with open(LOCK_PATH, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield
+
+
+def _create(namespace: str) -> Topology:
+    host_if, ns_if = _names(namespace)
+    with _machine_lock():
         _ip.run(["ip", "netns", "add", namespace])
         _ip.run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", ns_if,
                  "netns", namespace])
@@ -142,6 +157,11 @@ def _delete_link(ifname: str) -> None:
 
 def cleanup_stale() -> list[str]:
     """Delete namespaces (and host-side links) left by runs of ours whose process is gone."""
+    with _machine_lock():
+        return _cleanup_stale()
+
+
+def _cleanup_stale() -> list[str]:
     removed = []
     existing = _ip.namespaces()
     for namespace in existing:
@@ -153,8 +173,8 @@ def cleanup_stale() -> list[str]:
     links = _ip.run(["ip", "-o", "link", "show", "type", "veth"]).stdout
     for line in links.splitlines():
         ifname = line.split(":")[1].strip().split("@")[0]
-        if len(ifname) == 9 and ifname.startswith("nm") and ifname.endswith("h") \
-                and ifname[2:8] not in live_tokens:
+        match = _HOST_LINK.match(ifname)
+        if match and match.group(1) not in live_tokens:
             _delete_link(ifname)
             removed.append(ifname)
     return removed

@@ -17,8 +17,8 @@ import trio
 from source_agent.netem import open_relay
 from source_agent.netem import _ip
 from source_agent.netem.netns import (
-    Topology, _create, _destroy, cleanup_stale, leftovers, namespace_exists, netns_unsupported,
-    open_topology,
+    Topology, _create, _destroy, cleanup_stale, leftovers, link_exists, namespace_exists,
+    netns_unsupported, open_topology,
 )
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -112,6 +112,19 @@ async def test_stale_namespace_of_a_killed_run_is_cleaned_up_and_live_ones_are_n
     finally:
         await trio.to_thread.run_sync(_destroy, mine.namespace)
     assert leftovers(mine) == []
+
+
+def test_a_stray_host_link_of_ours_is_cleaned_up():
+    """A crash between creating the veth pair and moving its end leaves both ends in the root namespace."""
+    token = _ip.token_of(_ip.unique_namespace())
+    host_if, other = f"nm{token}h", f"nm{token}x"  # the peer's name matches nothing of ours
+    _ip.run(["ip", "link", "add", host_if, "type", "veth", "peer", "name", other])
+    try:
+        assert link_exists(host_if)  # negative control
+        assert host_if in cleanup_stale()
+        assert not link_exists(host_if) and not link_exists(other)
+    finally:
+        _ip.run(["ip", "link", "delete", host_if], check=False)
 
 
 async def test_processes_inside_die_with_the_topology():
