@@ -9,9 +9,11 @@ Two paths:
   queue, no clock reads: the relay at 0 ms costs two hops through trio and
   nothing more.
 * **queued**: a reader stamps each received batch with its release time
-  ``max(previous release, arrival + sampled delay)`` — the ``max`` is what
-  makes jitter never reorder, as on one TCP connection — and a writer sends
-  batches in order when due, paced by a token bucket. The reader stops reading
+  ``max(previous release, arrival + sampled delay)`` and one writer sends the
+  batches in FIFO order when due, paced by a token bucket. Jitter therefore
+  never reorders, as on one TCP connection where a byte cannot overtake an
+  earlier one: the FIFO guarantees the order, the ``max`` keeps the release
+  times (and so the recorded hold times) consistent with it. The reader stops reading
   while ``buffer`` bytes are queued, so a slow or partitioned path pushes back
   on the sender through TCP flow control instead of growing memory.
 """
@@ -56,7 +58,7 @@ class DirectionStats:
     def held_mean(self) -> float | None:
         return self.held_total / self.batches_held if self.batches_held else None
 
-    def _held(self, seconds: float) -> None:
+    def add_held(self, seconds: float) -> None:
         self.batches_held += 1
         self.held_total += seconds
         self.held_min = seconds if self.held_min is None else min(self.held_min, seconds)
@@ -189,7 +191,7 @@ class Pipe:
                 if bucket is not None:
                     now = trio.current_time()
                     await sleeper.sleep_until(now + bucket.take(len(data), now))
-                self.stats._held(trio.current_time() - arrival)
+                self.stats.add_held(trio.current_time() - arrival)
                 await dst.send_all(data)
                 self.queued -= len(data)
                 self._drained.set()
