@@ -22,8 +22,10 @@ from __future__ import annotations
 import fcntl
 import functools
 import ipaddress
+import os
 import re
 import subprocess
+import tempfile
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Iterator
@@ -36,8 +38,9 @@ from ._errors import CommandError, Unsupported
 #: Where we number links: 10.201.<n>.0/30, host side .1, namespace side .2.
 SUBNET = ipaddress.ip_network("10.201.0.0/16")
 
-#: Serialises subnet choice between parallel runs on this machine.
-LOCK_PATH = "/run/lock/source-agent-netem.lock"
+#: Serialises subnet choice and stale cleanup between parallel runs on this machine.
+LOCK_PATH = os.path.join("/run/lock" if os.path.isdir("/run/lock") else tempfile.gettempdir(),
+                         "source-agent-netem.lock")
 
 
 @dataclass(frozen=True)

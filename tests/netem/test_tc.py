@@ -8,7 +8,7 @@ import trio
 
 from source_agent.netem import Link, Unsupported
 from source_agent.netem import _ip
-from source_agent.netem.netns import open_topology
+from source_agent.netem.netns import netns_unsupported, open_topology
 from source_agent.netem.tc import (
     apply_netem, netem_commands, netem_unsupported, probe_qdisc, remove_command, remove_netem,
     require_netem,
@@ -33,6 +33,12 @@ def test_commands_without_jitter_need_no_fifo_child():
                                                     "veth0", "root"]
 
 
+#: The probe itself needs a throwaway namespace.
+needs_netns = pytest.mark.skipif(netns_unsupported() is not None,
+                                 reason=f"unsupported on this host: {netns_unsupported()}")
+
+
+@needs_netns
 def test_probe_names_what_tc_said_and_leaves_nothing():
     before = set(_ip.namespaces())
     reason = probe_qdisc("netem", "delay", "1ms")
@@ -45,11 +51,13 @@ def test_probe_names_what_tc_said_and_leaves_nothing():
     assert set(_ip.namespaces()) == before
 
 
+@needs_netns
 def test_probe_can_say_yes():
     """Negative control: a qdisc every kernel has probes as supported."""
     assert probe_qdisc("pfifo") is None
 
 
+@needs_netns
 def test_probe_reports_an_unknown_qdisc():
     assert probe_qdisc("nosuchqdisc").startswith("sch_nosuchqdisc (tc said: ")
 
@@ -71,6 +79,7 @@ async def test_netem_delay_on_a_veth_pair(rtt, start_ns_echo):
 
 
 @pytest.mark.skipif(netem_unsupported() is None, reason="sch_netem is supported here")
+@needs_netns
 async def test_apply_raises_unsupported_before_running_tc():
     with pytest.raises(Unsupported, match=r"^unsupported on this host: sch_netem \(tc said: "):
         await apply_netem("no-such-dev", Link(0.010))
