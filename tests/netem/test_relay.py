@@ -123,6 +123,26 @@ async def test_connection_opened_during_partition_waits_for_heal(echo_port, rtt)
                 assert await stream.receive_some(100) == b"hello"
 
 
+async def test_many_concurrent_connections(echo_port, rtt, fds_after, fd_count):
+    """50 clients at once (the robustness suite uses ~100); each gets its own pipes and all finish."""
+    before = fd_count()
+    async with open_relay(("127.0.0.1", echo_port), delay="2ms") as relay:
+        async def client():
+            async with await trio.open_tcp_stream(*relay.address) as stream:
+                assert min(await rtt(stream, 3)) >= 0.004
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(50):
+                    nursery.start_soon(client)
+            while relay.stats.active:  # the relay notices each close a moment later
+                await trio.sleep(0.01)
+    stats = relay.stats
+    assert (stats.accepted, stats.active, stats.connect_failures) == (50, 0, 0)
+    assert stats.up.bytes == stats.down.bytes == 50 * 3 * 64
+    assert await fds_after(before) == before
+
+
 async def test_cut_resets_every_connection_and_keeps_listening(echo_port, rtt):
     async with open_relay(("127.0.0.1", echo_port)) as relay:
         first = await trio.open_tcp_stream(*relay.address)
