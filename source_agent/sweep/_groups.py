@@ -1,0 +1,36 @@
+"""Let one real error out of a nursery as itself, not wrapped in an ExceptionGroup.
+
+trio wraps whatever a nursery's tasks raise in a group (strict exception
+groups). A sweep has exactly one thing that can go wrong at a time — the
+destination died, a point's injector failed, the user pressed Ctrl-C — and the
+command line must be able to ``except DestinationError`` to pick the exit code
+and the message, so a group holding one error (plus cancellations it caused)
+is collapsed to that error.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import trio
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]:
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            yield from _leaves(exc)
+        else:
+            yield exc
+
+
+@contextmanager
+def single_error() -> Iterator[None]:
+    """Re-raise a group whose only non-Cancelled leaf is one exception as that exception."""
+    try:
+        yield
+    except BaseExceptionGroup as group:
+        real = [exc for exc in _leaves(group) if not isinstance(exc, trio.Cancelled)]
+        if len(real) == 1:
+            raise real[0] from None
+        raise

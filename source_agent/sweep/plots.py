@@ -1,0 +1,188 @@
+"""The sweep's figures (PNG and SVG), drawn with matplotlib's Agg canvas — no display needed.
+
+1. ``NAME-accounting``: what the guest was told it lost against what it lost —
+   accounted steal (Xen runnable delta) or, where there is no Xen, the kvmclock
+   jump, the axis saying which — against the measured wall gap, one dot per
+   run coloured by latency, with the y = x line of perfect accounting.
+2. ``NAME-downtime``: downtime split by phase (median of each phase), against
+   latency and against guest memory size, side by side.
+
+`check_png` verifies a written PNG chunk by chunk (signature, CRCs, IEND) and
+that it decodes to an image that is not blank, because a figure that silently
+came out empty or truncated would be worse than none.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from source_agent.netem import format_duration
+
+from .plan import SweepPlan, format_size
+from .summary import accounting_error, percentile
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: Parts of the report's downtime that are not phases.
+NOT_PHASES = ("total_ns", "uncertainty_ns")
+
+
+class PlotError(Exception):
+    """A figure could not be drawn, or a written PNG is not a valid, non-blank image."""
+
+
+def _figure(width: float, height: float) -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _config(run: dict[str, Any]) -> dict[str, Any]:
+    return run.get("report", {}).get("sweep", {}).get("config", {})
+
+
+def _completed(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [run for run in runs if run["outcome"] != "error"]
+
+
+def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
+    figure = _figure(6.4, 4.8)
+    ax = figure.add_subplot()
+    points: dict[str, list[tuple[float, float, float]]] = {}
+    for run in _completed(runs):
+        measured = accounting_error(run)
+        if measured is None:
+            continue
+        basis, error = measured
+        gap_ms = run["wall_gap_ns"] / 1e6
+        points.setdefault(basis, []).append((gap_ms, gap_ms + error / 1e6, _config(run)["latency"]))
+    if not points:
+        ax.text(0.5, 0.5, "no accounting figure measurable", ha="center", transform=ax.transAxes)
+    latencies = list(plan.axes.latency)
+    colours = {lat: f"C{i % 10}" for i, lat in enumerate(latencies)}
+    markers = {"xen_runnable": "o", "kvmclock": "^"}
+    every = [value for series in points.values() for x, y, _ in series for value in (x, y)]
+    for basis, series in points.items():
+        for latency in latencies:
+            mine = [(x, y) for x, y, lat in series if lat == latency]
+            if mine:
+                label = f"{format_duration(latency)} one-way"
+                if len(points) > 1:
+                    label += " (Xen)" if basis == "xen_runnable" else " (kvmclock)"
+                ax.scatter(*zip(*mine), s=24, color=colours[latency], marker=markers[basis],
+                           label=label, alpha=0.8)
+    if every:
+        low, high = min(every + [0.0]), max(every)
+        ax.plot([low, high], [low, high], color="0.4", linestyle="--", linewidth=1, label="y = x")
+    ylabel = {"xen_runnable": "accounted steal (Xen runnable delta), ms",
+              "kvmclock": "kvmclock jump (no Xen on this host), ms"}
+    ax.set_ylabel(ylabel[next(iter(points))] if len(points) == 1 else
+                  "accounted steal (o) / kvmclock jump (^), ms")
+    ax.set_xlabel("measured gap (wall clock, offset-corrected), ms")
+    ax.set_title(f"{plan.name}: what the guest was told vs what it lost")
+    ax.grid(True, alpha=0.3)
+    if points:
+        ax.legend(fontsize="small", title="latency")
+    return figure
+
+
+def _phase_medians(runs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, float]]:
+    phases: list[str] = []
+    values: dict[str, list[int]] = {}
+    for run in runs:
+        downtime = run.get("report", {}).get("downtime") or {}
+        for key, value in downtime.items():
+            if key.endswith("_ns") and key not in NOT_PHASES and isinstance(value, int):
+                if key not in values:
+                    phases.append(key)
+                    values[key] = []
+                values[key].append(value)
+    # A phase measured as a small negative difference of clocks is drawn as zero.
+    return phases, {key: max(0.0, percentile(v, 50)) / 1e6 for key, v in values.items()}
+
+
+def _stacked(ax: Any, labels: list[str], groups: list[list[dict[str, Any]]], xlabel: str) -> None:
+    medians = [_phase_medians(group) for group in groups]
+    phases: list[str] = []
+    for names, _ in medians:
+        phases += [name for name in names if name not in phases]
+    bottoms = [0.0] * len(labels)
+    for i, phase in enumerate(phases):
+        heights = [m.get(phase, 0.0) for _, m in medians]
+        ax.bar(labels, heights, bottom=bottoms, color=f"C{i % 10}", label=phase.removesuffix("_ns"))
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("downtime, ms (median of each phase)")
+    ax.grid(True, axis="y", alpha=0.3)
+
+
+def downtime_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
+    figure = _figure(11, 4.8)
+    by_latency, by_memory = figure.subplots(1, 2)
+    done = _completed(runs)
+    lat = plan.axes.latency
+    _stacked(by_latency, [format_duration(v) for v in lat],
+             [[r for r in done if _config(r).get("latency") == v] for v in lat],
+             "one-way latency")
+    mem = plan.axes.memory
+    _stacked(by_memory, [format_size(v) for v in mem],
+             [[r for r in done if _config(r).get("memory_size") == v] for v in mem],
+             "guest memory")
+    handles, labels = by_latency.get_legend_handles_labels()
+    if handles:
+        by_memory.legend(handles[::-1], labels[::-1], fontsize="small", title="phase",
+                         loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.suptitle(f"{plan.name}: downtime by phase")
+    return figure
+
+
+def write_plots(plan: SweepPlan, runs: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
+    """Draw both figures as PNG and SVG into ``directory``; returns the paths, each PNG checked."""
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for stem, figure in ((f"{plan.name}-accounting", accounting_figure(plan, runs)),
+                         (f"{plan.name}-downtime", downtime_figure(plan, runs))):
+        for suffix in ("png", "svg"):
+            path = directory / f"{stem}.{suffix}"
+            figure.savefig(path, format=suffix)
+            written.append(path)
+        check_png(directory / f"{stem}.png")
+    return written
+
+
+def check_png(path: Path, *, min_size: int = 1000) -> tuple[int, int]:
+    """(width, height) of a complete, non-blank PNG; PlotError naming what is wrong otherwise."""
+    data = Path(path).read_bytes()
+    if not data.startswith(PNG_SIGNATURE):
+        raise PlotError(f"{path}: not a PNG (bad signature)")
+    offset, chunks = len(PNG_SIGNATURE), []
+    while offset < len(data):
+        if offset + 8 > len(data):
+            raise PlotError(f"{path}: truncated chunk header at byte {offset}")
+        length, kind = struct.unpack(">I4s", data[offset:offset + 8])
+        end = offset + 12 + length
+        if end > len(data):
+            raise PlotError(f"{path}: truncated {kind!r} chunk at byte {offset}")
+        body = data[offset + 8:end - 4]
+        if zlib.crc32(kind + body) != struct.unpack(">I", data[end - 4:end])[0]:
+            raise PlotError(f"{path}: bad CRC in {kind!r} chunk at byte {offset}")
+        chunks.append(kind)
+        offset = end
+        if kind == b"IEND":
+            break
+    if not chunks or chunks[0] != b"IHDR" or chunks[-1] != b"IEND" or b"IDAT" not in chunks:
+        raise PlotError(f"{path}: missing IHDR, IDAT or IEND (truncated?)")
+    if len(data) < min_size:
+        raise PlotError(f"{path}: only {len(data)} bytes, expected a drawn figure")
+    from matplotlib.image import imread
+
+    pixels = imread(path)
+    if float(pixels[..., :3].std()) < 0.01:
+        raise PlotError(f"{path}: the image is blank")
+    width, height = struct.unpack(">II", data[16:24])
+    return width, height
