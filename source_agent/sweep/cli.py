@@ -24,6 +24,7 @@ from source_agent.netem import NetemError
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
 from . import ktap
+from ._groups import single_error
 from .injector import InjectorError, choose_injector
 from .plan import (INJECTORS, TOPOLOGIES, Axes, AxisError, SweepPlan, parse_durations, parse_rates,
                    parse_sizes, strategies)
@@ -151,7 +152,7 @@ async def _sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, args
                        to=(to[0], int(to[1])) if to else None)
     choose = partial(choose_injector, plan.injector)
     outcome = None
-    with make_progress(plan.name) as progress, trio.CancelScope() as scope:
+    with make_progress(plan.name) as progress, trio.CancelScope() as scope, single_error():
         async with trio.open_nursery() as nursery:
             if trio.lowlevel.current_root_task() is not None and _main_thread():
                 nursery.start_soon(_watch_sigint, scope, interrupted)

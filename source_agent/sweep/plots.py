@@ -21,7 +21,7 @@ from typing import Any, Iterable, Sequence
 
 from source_agent.netem import format_duration
 
-from .plan import SweepPlan, format_size
+from .plan import SweepPlan, format_bandwidth, format_size
 from .summary import accounting_error, percentile
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -121,18 +121,39 @@ def _stacked(ax: Any, labels: list[str], groups: list[list[dict[str, Any]]], xla
     ax.grid(True, axis="y", alpha=0.3)
 
 
+#: Axis name in the plan -> key in PointConfig.to_plain() and how to spell a value.
+_AXES = {"latency": ("latency", format_duration), "jitter": ("jitter", format_duration),
+         "bandwidth": ("bandwidth", format_bandwidth), "memory": ("memory_size", format_size),
+         "gap_ns": ("gap_ns", lambda ns: format_duration(ns / 1e9)), "strategy": ("strategy", str)}
+
+
+def _slice(plan: SweepPlan, runs: Sequence[dict[str, Any]], vary: str) -> tuple[list[list[dict[str, Any]]], str]:
+    """Runs grouped by ``vary``'s values, every other axis held at its first value.
+
+    Taking a median across other axes (say, across latencies when plotting
+    against memory) would mix populations and show a bar no experiment had;
+    holding them fixed makes each panel a one-factor experiment, named in its label.
+    """
+    fixed = {axis: getattr(plan.axes, axis)[0] for axis in _AXES if axis != vary}
+    held = [run for run in _completed(runs)
+            if all(_config(run).get(_AXES[axis][0]) == value for axis, value in fixed.items())]
+    key = _AXES[vary][0]
+    groups = [[run for run in held if _config(run).get(key) == value]
+              for value in getattr(plan.axes, vary)]
+    varying = [f"{axis.removesuffix('_ns')} {_AXES[axis][1](value)}" for axis, value in fixed.items()
+               if len(getattr(plan.axes, axis)) > 1]
+    return groups, ", ".join(varying)
+
+
 def downtime_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
     figure = _figure(11, 4.8)
     by_latency, by_memory = figure.subplots(1, 2)
-    done = _completed(runs)
-    lat = plan.axes.latency
-    _stacked(by_latency, [format_duration(v) for v in lat],
-             [[r for r in done if _config(r).get("latency") == v] for v in lat],
-             "one-way latency")
-    mem = plan.axes.memory
-    _stacked(by_memory, [format_size(v) for v in mem],
-             [[r for r in done if _config(r).get("memory_size") == v] for v in mem],
-             "guest memory")
+    for ax, vary, label in ((by_latency, "latency", "one-way latency"),
+                            (by_memory, "memory", "guest memory")):
+        groups, held = _slice(plan, runs, vary)
+        spell = _AXES[vary][1]
+        _stacked(ax, [spell(v) for v in getattr(plan.axes, vary)], groups,
+                 label + (f" (at {held})" if held else ""))
     handles, labels = by_latency.get_legend_handles_labels()
     if handles:
         by_memory.legend(handles[::-1], labels[::-1], fontsize="small", title="phase",

@@ -90,7 +90,8 @@ class RichProgress:
 
     def start(self, total: int, skipped: int) -> None:
         if skipped:
-            self.console.print(f"sweep {self.sweep}: {skipped} point(s) already done, skipped")
+            self.console.print(f"sweep {self.sweep}: {skipped} point(s) already done, skipped",
+                               highlight=False)
         self.task = self.bar.add_task(f"sweep {self.sweep}", total=total)
 
     def point_started(self, index: int, point: PointConfig) -> None:
