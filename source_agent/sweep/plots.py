@@ -27,6 +27,10 @@ from .summary import accounting_error, percentile
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Parts of the report's downtime that are not phases.
 NOT_PHASES = ("total_ns", "uncertainty_ns")
+#: Phases in the order they happen (the store keeps the report with sorted keys); any phase
+#: not listed here is stacked after these, alphabetically.
+PHASE_ORDER = ("capture_ns", "destroy_ns", "gap_ns", "encode_ns", "transfer_ns", "validate_ns",
+               "restore_ns", "first_entry_ns", "other_ns")
 
 
 class PlotError(Exception):
@@ -77,7 +81,7 @@ def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
                 ax.scatter(*zip(*mine), s=24, color=colours[latency], marker=markers[basis],
                            label=label, alpha=0.8)
     if every:
-        low, high = min(every + [0.0]), max(every)
+        low, high = min(every), max(every)
         ax.plot([low, high], [low, high], color="0.4", linestyle="--", linewidth=1, label="y = x")
     ylabel = {"xen_runnable": "accounted steal (Xen runnable delta), ms",
               "kvmclock": "kvmclock jump (no Xen on this host), ms"}
@@ -91,29 +95,24 @@ def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
     return figure
 
 
-def _phase_medians(runs: Sequence[dict[str, Any]]) -> tuple[list[str], dict[str, float]]:
-    phases: list[str] = []
+def _phase_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
     values: dict[str, list[int]] = {}
     for run in runs:
         downtime = run.get("report", {}).get("downtime") or {}
         for key, value in downtime.items():
             if key.endswith("_ns") and key not in NOT_PHASES and isinstance(value, int):
-                if key not in values:
-                    phases.append(key)
-                    values[key] = []
-                values[key].append(value)
+                values.setdefault(key, []).append(value)
     # A phase measured as a small negative difference of clocks is drawn as zero.
-    return phases, {key: max(0.0, percentile(v, 50)) / 1e6 for key, v in values.items()}
+    return {key: max(0.0, percentile(v, 50)) / 1e6 for key, v in values.items()}
 
 
 def _stacked(ax: Any, labels: list[str], groups: list[list[dict[str, Any]]], xlabel: str) -> None:
     medians = [_phase_medians(group) for group in groups]
-    phases: list[str] = []
-    for names, _ in medians:
-        phases += [name for name in names if name not in phases]
+    seen = {name for m in medians for name in m}
+    phases = [p for p in PHASE_ORDER if p in seen] + sorted(seen.difference(PHASE_ORDER))
     bottoms = [0.0] * len(labels)
     for i, phase in enumerate(phases):
-        heights = [m.get(phase, 0.0) for _, m in medians]
+        heights = [m.get(phase, 0.0) for m in medians]
         ax.bar(labels, heights, bottom=bottoms, color=f"C{i % 10}", label=phase.removesuffix("_ns"))
         bottoms = [b + h for b, h in zip(bottoms, heights)]
     ax.set_xlabel(xlabel)

@@ -122,7 +122,7 @@ def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report:
     """Store one run (a single transaction); returns its run id. Synchronous on purpose: no checkpoint."""
     run_id = f"{plan.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_ns / 1e9))}-" \
              f"{secrets.token_hex(4)}"
-    report = {**report, "sweep": {"name": plan.name, "point": point.key,
+    report = {**report, "run_id": run_id, "sweep": {"name": plan.name, "point": point.key,
                                   "combination": point.combination, "repeat": point.repeat,
                                   "config": point.to_plain(), "injector": injection}}
     exit_code = report.get("exit_code")
