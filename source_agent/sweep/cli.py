@@ -26,7 +26,7 @@ from source_agent.results import ResultsStore, ResultsStoreError, default_db_pat
 from . import ktap
 from ._groups import single_error
 from .injector import InjectorError, choose_injector
-from .plan import (INJECTORS, TOPOLOGIES, Axes, AxisError, SweepPlan, parse_durations, parse_rates,
+from .plan import (INJECTORS, TOPOLOGIES, Axes, AxisError, PointConfig, SweepPlan, parse_durations, parse_rates,
                    parse_sizes, strategies)
 from .plots import PlotError, write_plots
 from .progress import make_progress
@@ -152,7 +152,11 @@ async def _sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, args
                        to=(to[0], int(to[1])) if to else None)
     choose = partial(choose_injector, plan.injector)
     outcome = None
-    with make_progress(plan.name) as progress, trio.CancelScope() as scope, single_error():
+
+    def label(point: PointConfig) -> str:
+        return f"{plan.label(point)} rep={point.repeat}"
+
+    with make_progress(plan.name, label=label) as progress, trio.CancelScope() as scope, single_error():
         async with trio.open_nursery() as nursery:
             if trio.lowlevel.current_root_task() is not None and _main_thread():
                 nursery.start_soon(_watch_sigint, scope, interrupted)
@@ -221,6 +225,12 @@ def summary_json(plan: SweepPlan, outcome: SweepOutcome, summaries: list[PointSu
             "points": [s.to_plain() for s in summaries], "plots": [str(p) for p in plots]}
 
 
+def _fixed(plan: SweepPlan) -> str:
+    """The axes with one value, which the point labels leave out."""
+    return " ".join(f"{axis}={values[0]}" for axis, values in plan.axes.describe().items()
+                    if len(values) == 1) or "-"
+
+
 def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value / 1e6:.3f}"
 
@@ -241,13 +251,14 @@ def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[Point
     title = (f"sweep {plan.name}: ran {outcome.ran}, skipped {outcome.skipped} (already done), "
              f"errors {outcome.errors}"
              + (f"; injector {injector.kind} ({injector.reason})" if injector else ""))
-    table = Table(title=title, title_justify="left")
+    table = Table(title=title, title_justify="left", caption=f"fixed: {_fixed(plan)}",
+                  caption_justify="left")
     for column in ("point", "runs ok/all", "basis", "acct err median", "p5", "p95",
                    "downtime median", "p5", "p95", "rtt median"):
         table.add_column(column, justify="left" if column in ("point", "basis") else "right")
     for s in summaries:
         acc, down, rtt = s.accounting_error, s.downtime, s.rtt
-        table.add_row(s.name, f"{s.passed}/{s.runs}", s.basis or "-",
+        table.add_row(s.label, f"{s.passed}/{s.runs}", s.basis or "-",
                       _ms(acc and acc.median), _ms(acc and acc.p5), _ms(acc and acc.p95),
                       _ms(down and down.median), _ms(down and down.p5), _ms(down and down.p95),
                       _ms(rtt and rtt.median))

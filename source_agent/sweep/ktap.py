@@ -30,7 +30,7 @@ def _ms(stats: Stats) -> str:
 
 
 def result_line(number: int, summary: PointSummary) -> str:
-    name = _clean(summary.name)
+    name = _clean(summary.label or summary.name)
     if summary.runs == 0:
         return f"ok {number} {name} # SKIP not run"
     if summary.failed or summary.errors:

@@ -271,6 +271,17 @@ class SweepPlan:
         return (len(a.latency) * len(a.jitter) * len(a.bandwidth) * len(a.memory) * len(a.gap_ns)
                 * len(a.strategy))
 
+    def label(self, point: PointConfig) -> str:
+        """The combination spelled with only the axes this sweep varies (for tables, KTAP, progress).
+
+        The full key stays the identity in the store; the label is what a
+        reader needs to tell this sweep's points apart.
+        """
+        varying = {axis for axis, values in self.axes.describe().items() if len(values) > 1}
+        parts = [part for part in point.combination.split(" ")
+                 if part.partition("=")[0] in (varying or {"latency"})]
+        return " ".join(parts)
+
     def config(self) -> dict[str, Any]:
         """What must match on a rerun under the same name (``--repeat`` may change: see docs)."""
         return {"axes": self.axes.describe(), "topology": self.topology,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from .plan import PointConfig
 
@@ -35,7 +35,8 @@ def _eta(seconds: float) -> str:
 class PlainProgress:
     """One line per point: ``[3/12] latency=5ms ... rep=1: passed (...) eta 0:01:20``."""
 
-    def __init__(self, stream: TextIO, sweep: str) -> None:
+    def __init__(self, stream: TextIO, sweep: str, label: Callable[[PointConfig], str]) -> None:
+        self.label = label
         self.stream = stream
         self.sweep = sweep
         self.total = 0
@@ -62,18 +63,19 @@ class PlainProgress:
     def point_finished(self, index: int, point: PointConfig, report: dict[str, Any]) -> None:
         done = index + 1
         remaining = (time.monotonic() - self.began) / done * (self.total - done)
-        self._print(f"[{done}/{self.total}] {point.key}: {describe(report)}"
+        self._print(f"[{done}/{self.total}] {self.label(point)}: {describe(report)}"
                     + (f"; eta {_eta(remaining)}" if done < self.total else ""))
 
 
 class RichProgress:
     """A live bar (description, bar, count, elapsed, remaining) on the terminal's stderr."""
 
-    def __init__(self, stream: TextIO, sweep: str) -> None:
+    def __init__(self, stream: TextIO, sweep: str, label: Callable[[PointConfig], str]) -> None:
         from rich.console import Console
         from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
                                    TimeElapsedColumn, TimeRemainingColumn)
 
+        self.label = label
         self.console = Console(file=stream)
         self.sweep = sweep
         self.bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(),
@@ -95,13 +97,17 @@ class RichProgress:
         self.task = self.bar.add_task(f"sweep {self.sweep}", total=total)
 
     def point_started(self, index: int, point: PointConfig) -> None:
-        self.bar.update(self.task, description=f"{point.key}")
+        self.bar.update(self.task, description=self.label(point))
 
     def point_finished(self, index: int, point: PointConfig, report: dict[str, Any]) -> None:
-        self.console.print(f"{point.key}: {describe(report)}", highlight=False)
+        self.console.print(f"{self.label(point)}: {describe(report)}", highlight=False)
         self.bar.advance(self.task)
 
 
-def make_progress(sweep: str, stream: TextIO | None = None) -> PlainProgress | RichProgress:
+def make_progress(sweep: str, stream: TextIO | None = None,
+                  label: Callable[[PointConfig], str] = lambda point: point.key,
+                  ) -> PlainProgress | RichProgress:
+    """``label`` spells a point (default: its full key)."""
     stream = sys.stderr if stream is None else stream
-    return RichProgress(stream, sweep) if stream.isatty() else PlainProgress(stream, sweep)
+    kind = RichProgress if stream.isatty() else PlainProgress
+    return kind(stream, sweep, label)

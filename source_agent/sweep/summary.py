@@ -80,6 +80,7 @@ class PointSummary:
     """Every run of one combination (all repeats) reduced to counts and statistics."""
 
     point: PointConfig  # repeat 0: stands for the combination
+    label: str = ""     # the combination by the axes the sweep varies (SweepPlan.label)
     runs: int = 0
     passed: int = 0
     failed: int = 0
@@ -96,7 +97,7 @@ class PointSummary:
 
     def to_plain(self) -> dict[str, Any]:
         return {
-            "point": self.name, "config": {k: v for k, v in self.point.to_plain().items()
+            "point": self.name, "label": self.label, "config": {k: v for k, v in self.point.to_plain().items()
                                            if k != "repeat"},
             "runs": self.runs, "passed": self.passed, "failed": self.failed, "errors": self.errors,
             "accounting_error_basis": self.basis,
@@ -109,7 +110,7 @@ class PointSummary:
 def summarise(plan: SweepPlan, runs: Iterable[dict[str, Any]]) -> list[PointSummary]:
     """One summary per combination of ``plan``, in plan order; runs of other points are ignored."""
     points = plan.points()[: plan.combination_count]
-    summaries = {p.combination: PointSummary(p) for p in points}
+    summaries = {p.combination: PointSummary(p, plan.label(p)) for p in points}
     errors: dict[str, list[tuple[str, int]]] = {key: [] for key in summaries}
     downtimes: dict[str, list[int]] = {key: [] for key in summaries}
     rtts: dict[str, list[int]] = {key: [] for key in summaries}

@@ -27,7 +27,8 @@ def test_rendered_ktap_parses_with_one_result_per_point():
     results = ktap.parse(text)
     assert [r.number for r in results] == [1, 2, 3, 4]
     assert [r.ok for r in results] == [True, False, True, True]
-    assert results[0].description == summaries[0].name and results[0].directive is None
+    assert results[0].description == summaries[0].label == "latency=0ms"
+    assert results[0].directive is None
     assert results[1].directive.startswith("1 failed, 0 errored of 2: verdict failed: never_backwards")
     assert "#" not in results[1].directive
     assert results[2].directive.startswith("SKIP not measurable")

@@ -87,3 +87,12 @@ def test_bad_plans_are_refused(kwargs, message):
     fields = {"name": "s", "axes": Axes(), "repeat": 1, **kwargs}
     with pytest.raises(AxisError, match=message.replace("(", r"\(").replace(")", r"\)")):
         SweepPlan(**fields)
+
+
+def test_labels_name_only_the_axes_that_vary():
+    plan = SweepPlan("s", Axes(latency=(0.0, 0.005), memory=(2 << 20, 16 << 20)), 1)
+    assert [plan.label(p) for p in plan.points()] == [
+        "latency=0ms memory=2MiB", "latency=0ms memory=16MiB",
+        "latency=5ms memory=2MiB", "latency=5ms memory=16MiB"]
+    single = SweepPlan("s", Axes(gap_ns=(5_000_000,)), 1)
+    assert single.label(single.points()[0]) == "latency=0ms"
