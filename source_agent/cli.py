@@ -9,6 +9,7 @@ diagnostics go to stderr.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import secrets
@@ -19,7 +20,7 @@ from typing import Any, Sequence
 import trio
 
 import protocol
-from kvmcore import KvmError, Strategy, System, Unsupported
+from kvmcore import HostCapabilities, KvmError, Strategy, System, Unsupported
 from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
 
 from .loopback import loopback
@@ -111,8 +112,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plan_from_args(args: argparse.Namespace, caps: Any) -> MigrationPlan:
-    """Options -> plan; UsageError or Unsupported for what this host or these values cannot do."""
+def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
+    """Options -> plan, before anything runs; UsageError says which option and why.
+
+    The strategy is left as the options give it (see resolve_strategy): the host's
+    best needs the probe, which is part of the run."""
     if args.memory % (2 << 20) or not 2 << 20 <= args.memory <= 1 << 30:
         raise UsageError(f"--memory {args.memory}: must be a multiple of 2MiB between 2MiB "
                          "and 1GiB")
@@ -120,10 +124,6 @@ def plan_from_args(args: argparse.Namespace, caps: Any) -> MigrationPlan:
         raise UsageError("--chunk-size: a multiple of 4KiB up to 4MiB")
     if args.clock_rounds < 1:
         raise UsageError("--clock-rounds must be at least 1")
-    overrides = ",".join(f"{part}={getattr(args, part)}" for part in ("clock", "tsc", "runstate")
-                         if getattr(args, part) is not None)
-    strategy = Strategy.parse(overrides, Strategy.best(caps))
-    strategy.check_host(caps)          # Unsupported: exit 2, before any VM or connection
     host, port = getattr(args, "to", ("127.0.0.1", 0))
     psk = b""
     ssl_context = None
@@ -139,7 +139,7 @@ def plan_from_args(args: argparse.Namespace, caps: Any) -> MigrationPlan:
         except (OSError, ValueError) as exc:
             raise UsageError(f"TLS set-up: {exc}") from None
     return MigrationPlan(
-        host=host, port=port, psk=psk, strategy=strategy, memory_size=args.memory,
+        host=host, port=port, psk=psk, strategy=Strategy(), memory_size=args.memory,
         warmup_ns=args.warmup, gap_ns=args.gap, chunk_size=args.chunk_size,
         clock_rounds=args.clock_rounds, topology=getattr(args, "topology", "loopback"),
         ssl_context=ssl_context, connect_timeout=args.connect_timeout,
@@ -147,11 +147,22 @@ def plan_from_args(args: argparse.Namespace, caps: Any) -> MigrationPlan:
         idle_timeout=args.idle_timeout)
 
 
+def resolve_strategy(args: argparse.Namespace, caps: HostCapabilities) -> Strategy:
+    """This host's best, overridden part by part; Unsupported (exit 2) for a part the host
+    cannot do, before any VM or connection."""
+    overrides = ",".join(f"{part}={getattr(args, part)}" for part in ("clock", "tsc", "runstate")
+                         if getattr(args, part) is not None)
+    strategy = Strategy.parse(overrides, Strategy.best(caps))
+    strategy.check_host(caps)
+    return strategy
+
+
 class PeerFailure(Exception):
     """The destination or the network failed the run (exit code 3)."""
 
 
-async def run_migration(args: argparse.Namespace, run_id: str, started: int) -> dict[str, Any]:
+async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: str,
+                        started: int) -> dict[str, Any]:
     """Set up (exit 2 on failure), migrate (exit 3 on the peer's or the network's failure)."""
     try:
         kvm = System()
@@ -159,7 +170,7 @@ async def run_migration(args: argparse.Namespace, run_id: str, started: int) -> 
         raise UsageError(f"cannot open /dev/kvm: {exc.strerror}") from None
     with kvm:
         caps = await trio.to_thread.run_sync(kvm.capabilities)
-        plan = plan_from_args(args, caps)
+        plan = dataclasses.replace(plan, strategy=resolve_strategy(args, caps))
         log.info("migrating a %d MiB guest (%s) %s", plan.memory_size >> 20, plan.strategy,
                  "over loopback" if args.command == "loopback" else f"to {plan.destination}")
         try:
@@ -175,6 +186,11 @@ async def run_migration(args: argparse.Namespace, run_id: str, started: int) -> 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        plan = plan_from_args(args)
+    except UsageError as exc:
+        print(f"source-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
     started = time.time_ns()
     run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started / 1e9)) + "-" + secrets.token_hex(4)
     try:
@@ -183,7 +199,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"source-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        report = trio.run(run_migration, args, run_id, started)
+        report = trio.run(run_migration, args, plan, run_id, started)
     except (UsageError, Unsupported, KvmError, PeerFailure) as exc:
         code = EXIT_PEER if isinstance(exc, PeerFailure) else EXIT_USAGE
         print(f"source-agent: error: {exc}", file=sys.stderr)
