@@ -33,8 +33,8 @@ def load_psk(path: str | os.PathLike[str]) -> bytes:
         fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise KeyFileError(f"key file {os.fspath(path)}: cannot open: {exc.strerror}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise KeyFileError(f"key file {os.fspath(path)}: not a regular file")
         if st.st_mode & 0o077:
@@ -42,7 +42,9 @@ def load_psk(path: str | os.PathLike[str]) -> bytes:
                 f"key file {os.fspath(path)}: mode {stat.S_IMODE(st.st_mode):04o} lets group or "
                 f"others read or write it; run: chmod 600 {os.fspath(path)}"
             )
-        data = f.read(MAX_KEY_FILE_SIZE + 1)
+        data = os.read(fd, MAX_KEY_FILE_SIZE + 1)
+    finally:
+        os.close(fd)
     if len(data) > MAX_KEY_FILE_SIZE:
         raise KeyFileError(f"key file {os.fspath(path)}: larger than {MAX_KEY_FILE_SIZE} bytes")
     key = data.strip()
