@@ -23,8 +23,9 @@ import msgpack
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import protocol  # noqa: E402
 from protocol_common import authenticated_pair  # noqa: E402
+
+import protocol  # noqa: E402
 from protocol import Session  # noqa: E402
 from protocol._frames import LENGTH  # noqa: E402
 

@@ -33,8 +33,9 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import protocol  # noqa: E402
 from protocol_common import authenticated_pair  # noqa: E402
+
+import protocol  # noqa: E402
 from protocol import Channel, MiB, Session  # noqa: E402
 from protocol._auth import FrameMac  # noqa: E402
 
@@ -209,6 +210,32 @@ def small_frame_size() -> int:
     return len(source.send(protocol.ClockSyncRequest(t1=10**18)))
 
 
+def throughput_rows(mib: int, runs: int) -> list[tuple[str, str, str]]:
+    """The throughput figures for a memory of ``mib`` MiB, best of ``runs``."""
+    size = mib * MiB
+    data = os.urandom(size)
+    memory = memoryview(data)
+    into = bytearray(size)
+
+    def copy() -> None:
+        into[:] = memory
+
+    def digest() -> None:
+        hashlib.sha256(memory).digest()
+
+    copy_s = best_of(runs, copy)
+    digest_s = best_of(runs, digest)
+    sans_io_s = best_of(runs, lambda: sans_io_migration(memory, into))
+    assert into == data
+    tcp_s = tcp_migrations(memory, runs)
+    return [
+        (f"{mib} MiB", "plain memory copy (reference)", f"{size / copy_s / 1e6:8.0f} MB/s"),
+        (f"{mib} MiB", "SHA-256 of the memory (COMMIT digest, one side)", f"{size / digest_s / 1e6:8.0f} MB/s"),
+        (f"{mib} MiB", "encode + decode, sans-IO, into a buffer", f"{size / sans_io_s / 1e6:8.0f} MB/s"),
+        (f"{mib} MiB", "whole migration over loopback TCP, 2 processes", f"{size / tcp_s / 1e6:8.0f} MB/s"),
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[2, 256])
@@ -218,30 +245,7 @@ def main() -> None:
 
     rows: list[tuple[str, str, str]] = []
     for mib in args.sizes_mib:
-        size = mib * MiB
-        data = os.urandom(size)
-        memory = memoryview(data)
-        into = bytearray(size)
-        runs = args.runs if mib <= 64 else max(1, args.runs - 1)
-
-        def copy() -> None:
-            into[:] = memory
-
-        def digest() -> None:
-            hashlib.sha256(memory).digest()
-
-        copy_s = best_of(runs, copy)
-        digest_s = best_of(runs, digest)
-        sans_io_s = best_of(runs, lambda: sans_io_migration(memory, into))
-        assert into == data
-        tcp_s = tcp_migrations(memory, runs)
-        rows += [
-            (f"{mib} MiB", "plain memory copy (reference)", f"{size / copy_s / 1e6:8.0f} MB/s"),
-            (f"{mib} MiB", "SHA-256 of the memory (COMMIT digest, one side)", f"{size / digest_s / 1e6:8.0f} MB/s"),
-            (f"{mib} MiB", "encode + decode, sans-IO, into a buffer", f"{size / sans_io_s / 1e6:8.0f} MB/s"),
-            (f"{mib} MiB", "whole migration over loopback TCP, 2 processes", f"{size / tcp_s / 1e6:8.0f} MB/s"),
-        ]
-        del data, memory, into
+        rows += throughput_rows(mib, args.runs if mib <= 64 else max(1, args.runs - 1))
 
     frame = small_frame_size()
     raw_times, channel_times = trio.run(round_trips, args.round_trips, frame)

@@ -21,7 +21,7 @@ from ._errors import (
     VersionMismatch,
 )
 from ._keyfile import MIN_PSK_SIZE, KeyFileError, load_psk
-from ._limits import GiB, KiB, Limits, MiB, PAGE_SIZE
+from ._limits import PAGE_SIZE, GiB, KiB, Limits, MiB
 from ._messages import (
     PROTOCOL_VERSION,
     Auth,

@@ -16,6 +16,7 @@ as is, the receiver copies the data straight into the caller's buffer.
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import msgpack
@@ -49,7 +50,8 @@ class LimitError(FieldError):
 
 def pack(obj: dict[str, Any]) -> bytes:
     """Encode one message map (strings as str, bytes as bin)."""
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def _pairs_to_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
@@ -106,10 +108,7 @@ def check_plain(value: Any, limits: Limits, *, allow_float: bool, where: str) ->
         node, path, depth = stack.pop()
         if depth > limits.max_depth:
             raise LimitError(f"{path}: nested deeper than {limits.max_depth}")
-        if isinstance(node, dict):
-            items = node.items()
-        else:
-            items = enumerate(node)
+        items: Iterable[tuple[Any, Any]] = node.items() if isinstance(node, dict) else enumerate(node)
         total += len(node)
         if total > limits.max_total_entries:
             raise LimitError(f"{where}: more than {limits.max_total_entries} entries in all")

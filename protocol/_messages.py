@@ -283,7 +283,16 @@ Migrate._CHECKS = {
     "memory_size": _memory_size,
     "chunk_size": _chunk_size,
 }
-MemoryChunk._CHECKS = {"offset": _int(0, _UINT64_MAX), "data": lambda v, lim, w: None}
+def _buffer(value: Any, limits: Limits, where: str) -> None:
+    try:
+        view = memoryview(value)
+    except TypeError:
+        raise FieldError(f"{where}: expected a bytes-like buffer, got {type(value).__name__}") from None
+    if not view.c_contiguous:
+        raise FieldError(f"{where}: the buffer is not contiguous")
+
+
+MemoryChunk._CHECKS = {"offset": _int(0, _UINT64_MAX), "data": _buffer}
 Commit._CHECKS = {"digest": _bytes(DIGEST_SIZE)}
 Report._CHECKS = {"report": _plain_map(allow_float=True)}
 Error._CHECKS = {"code": _text(32, r"[a-z][a-z0-9_]*"), "message": _text(MAX_TEXT)}

@@ -272,7 +272,7 @@ class Session:
         if self._send_mac is not None:
             tag = self._send_mac.tag(length, maced)
             if len(pieces) == 1:
-                pieces[0] += tag  # small messages: one write, one segment
+                pieces[0] = bytes(pieces[0]) + tag  # small messages: one write, one segment
             else:
                 pieces.append(tag)
         if isinstance(message, Auth):

@@ -136,8 +136,10 @@ class Channel:
                     event = self.session.next_event()
                     if isinstance(event, Error):
                         return _peer_error(self.session.peer_role, event)
+                    if event is END_OF_STREAM:
+                        return None
                     if event is not NEED_DATA:
-                        continue
+                        continue  # a message sent before the ERROR: look further
                     data = await self.stream.receive_some(self.receive_size)
                 except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     return None
@@ -222,7 +224,7 @@ class Channel:
             assert isinstance(message, MemoryChunk), message  # the session allows nothing else
 
     async def _receive_one(self) -> Message:
-        event = self._next_event()
+        event: Message = self._next_event()
         if event is not NEED_DATA:
             return event
         session = self.session
@@ -248,12 +250,12 @@ class Channel:
                 event = self._next_event()
                 if event is not NEED_DATA:
                     return event
-        exc = ProtocolTimeout(
+        timeout = ProtocolTimeout(
             f"waited too long for {waiting} from the {session.peer_role} (state {session.state.name})"
         )
-        await self.send_error(exc)
-        session._fail(str(exc))
-        raise exc
+        await self.send_error(timeout)
+        session._fail(str(timeout))
+        raise timeout
 
     async def _receive_some(self) -> None:
         session = self.session
@@ -383,7 +385,7 @@ async def destination_handshake(
 
 async def _within(channel: Channel, timeout: float, steps: Callable[[], Awaitable[Handshake]]) -> Handshake:
     """Run the handshake ``steps`` under an overall deadline; on expiry tell the peer and raise."""
-    with trio.move_on_after(timeout) as scope:
+    with trio.move_on_after(timeout):
         return await steps()
     session = channel.session
     exc = ProtocolTimeout(

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, STATE, pair
 
 import protocol
-from protocol import Limits, LimitExceeded, ProtocolError, Session
+from protocol import LimitExceeded, Limits, ProtocolError, Session
 from protocol._frames import LENGTH, unpack
 from protocol._messages import from_wire
 
@@ -32,7 +32,7 @@ def replay(stream: bytes, cuts: list[int], nonce: bytes, sink: bytearray | None 
     destination = Session("destination", b"a pre-shared key of 32 bytes....", nonce=nonce)
     events: list[object] = []
     bounds = [0, *sorted(set(cuts)), len(stream)]
-    for start, end in zip(bounds, bounds[1:]):
+    for start, end in zip(bounds, bounds[1:], strict=False):
         if start == end:
             continue  # b"" would mean end of stream
         destination.receive_data(stream[start:end])
@@ -158,17 +158,29 @@ def test_mutated_stream_raises_only_protocol_errors(data: st.DataObject) -> None
 
 
 # msgpack values, and maps shaped like messages, for the decoder and validators.
+_scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**64 - 1)
+    | st.floats()
+    | st.text(max_size=8)
+    | st.binary(max_size=8)
+)
 _plain = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats() | st.text(max_size=8) | st.binary(max_size=8),
+    _scalars,
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=20,
 )
+_TYPES = ["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye"]
+_FIELDS = [
+    "protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
+    "state", "strategy", "memory_size", "chunk_size", "offset", "data", "digest", "report", "code", "message",
+]  # fmt: skip
 _message_like = st.builds(
     lambda kind, fields: {"type": kind, **fields},
-    st.sampled_from(["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye", "x"]),
+    st.sampled_from([*_TYPES, "x"]),
     st.dictionaries(
-        st.sampled_from(["protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
-                         "state", "strategy", "memory_size", "chunk_size", "offset", "data", "digest", "report", "code", "message"]),
+        st.sampled_from(_FIELDS),
         _plain,
         max_size=6,
     ),
@@ -192,7 +204,7 @@ def test_message_like_maps_raise_only_field_errors(obj: dict[str, object]) -> No
 @given(_message_like)
 def test_message_like_frames_after_auth_raise_only_protocol_errors(obj: dict[str, object]) -> None:
     # Correctly MACed frames, so the decoder and state machine see them, not just the MAC check.
-    from protocol_helpers import authenticated, forge
+    from protocol_helpers import authenticated
 
     source, destination = authenticated()
     body = msgpack.packb(obj, use_bin_type=True)
@@ -268,12 +280,18 @@ def streaming(into: bytearray) -> tuple[Session, Session, bytes]:
     return source, destination, memory
 
 
-def test_data_is_streamed_into_the_sink_before_the_frame_ends() -> None:
-    into = bytearray(MEMORY_SIZE)
+def first_chunk_begun(into: bytearray, upto: int) -> tuple[Session, bytes, bytes]:
+    """A destination streaming into ``into`` that has the first ``upto`` bytes of chunk 0's frame."""
     source, destination, memory = streaming(into)
     frame = source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))
-    destination.receive_data(frame[:1000])
+    destination.receive_data(frame[:upto])
     assert destination.next_event() is protocol.NEED_DATA
+    return destination, frame, memory
+
+
+def test_data_is_streamed_into_the_sink_before_the_frame_ends() -> None:
+    into = bytearray(MEMORY_SIZE)
+    destination, frame, memory = first_chunk_begun(into, 1000)
     assert into[: 1000 - 43] == memory[: 1000 - 43]  # already in place, not buffered
     window = destination.memory_window()
     assert window is not None and len(window) == CHUNK_SIZE - (1000 - 43)
@@ -313,11 +331,7 @@ def test_streamed_data_altered_fails_the_commit() -> None:
 
 
 def test_stream_closed_inside_streamed_data() -> None:
-    into = bytearray(MEMORY_SIZE)
-    source, destination, memory = streaming(into)
-    frame = source.send(protocol.MemoryChunk(0, memory[:CHUNK_SIZE]))
-    destination.receive_data(frame[:500])
-    assert destination.next_event() is protocol.NEED_DATA
+    destination, _, _ = first_chunk_begun(bytearray(MEMORY_SIZE), 500)
     assert destination.buffered > 0  # a frame has begun, for the message timeout
     destination.receive_data(b"")
     with pytest.raises(protocol.ConnectionClosed, match="middle of a frame"):

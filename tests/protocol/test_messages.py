@@ -7,7 +7,7 @@ import pytest
 from protocol_helpers import STATE, authenticated, drive_to, migrate_message, pair, transfer
 
 import protocol
-from protocol import Limits, LimitExceeded, LocalProtocolError, RemoteProtocolError, State
+from protocol import LimitExceeded, Limits, LocalProtocolError, RemoteProtocolError, State
 from protocol._frames import LENGTH
 from protocol._messages import MESSAGE_TYPES, from_wire
 

@@ -64,12 +64,16 @@ ALLOWED = [
 ]
 
 
+def _case_id(value: object) -> str:
+    return str(getattr(value, "name", getattr(value, "__name__", value)))
+
+
 def sides(state: State, role: str) -> tuple[Session, Session]:
     source, destination, _ = drive_to(state)
     return (source, destination) if role == "source" else (destination, source)
 
 
-@pytest.mark.parametrize(("state", "role", "kind"), CASES, ids=lambda v: getattr(v, "name", getattr(v, "__name__", v)))
+@pytest.mark.parametrize(("state", "role", "kind"), CASES, ids=_case_id)
 def test_out_of_order_message_is_refused_by_the_receiver(state: State, role: str, kind: type) -> None:
     sender, receiver = sides(state, role)
     receiver.receive_data(forge(sender, sample(kind, sender)))
@@ -79,7 +83,7 @@ def test_out_of_order_message_is_refused_by_the_receiver(state: State, role: str
     assert receiver.state is State.ERROR
 
 
-@pytest.mark.parametrize(("state", "role", "kind"), CASES, ids=lambda v: getattr(v, "name", getattr(v, "__name__", v)))
+@pytest.mark.parametrize(("state", "role", "kind"), CASES, ids=_case_id)
 def test_out_of_order_message_is_refused_by_the_sender(state: State, role: str, kind: type) -> None:
     sender, _ = sides(state, role)
     with pytest.raises(LocalProtocolError, match=f"sent {name_of(kind)} in state {state.name}"):
@@ -87,7 +91,7 @@ def test_out_of_order_message_is_refused_by_the_sender(state: State, role: str, 
     assert sender.state is state  # a refused send changes nothing
 
 
-@pytest.mark.parametrize(("state", "role", "kind"), ALLOWED, ids=lambda v: getattr(v, "name", getattr(v, "__name__", v)))
+@pytest.mark.parametrize(("state", "role", "kind"), ALLOWED, ids=_case_id)
 def test_allowed_message_passes_the_state_check(state: State, role: str, kind: type) -> None:
     # Negative control for the two tests above: the allowed moves are not refused for their state.
     sender, receiver = sides(state, role)
@@ -186,3 +190,12 @@ def test_a_destination_cannot_build_auth_before_the_source_proved() -> None:
     with pytest.raises(LocalProtocolError, match="cannot build AUTH in state AWAIT_SOURCE_AUTH"):
         destination.make_auth()
     source.make_auth()  # control: the source can
+
+
+def test_memory_chunk_data_must_be_a_contiguous_buffer() -> None:
+    source, _, memory = drive_to(State.MEMORY)
+    with pytest.raises(LocalProtocolError, match="MEMORY.data: expected a bytes-like buffer, got list"):
+        source.send(protocol.MemoryChunk(0, [0] * CHUNK_SIZE))  # type: ignore[arg-type]
+    with pytest.raises(LocalProtocolError, match="MEMORY.data: the buffer is not contiguous"):
+        source.send(protocol.MemoryChunk(0, memoryview(memory * 2)[::2]))
+    source.send(protocol.MemoryChunk(0, memoryview(memory)[:CHUNK_SIZE]))  # control

@@ -415,3 +415,41 @@ async def test_memory_within_the_destination_cap_control(nursery: trio.Nursery) 
         while "ram" not in done:
             await trio.sleep(0.01)
     check_migration(result, done)
+
+
+class ClosedForWriting(trio.abc.Stream):
+    """A stream whose writes fail as after the peer's close, with ``incoming`` left to read."""
+
+    def __init__(self, incoming: bytes) -> None:
+        self.incoming = [incoming] if incoming else []
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await trio.lowlevel.checkpoint()
+        raise trio.BrokenResourceError("connection reset by peer")
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        await trio.lowlevel.checkpoint()
+        return self.incoming.pop(0) if self.incoming else b""
+
+    async def aclose(self) -> None:
+        await trio.lowlevel.checkpoint()
+
+
+async def test_broken_write_reports_the_error_the_peer_sent_before_closing() -> None:
+    peer = Session("destination", PSK)
+    refusal = peer.send(protocol.Error("busy", "no room"))  # the peer refuses at once, then closes
+    session = Session("source", PSK)
+    channel = Channel(ClosedForWriting(refusal), session)
+    with pytest.raises(protocol.PeerError, match="no room"):
+        await channel.send(session.make_hello("s", {}))
+
+
+async def test_broken_write_without_an_error_is_connection_closed() -> None:
+    # Control: nothing to read after the close (the loop must end, not spin on END_OF_STREAM).
+    session = Session("source", PSK)
+    channel = Channel(ClosedForWriting(b""), session)
+    with pytest.raises(ConnectionClosed, match="broke while sending HELLO"):
+        await channel.send(session.make_hello("s", {}))
