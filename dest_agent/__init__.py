@@ -14,6 +14,6 @@ try:
 except metadata.PackageNotFoundError:   # running from a checkout that was never installed
     AGENT_VERSION = "0.0.0+unknown"
 
-from .server import Counters, DestinationServer, ServerConfig  # noqa: E402
+from .server import Counters, DestinationServer, ServerConfig
 
 __all__ = ["AGENT_VERSION", "Counters", "DestinationServer", "ServerConfig"]

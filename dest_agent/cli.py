@@ -9,14 +9,20 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 import trio
 
 import protocol
 from kvmcore import KvmError, System
-from source_agent.options import (EXIT_USAGE, UsageError, argtype, parse_host_port, parse_size,
-                                  seconds)
+from source_agent.options import (
+    EXIT_USAGE,
+    UsageError,
+    argtype,
+    parse_host_port,
+    parse_size,
+    seconds,
+)
 
 from . import AGENT_VERSION
 from .server import DestinationServer, ServerConfig, is_loopback_host

@@ -81,7 +81,8 @@ class DestinationServer:
         """One connection, never raising: its end is logged as one line."""
         start = time.perf_counter()
         try:
-            peer = "%s:%d" % stream.socket.getpeername()[:2]
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
         except OSError:
             peer = "?"
         counters = self.counters

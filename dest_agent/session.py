@@ -14,12 +14,24 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
+
 import trio
 
 import protocol
+from kvmcore import (
+    GuestMemory,
+    HostCapabilities,
+    KvmError,
+    RestoreRecord,
+    Snapshot,
+    StateError,
+    Strategy,
+    System,
+    Unsupported,
+    VmState,
+    restore,
+)
 from source_agent.options import strategy_from_wire
-from kvmcore import (GuestMemory, HostCapabilities, KvmError, RestoreRecord, Snapshot,
-                     StateError, Strategy, System, Unsupported, VmState, restore)
 
 
 @dataclass

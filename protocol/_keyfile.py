@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import stat
 
-__all__ = ["KeyFileError", "MIN_PSK_SIZE", "load_psk"]
+__all__ = ["MIN_PSK_SIZE", "KeyFileError", "load_psk"]
 
 #: Shortest key accepted from a file, in bytes after stripping.
 MIN_PSK_SIZE = 16

@@ -15,7 +15,8 @@ import logging
 import secrets
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import trio
 
@@ -25,11 +26,26 @@ from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
 
 from .loopback import loopback
 from .migrate import MigrationPlan, migrate
-from .options import (EXIT_PEER, EXIT_USAGE, UsageError, argtype, parse_duration_ns,
-                      parse_host_port, parse_size, seconds)
+from .options import (
+    EXIT_PEER,
+    EXIT_USAGE,
+    UsageError,
+    argtype,
+    parse_duration_ns,
+    parse_host_port,
+    parse_size,
+    seconds,
+)
 from .render import render
 from .report import compose, error_report, iso, record_columns
-from .results import ResultsStore, ResultsStoreError, RunRecord, default_db_path, export_csv, export_json
+from .results import (
+    ResultsStore,
+    ResultsStoreError,
+    RunRecord,
+    default_db_path,
+    export_csv,
+    export_json,
+)
 
 EPILOG = """\
 examples:

@@ -31,7 +31,7 @@ async def loopback(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> 
         try:
             result = await migrate(dataclasses.replace(plan, host=host, port=port, psk=psk,
                                                        topology="loopback"), kvm, caps)
-        except Exception as exc:  # re-raised below, outside the nursery (no ExceptionGroup)
+        except Exception as exc:  # noqa: BLE001 -- re-raised below, outside the nursery (no ExceptionGroup)
             result = exc
         nursery.cancel_scope.cancel()
     if isinstance(result, Exception):

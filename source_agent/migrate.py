@@ -20,8 +20,20 @@ from typing import Any
 import trio
 
 import protocol
-from kvmcore import (Analysis, Guest, GuestConfig, HostCapabilities, RestoreRecord, Snapshot,
-                     StateError, Strategy, System, VmState, analyse, capture)
+from kvmcore import (
+    Analysis,
+    Guest,
+    GuestConfig,
+    HostCapabilities,
+    RestoreRecord,
+    Snapshot,
+    StateError,
+    Strategy,
+    System,
+    VmState,
+    analyse,
+    capture,
+)
 from kvmcore.analysis import DEFAULT_SLACK_NS
 
 from . import AGENT_VERSION
@@ -90,7 +102,6 @@ class Migration:
 
 def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> SourceRun:
     """Worker thread: create, run for ``warmup_ns`` (at least one report), capture, destroy."""
-    t0 = time.perf_counter_ns()
     with Guest.create(kvm, config) as guest:
         before = guest.run_until_snapshot()
         reports = 1

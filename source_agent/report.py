@@ -23,7 +23,7 @@ VERDICTS = ("seed_runnable", "kvmclock_follows_gap", "never_backwards", "sequenc
 
 
 def iso(ns: int) -> str:
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.timezone.utc).isoformat(
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
 
 

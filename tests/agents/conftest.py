@@ -51,7 +51,7 @@ def run_cli(tool: str, *args: str, cwd: Path, env: dict[str, str] | None = None,
             timeout: float = 60) -> Run:
     """Run an installed console script (the venv's, next to this interpreter) in ``cwd``."""
     full_env = {**os.environ, "XDG_DATA_HOME": str(cwd / "xdg"), **(env or {})}
-    proc = subprocess.run([str(BIN / tool), *args], cwd=cwd, env=full_env, capture_output=True,
+    proc = subprocess.run([str(BIN / tool), *args], cwd=cwd, env=full_env, capture_output=True, check=False,
                           text=True, timeout=timeout)
     return Run(proc.returncode, proc.stdout, proc.stderr)
 

@@ -6,8 +6,8 @@ import json
 import socket
 
 import pytest
-
 from conftest import key_file
+
 from source_agent.results import ResultsStore, iter_csv_rows
 
 REPORT_KEYS = {"report_version", "run_id", "command", "started_at", "topology", "destination",
@@ -60,7 +60,7 @@ def test_gap_appears_in_wall_gap_and_kvmclock_jump(cli, gap_ms):
     assert r["downtime"]["gap_ns"] >= gap
     assert r["wall_gap"]["value_ns"] >= gap - r["wall_gap"]["uncertainty_ns"]
     # Within the stated bound: the guest's kvmclock jump lies in the host bracket.
-    lo, hi = r["bound"]["host_bracket_ns"]
+    lo, _ = r["bound"]["host_bracket_ns"]
     assert lo >= gap - r["wall_gap"]["uncertainty_ns"]
     assert r["verdicts"]["kvmclock_follows_gap"]["ok"] is True
     assert r["measurements"]["kvmclock_jump"]["value_ns"] >= gap - r["clock_sync"]["uncertainty_ns"]

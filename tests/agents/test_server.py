@@ -8,9 +8,9 @@ import threading
 
 import pytest
 import trio
+from conftest import PSK, open_fds, settle
 
 import protocol
-from conftest import PSK, open_fds, settle
 from kvmcore import GuestConfig, Strategy
 from source_agent.migrate import MigrationPlan, migrate, run_source_guest
 from source_agent.options import strategy_to_wire

@@ -6,14 +6,29 @@ from __future__ import annotations
 import copy
 
 import pytest
+from conftest import key_file
 
 import protocol
-from conftest import key_file
-from kvmcore import (Guest, GuestConfig, RestoreRecord, Snapshot, StateError, Strategy,
-                     Unsupported, capture, restore)
+from kvmcore import (
+    Guest,
+    GuestConfig,
+    RestoreRecord,
+    Snapshot,
+    StateError,
+    Strategy,
+    Unsupported,
+    capture,
+    restore,
+)
 from source_agent.migrate import PeerReportError, _validate_report
-from source_agent.options import (UsageError, parse_duration_ns, parse_host_port, parse_size,
-                                  strategy_from_wire, strategy_to_wire)
+from source_agent.options import (
+    UsageError,
+    parse_duration_ns,
+    parse_host_port,
+    parse_size,
+    strategy_from_wire,
+    strategy_to_wire,
+)
 
 
 @pytest.fixture
