@@ -98,6 +98,7 @@ class Migration:
     record: RestoreRecord
     destination_phases: dict[str, int]
     analysis: Analysis
+    source_phases: dict[str, int]     # connect, handshake, guest, send, report wait (ns)
 
 
 def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> SourceRun:
@@ -119,17 +120,20 @@ def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> Source
 async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> Migration:
     """Migrate one guest to ``plan``'s destination; raises ProtocolError & co. on the way."""
     session = protocol.Session("source", plan.psk)
+    t_connect = time.perf_counter_ns()
     with trio.fail_after(plan.connect_timeout):
         channel = await protocol.open_channel(
             plan.host, plan.port, session, ssl_context=plan.ssl_context,
             message_timeout=plan.message_timeout, idle_timeout=plan.idle_timeout)
     async with channel:
+        t_handshake = time.perf_counter_ns()
         hs = await protocol.source_handshake(
             channel, agent_version=AGENT_VERSION, capabilities=caps.to_plain(),
             clock_rounds=plan.clock_rounds, timeout=plan.handshake_timeout)
         assert hs.clock is not None
         dest_caps = _peer_caps(hs.peer.capabilities)
         config = GuestConfig(memory_size=plan.memory_size, xen=plan.strategy.runstate == "kernel")
+        t_guest = time.perf_counter_ns()
         source = await trio.to_thread.run_sync(run_source_guest, kvm, config, plan.warmup_ns)
         memory = source.state.memory
         try:
@@ -140,14 +144,16 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
             message = protocol.Migrate(source.state.to_plain(), strategy_to_wire(plan.strategy),
                                        plan.memory_size, plan.chunk_size)
             encode_ns = time.perf_counter_ns() - t_encode
-            send_start = time.time_ns()
+            send_start, t_send = time.time_ns(), time.perf_counter_ns()
             await channel.send(message)
             view = memory.view()
             try:
                 await channel.send_memory(view)
             finally:
                 view.release()
+            t_sent = time.perf_counter_ns()
             report = await channel.receive()
+            t_report = time.perf_counter_ns()
         finally:
             memory.close()
         if not isinstance(report, protocol.Report):
@@ -158,8 +164,12 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
     slack = DEFAULT_SLACK_NS + math.ceil(hs.clock.uncertainty_ns)
     analysis = analyse(source.before, after, source.state, record, clock_offset_ns=offset,
                        slack_ns=slack)
+    source_phases = {"connect_ns": t_handshake - t_connect, "handshake_ns": t_guest - t_handshake,
+                     "guest_ns": t_gap - t_guest, "send_ns": t_sent - t_send,
+                     "report_wait_ns": t_report - t_sent}
     return Migration(plan, caps, dest_caps, hs.peer.agent_version, hs.clock, source,
-                     t_encode - t_gap, encode_ns, send_start, after, record, phases, analysis)
+                     t_encode - t_gap, encode_ns, send_start, after, record, phases, analysis,
+                     source_phases)
 
 
 def _peer_caps(plain: Any) -> HostCapabilities:

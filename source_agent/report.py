@@ -101,6 +101,7 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
         "analysis_checks": {name: _check(c) for name, c in a.checks.items()},
         "verdicts": verdicts,
         "hosts": {"source": m.source_caps.to_plain(), "destination": m.destination_caps.to_plain()},
+        "source_phases": m.source_phases,
         "destination_phases": dest,
         "restore_record": m.record.to_plain(),
         "outcome": "failed" if failed else "passed",
