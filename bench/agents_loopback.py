@@ -24,12 +24,12 @@ import time
 import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import kvmcore_cycle  # noqa: E402
+import kvmcore_cycle
 
-from kvmcore import Strategy, System  # noqa: E402
-from source_agent.loopback import loopback  # noqa: E402
-from source_agent.migrate import MigrationPlan  # noqa: E402
-from source_agent.report import compose  # noqa: E402
+from kvmcore import Strategy, System
+from source_agent.loopback import loopback
+from source_agent.migrate import MigrationPlan
+from source_agent.report import compose
 
 SOURCE = ["connect_ns", "handshake_ns", "guest_ns", "send_ns", "report_wait_ns"]
 PHASES = ["capture_ns", "destroy_ns", "encode_ns", "transfer_ns", "validate_ns", "restore_ns",
