@@ -14,7 +14,6 @@ from functools import partial
 
 import pytest
 import trio
-
 from conftest import BIN, key_file
 
 PORT = 7400
@@ -38,24 +37,23 @@ async def test_migration_to_a_destination_in_another_namespace(tmp_path):
     if reason is not None:
         pytest.skip(f"unsupported on this host: {reason}")
     key = key_file(tmp_path / "key")
-    async with netem.open_topology() as topo:
-        async with trio.open_nursery() as nursery:
-            dest = await nursery.start(partial(
-                topo.run, [str(BIN / "dest-agent"), "serve", "--listen",
-                           f"{topo.ns_address}:{PORT}", "--psk-file", str(key)],
-                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False))
-            await wait_listening(topo.ns_address, PORT)
-            done = await trio.run_process(
-                [str(BIN / "source-agent"), "migrate", "--to", f"{topo.ns_address}:{PORT}",
-                 "--psk-file", str(key), "--topology", "netns", "--gap", "10ms", "--json",
-                 "--no-db"], capture_stdout=True, capture_stderr=True, check=False,
-                cwd=tmp_path)
-            # Negative control: the same destination refuses a source without the key.
-            refused = await trio.run_process(
-                [str(BIN / "source-agent"), "migrate", "--to", f"{topo.ns_address}:{PORT}",
-                 "--no-db"], capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path)
-            dest.terminate()
-            nursery.cancel_scope.cancel()
+    async with netem.open_topology() as topo, trio.open_nursery() as nursery:
+        dest = await nursery.start(partial(
+            topo.run, [str(BIN / "dest-agent"), "serve", "--listen",
+                       f"{topo.ns_address}:{PORT}", "--psk-file", str(key)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False))
+        await wait_listening(topo.ns_address, PORT)
+        done = await trio.run_process(
+            [str(BIN / "source-agent"), "migrate", "--to", f"{topo.ns_address}:{PORT}",
+             "--psk-file", str(key), "--topology", "netns", "--gap", "10ms", "--json",
+             "--no-db"], capture_stdout=True, capture_stderr=True, check=False,
+            cwd=tmp_path)
+        # Negative control: the same destination refuses a source without the key.
+        refused = await trio.run_process(
+            [str(BIN / "source-agent"), "migrate", "--to", f"{topo.ns_address}:{PORT}",
+             "--no-db"], capture_stdout=True, capture_stderr=True, check=False, cwd=tmp_path)
+        dest.terminate()
+        nursery.cancel_scope.cancel()
     assert done.returncode == 0, done.stderr.decode()
     report = json.loads(done.stdout)
     assert report["topology"] == "netns"
