@@ -16,6 +16,9 @@ import pytest
 import trio
 from conftest import BIN, key_file
 
+from source_agent import netem
+from source_agent.netem.netns import leftovers
+
 PORT = 7400
 
 
@@ -32,7 +35,6 @@ async def wait_listening(host: str, port: int, timeout: float = 15.0) -> None:
 
 
 async def test_migration_to_a_destination_in_another_namespace(tmp_path):
-    netem = pytest.importorskip("source_agent.netem", reason="source_agent.netem not merged yet")
     reason = await trio.to_thread.run_sync(netem.netns_unsupported)
     if reason is not None:
         pytest.skip(f"unsupported on this host: {reason}")
@@ -61,5 +63,4 @@ async def test_migration_to_a_destination_in_another_namespace(tmp_path):
     assert report["verdicts"]["kvmclock_follows_gap"]["ok"] is True
     assert report["wall_gap"]["value_ns"] >= 10_000_000 - report["wall_gap"]["uncertainty_ns"]
     assert refused.returncode == 3 and b"auth" in refused.stderr.lower()
-    from source_agent.netem.netns import leftovers
     assert leftovers(topo) == []
