@@ -6,7 +6,7 @@ import json
 import socket
 
 import pytest
-from conftest import key_file
+from agents_helpers import key_file
 
 from source_agent.results import ResultsStore, iter_csv_rows
 

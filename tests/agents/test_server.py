@@ -8,7 +8,7 @@ import threading
 
 import pytest
 import trio
-from conftest import PSK, open_fds, settle
+from agents_helpers import PSK, open_fds, settle
 
 import protocol
 from kvmcore import GuestConfig, Strategy

@@ -6,7 +6,7 @@ from __future__ import annotations
 import copy
 
 import pytest
-from conftest import key_file
+from agents_helpers import key_file
 
 import protocol
 from kvmcore import (

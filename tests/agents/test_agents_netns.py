@@ -14,7 +14,7 @@ from functools import partial
 
 import pytest
 import trio
-from conftest import BIN, key_file
+from agents_helpers import BIN, key_file
 
 from source_agent import netem
 from source_agent.netem.netns import leftovers
