@@ -151,12 +151,36 @@ def find_oops(console: str) -> str | None:
     return None
 
 
+MARKER = re.compile(r"XENLANE-(INIT|BEGIN|END|FAIL) ")
 ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-9;?]*[A-Za-z]|[A-Za-z])")
 
 
 def console_line(raw: bytes) -> str:
     """A console line as text, without the terminal resets SeaBIOS and the kernel emit."""
     return ANSI_ESCAPE.sub("", raw.decode(errors="replace")).rstrip("\r")
+
+
+@dataclasses.dataclass
+class ConsoleScanner:
+    """Follows /init's markers on the console: when each first came (seconds since QEMU started),
+    and which lines are the command's output (those between BEGIN and END)."""
+
+    marks: dict[str, float] = dataclasses.field(default_factory=dict)
+    streaming: bool = False
+
+    def feed(self, line: str, elapsed: float) -> tuple[str | None, bool]:
+        """(the marker on this line or None, whether the line is the command's output)."""
+        # Before the command, a marker may follow BIOS output left without a newline; while it
+        # runs, only a whole line is /init's END (the command may print the word itself).
+        marker = (MARKER.match if self.streaming else MARKER.search)(line)
+        if not marker:
+            return None, self.streaming
+        self.marks.setdefault(marker.group(1), elapsed)
+        self.streaming = marker.group(1) == "BEGIN"
+        return marker.group(1), False
+
+    def times(self) -> tuple[float | None, float | None, float | None]:
+        return self.marks.get("INIT"), self.marks.get("BEGIN"), self.marks.get("END")
 
 
 def qemu_escape(path: str | Path) -> str:
@@ -505,8 +529,7 @@ def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
     """Run QEMU until it exits or the deadline passes; log the console and stream the command's
     output (between /init's BEGIN and END markers) to our stdout as it comes."""
     start = time.monotonic()
-    marks: dict[str, float] = {}
-    streaming = False
+    scanner = ConsoleScanner()
     buffer = b""
     proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
@@ -516,8 +539,7 @@ def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
             while True:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    return Boot(log_text(console_log), True, *(marks.get(k) for k in
-                                                               ("INIT", "BEGIN", "END")))
+                    return Boot(log_text(console_log), True, *scanner.times())
                 if not sel.select(min(remaining, 1.0)):
                     continue
                 chunk = os.read(proc.stdout.fileno(), 65536)
@@ -529,20 +551,17 @@ def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
                     line = console_line(raw)
-                    marker = re.match(r"XENLANE-(INIT|BEGIN|END|FAIL)", line)
-                    if marker:
-                        marks.setdefault(marker.group(1), time.monotonic() - start)
-                        if marker.group(1) == "INIT":
-                            progress(f"/init reached {marks['INIT']:.1f} s after starting QEMU")
-                        elif marker.group(1) == "BEGIN":
-                            progress("running the command")
-                        elif marker.group(1) == "FAIL":
-                            progress(f"/init failed: {line}")
-                        streaming = marker.group(1) == "BEGIN"
-                    elif streaming:
+                    marker, is_output = scanner.feed(line, time.monotonic() - start)
+                    if is_output:
                         print(line, flush=True)
+                    elif marker == "INIT":
+                        progress(f"/init reached {scanner.marks['INIT']:.1f} s after starting QEMU")
+                    elif marker == "BEGIN":
+                        progress("running the command")
+                    elif marker == "FAIL":
+                        progress(f"/init failed: {line}")
         proc.wait(timeout=30)
-        return Boot(log_text(console_log), False, *(marks.get(k) for k in ("INIT", "BEGIN", "END")))
+        return Boot(log_text(console_log), False, *scanner.times())
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -34,3 +35,23 @@ def test_exit_status_propagates(tmp_path: Path, command: list[str], status: int)
     assert "in-lane=xen" in proc.stdout  # the output is shown, and came from inside
     assert (tmp_path / "status").read_text().strip() == str(status)
     assert not (tmp_path / "lane").exists()  # scratch (initramfs, job, HOME) is cleaned up
+
+
+def test_kernel_panic_is_retried_once_then_fails(tmp_path: Path) -> None:
+    """A panic on the console (here a deliberate one: sysrq crash) -> one retry, then status 125."""
+    proc = run_lane(tmp_path, "/bin/sh", "-c", "echo c > /proc/sysrq-trigger; sleep 30")
+    assert proc.returncode == 125, proc.stderr
+    assert "retrying once" in proc.stderr and "oops/panic on the console twice" in proc.stderr
+    assert (tmp_path / "console-oops-1.log").is_file() and (tmp_path / "console-oops-2.log").is_file()
+
+
+def test_timeout_kills_qemu(tmp_path: Path) -> None:
+    start = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "xen_lane.py"), "--results", str(tmp_path),
+         "--timeout", "20", "--", "sleep", "600"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 124, proc.stderr
+    assert time.monotonic() - start < 40
+    # No QEMU left behind that still uses this results directory.
+    leftover = subprocess.run(["pgrep", "-f", f"path={tmp_path}"], capture_output=True, text=True)
+    assert leftover.stdout == ""

@@ -212,3 +212,26 @@ def test_arguments_after_double_dash_are_the_command(lane_tool) -> None:
     args = lane_tool.parse_args(["--timeout", "60", "--", "pytest", "--timeout", "5"])
     assert args.timeout == 60 and args.command == ["pytest", "--timeout", "5"]
     assert lane_tool.parse_args([]).command == []
+
+
+def test_console_scanner_follows_the_markers(lane_tool) -> None:
+    scanner = lane_tool.ConsoleScanner()
+    transcript = [
+        ("Booting from ROM..XENLANE-INIT uptime=3.52", ("INIT", False)),  # mid-line: still seen
+        ("[    3.9] kvm_amd: Nested Virtualization enabled", (None, False)),  # kernel noise, not shown
+        ("XENLANE-BEGIN uptime=6.09", ("BEGIN", False)),
+        ("PASSED test_x", (None, True)),
+        ("echo XENLANE-END status=0", (None, True)),  # the command's own text: not a marker
+        ("XENLANE-END status=0 uptime=8.31", ("END", False)),
+        ("[    8.4] reboot: Power down", (None, False)),
+    ]
+    for elapsed, (line, expected) in enumerate(transcript):
+        assert scanner.feed(line, float(elapsed)) == expected, line
+    assert scanner.times() == (0.0, 2.0, 5.0)
+
+
+def test_console_scanner_without_markers(lane_tool) -> None:
+    """Negative control: a boot that never reaches /init shows no output and no times."""
+    scanner = lane_tool.ConsoleScanner()
+    assert scanner.feed("[ 1.0] Kernel panic - not syncing: VFS", 1.0) == (None, False)
+    assert scanner.times() == (None, None, None)
