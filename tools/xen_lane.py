@@ -439,7 +439,7 @@ def fetch_debian_kernel(root: Path) -> Kernel:
         shutil.rmtree(work, ignore_errors=True)
     kernel = cached_kernel(root)
     assert kernel is not None, "freshly cached kernel fails its own manifest"
-    return kernel
+    return dataclasses.replace(kernel, label=f"{package} {fields['Version']} (fetched)")
 
 
 def user_kernel(image: Path, modules_dir: Path | None, config: Path | None) -> Kernel:
