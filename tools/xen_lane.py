@@ -207,14 +207,17 @@ def qemu_command(
     ]
 
 
-def lane_environment(host_env: Mapping[str, str], scratch: Path) -> dict[str, str]:
+def lane_environment(host_env: Mapping[str, str], scratch: Path, pycache: Path) -> dict[str, str]:
     """The command's whole environment inside (it starts from nothing: `env -i`).
 
     The root is read-only in there: HOME and hypothesis' database go to the writable scratch dir,
-    TMPDIR to the guest's tmpfs, and no bytecode is written. KVM_TESTBED_LANE=xen tells the tests
-    where they are; KVM_TESTBED_* and PYTEST_ADDOPTS pass through so a user can steer them.
+    TMPDIR to the guest's tmpfs, and no bytecode is written; bytecode (pytest's assertion-rewritten
+    modules included) is read from `pycache`, filled on the host beforehand (see warm_bytecode).
+    KVM_TESTBED_LANE=xen tells the tests where they are; KVM_TESTBED_* and PYTEST_ADDOPTS pass
+    through so a user can steer them.
     """
     env = {
+        "PYTHONPYCACHEPREFIX": str(pycache),
         "PATH": host_env.get("PATH", "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin"),
         "HOME": str(scratch / "home"),
         "TMPDIR": "/tmp",
@@ -605,9 +608,12 @@ def run(args: argparse.Namespace) -> int:
         timings["initramfs_s"] = round(time.monotonic() - t, 2)
 
         argv = args.command or default_command(args.python)
+        pycache = cache_root() / "pycache"
+        if not args.command:
+            warm_bytecode(argv, pycache, deadline)
         (scratch / "path").write_text(f"{results}\n")
         (scratch / "job.sh").write_text(job_script(argv, Path.cwd() if args.command else REPO,
-                                                   lane_environment(os.environ, scratch)))
+                                                   lane_environment(os.environ, scratch, pycache)))
         qemu = qemu_command(kernel.image, initrd, results, qemu=args.qemu)
 
         for attempt in (1, 2):
@@ -646,6 +652,22 @@ def run(args: argparse.Namespace) -> int:
         timings["total_s"] = round(time.monotonic() - t0, 2)
         (results / "timings.json").write_text(json.dumps(timings, indent=1) + "\n")
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def warm_bytecode(argv: Sequence[str], pycache: Path, deadline: float) -> None:
+    """Collect the tests once on the host, with the lane's PYTHONPYCACHEPREFIX, so the guest finds
+    compiled and assertion-rewritten modules ready. Inside, the root is read-only and pytest would
+    rewrite every plugin module afresh on each run: measured 45 s of a 53 s collection under TCG,
+    against about 1 s natively here. A failure only costs that time; the lane reports the real one."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    env["PYTHONPYCACHEPREFIX"] = str(pycache)
+    progress("compiling the tests' bytecode on the host (pytest --collect-only)")
+    try:
+        subprocess.run([*argv, "--collect-only"], cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                       timeout=max(1.0, min(120.0, deadline - time.monotonic())))
+    except (OSError, subprocess.TimeoutExpired) as e:
+        progress(f"warning: could not pre-compile on the host ({e}); the lane will be slower")
 
 
 def fetch(args: argparse.Namespace) -> int:

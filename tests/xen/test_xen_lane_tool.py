@@ -118,10 +118,11 @@ def test_module_load_order_names_a_missing_module(lane_tool) -> None:
 def test_lane_environment(lane_tool, tmp_path: Path) -> None:
     host = {"PATH": "/venv/bin:/usr/bin", "PYTHONPATH": "/x", "KVM_TESTBED_SEED": "1",
             "KVM_TESTBED_RUN_LANE": "1", "SECRET_TOKEN": "no", "HOME": "/root"}
-    env = lane_tool.lane_environment(host, tmp_path)
+    env = lane_tool.lane_environment(host, tmp_path, Path("/cache/pyc"))
     assert env["KVM_TESTBED_LANE"] == "xen"
     assert env["PATH"] == "/venv/bin:/usr/bin" and env["PYTHONPATH"] == "/x"
     assert env["KVM_TESTBED_SEED"] == "1"
+    assert env["PYTHONPYCACHEPREFIX"] == "/cache/pyc"
     assert "KVM_TESTBED_RUN_LANE" not in env  # no lane inside the lane
     assert "SECRET_TOKEN" not in env  # negative control: only what the tests need passes
     assert env["HOME"].startswith(str(tmp_path)) and env["HYPOTHESIS_STORAGE_DIRECTORY"].startswith(
