@@ -534,8 +534,12 @@ def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
     start = time.monotonic()
     scanner = ConsoleScanner()
     buffer = b""
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    try:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)
+    except FileNotFoundError as e:
+        raise LaneError(f"{argv[0]} is not installed (qemu-system-x86; see .ci/xen-lane)",
+                        EXIT_USAGE) from e
     try:
         with console_log.open("wb") as log, selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
@@ -587,7 +591,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.kernel:
         kernel = user_kernel(args.kernel, args.modules, args.config)
-        check_kernel_config(kernel.config_text)
+        check_kernel_config(kernel.config_text)  # refuse before anything else is done
     else:
         root = cache_root()
         kernel = cached_kernel(root)
@@ -621,7 +625,7 @@ def run(args: argparse.Namespace) -> int:
                 (results / name).unlink(missing_ok=True)
             progress(f"booting (attempt {attempt}/2): {shlex.join(argv)}")
             b = boot(qemu, deadline, results / "console.log")
-            timings.update(attempts=attempt, boot_to_init_s=b.init_after,
+            timings.update(attempts=attempt, boot_to_init_s=b.init_after and round(b.init_after, 2),
                            command_s=(round(b.ended_after - b.began_after, 2)
                                       if b.ended_after and b.began_after else None))
             oops = find_oops(b.console)
