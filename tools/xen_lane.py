@@ -411,7 +411,8 @@ def fetch_debian_kernel(root: Path) -> Kernel:
     work.mkdir(parents=True)
     try:
         progress(f"downloading {package} {fields['Version']} ({int(fields['Size']) >> 20} MiB)")
-        run_checked(["apt-get", "-q", *opts, "download", package], "apt-get download", 600, cwd=work)
+        run_checked(["apt-get", "-q", *opts, "download", f"{package}={fields['Version']}"],
+                    "apt-get download", 600, cwd=work)
         deb = next(work.glob("*.deb"))
         if deb.stat().st_size != int(fields["Size"]) or sha256_file(deb) != fields["SHA256"]:
             raise LaneError(f"{deb.name} does not match the archive's size/SHA256")
