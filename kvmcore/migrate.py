@@ -30,7 +30,10 @@ from . import xen
 from ._kvm import lib
 from .errors import KvmIoctlError, StateError, Unsupported
 from .guest import Guest, GuestConfig
-from .state import MSRS, VmState, plain_to_struct, struct_to_plain
+from .state import (
+    CLOCK_SPEC, MSRS, RUNSTATE_SPEC, VmState, check_record, check_timings, check_u64, optional,
+    plain_to_struct, struct_to_plain,
+)
 
 if TYPE_CHECKING:
     from .caps import HostCapabilities
@@ -85,6 +88,27 @@ class Strategy:
                     else "off")
         return cls(clock, tsc, runstate)
 
+    def check_host(self, caps: HostCapabilities) -> None:
+        """Raise Unsupported for a part this host cannot do, whatever the state.
+
+        What a source agent asks before it creates a guest or connects, so that a
+        strategy the host lacks fails first, with nothing to undo; check() still runs
+        with the state at restore time."""
+        needs = {
+            ("clock", "guest"): (caps.clock_guest, "KVM_SET_CLOCK_GUEST"),
+            ("clock", "realtime"): ("REALTIME" in caps.adjust_clock_flags,
+                                    "KVM_CLOCK_REALTIME in KVM_SET_CLOCK"),
+            ("tsc", "offset"): (caps.tsc_offset_attr and caps.tsc_offset_applies,
+                                "KVM_VCPU_TSC_OFFSET applied to the guest TSC "
+                                f"({caps.tsc_offset_detail})"),
+            ("tsc", "adjust"): (caps.tsc_adjust_msr, "MSR_IA32_TSC_ADJUST"),
+            ("runstate", "kernel"): (caps.xen_runstate, "KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE"),
+        }
+        for part in ("clock", "tsc", "runstate"):
+            have, what = needs.get((part, getattr(self, part)), (True, ""))
+            if not have:
+                raise Unsupported(what)
+
     def check(self, caps: HostCapabilities, state: VmState) -> None:
         """Raise Unsupported (host) or StateError (state) for what cannot be done here."""
         if self.clock == "guest":
@@ -138,6 +162,29 @@ class RestoreRecord:
 
     def to_plain(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @classmethod
+    def from_plain(cls, plain: Any, path: str = "restore_record") -> RestoreRecord:
+        """Validate a record from the wire (a destination's REPORT) exactly: every field,
+        no extra one, integers in range, a strategy that parses; StateError names the field."""
+        def check_strategy(value: Any, where: str) -> None:
+            if not isinstance(value, str):
+                raise StateError(where, f"expected a string, got {type(value).__name__}")
+            try:
+                Strategy.parse(value)
+            except ValueError as exc:
+                raise StateError(where, str(exc)) from None
+
+        u64 = optional(check_u64)
+        check_record(plain, path, {
+            "strategy": check_strategy, "source_capture_realtime_ns": check_u64,
+            "restore_ns": check_u64, "timings": check_timings, "clock_after": CLOCK_SPEC,
+            "tsc_offset_requested": u64, "tsc_offset_applied": u64,
+            "tsc_khz_source": check_u64, "tsc_khz_destination": check_u64,
+            "runstate_restored": optional(RUNSTATE_SPEC),
+            "first_entry_realtime_ns": u64, "first_entry_ns": u64,
+        })
+        return cls(**plain)
 
 
 def capture(guest: Guest) -> VmState:

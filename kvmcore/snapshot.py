@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .errors import StateError
+
 MASK64 = (1 << 64) - 1
 
 
@@ -50,6 +52,21 @@ class Pvclock:
     def to_plain(self) -> dict[str, int]:
         return asdict(self)
 
+    @classmethod
+    def from_plain(cls, plain: Any, path: str = "pvclock") -> Pvclock:
+        """Validate the wire form exactly (each field in its C type's range); StateError
+        names the field."""
+        from .state import check_int, check_record   # state imports guest, which imports us
+
+        def ranged(lo: int, hi: int) -> Any:
+            return lambda value, where: check_int(value, where, lo, hi)
+
+        u32, u64 = ranged(0, (1 << 32) - 1), ranged(0, MASK64)
+        check_record(plain, path, {"version": u32, "tsc_timestamp": u64, "system_time": u64,
+                                   "tsc_to_system_mul": u32, "tsc_shift": ranged(-128, 127),
+                                   "flags": ranged(0, 255)})
+        return cls(**plain)
+
 
 @dataclass(frozen=True)
 class Snapshot:
@@ -86,6 +103,27 @@ class Snapshot:
             backwards_next_ns=r.backwards_next_ns,
             host_entry_realtime_ns=host_entry_realtime_ns, host_realtime_ns=host_realtime_ns,
             host_monotonic_ns=host_monotonic_ns)
+
+    @classmethod
+    def from_plain(cls, plain: Any, path: str = "snapshot") -> Snapshot:
+        """A snapshot from the wire (a destination's REPORT), validated exactly: every field
+        present, no other, each an integer in its range; StateError names the field."""
+        from .state import check_int, check_record, check_u64
+
+        def check_runstate(value: Any, where: str) -> None:
+            if not isinstance(value, list) or len(value) != 6:
+                raise StateError(where, "expected a list of 6 integers")
+            for i, item in enumerate(value):
+                check_int(item, f"{where}[{i}]")
+
+        def check_pvclock(value: Any, where: str) -> None:
+            Pvclock.from_plain(value, where)
+
+        spec: dict[str, Any] = {name: check_u64 for name in cls.__dataclass_fields__}
+        spec.update(pvclock=check_pvclock, runstate=check_runstate)
+        check_record(plain, path, spec)
+        return cls(**{**plain, "pvclock": Pvclock(**plain["pvclock"]),
+                      "runstate": tuple(plain["runstate"])})
 
     @property
     def runnable_ns(self) -> int:

@@ -20,6 +20,7 @@ from ._errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
+from ._keyfile import MIN_PSK_SIZE, KeyFileError, load_psk
 from ._limits import PAGE_SIZE, GiB, KiB, Limits, MiB
 from ._messages import (
     PROTOCOL_VERSION,
@@ -67,10 +68,12 @@ __all__ = [
     "Handshake",
     "Hello",
     "IntegrityError",
+    "KeyFileError",
     "KiB",
     "LimitExceeded",
     "Limits",
     "LocalProtocolError",
+    "MIN_PSK_SIZE",
     "MemoryChunk",
     "Message",
     "MiB",
@@ -86,6 +89,7 @@ __all__ = [
     "VersionMismatch",
     "destination_handshake",
     "estimate_clock_offset",
+    "load_psk",
     "open_channel",
     "source_handshake",
     "tls_client_context",

@@ -1,0 +1,113 @@
+"""Loopback migration through both agents, per phase, next to kvmcore's in-process cycle and C.
+
+    python bench/agents_loopback.py [--runs N] [--memory-mib M] [--no-c]
+
+Both agents run in this process under one trio run, talking over real TCP on
+127.0.0.1 with a random key (exactly `source-agent loopback`, minus the CLI),
+warm-up 0 (the guest's first report is captured), no extra gap. Phases are the
+report's (downtime by phase); "agent path" is migrate() as a whole: connect,
+HELLO/AUTH, clock sync, the guest's creation and run, capture, transfer,
+restore, first entry, REPORT, BYE. The in-process kvmcore cycle and the C
+ioctl sequence come from bench/kvmcore_cycle.py (imported, not copied).
+Prints medians in ms. Not a test: nothing here asserts a speed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import statistics
+import sys
+import time
+
+import trio
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import kvmcore_cycle
+
+from kvmcore import Strategy, System
+from source_agent.loopback import loopback
+from source_agent.migrate import MigrationPlan
+from source_agent.report import compose
+
+SOURCE = ["connect_ns", "handshake_ns", "guest_ns", "send_ns", "report_wait_ns"]
+PHASES = ["capture_ns", "destroy_ns", "encode_ns", "transfer_ns", "validate_ns", "restore_ns",
+          "first_entry_ns", "other_ns", "total_ns"]
+
+
+async def agent_runs(kvm: System, memory_size: int, runs: int) -> dict[str, list[int]]:
+    caps = kvm.capabilities()
+    plan = MigrationPlan(host="127.0.0.1", port=0, psk=b"", strategy=Strategy.best(caps),
+                         memory_size=memory_size, warmup_ns=0, clock_rounds=8)
+    samples: dict[str, list[int]] = {p: [] for p in [*PHASES, *SOURCE, "agent_path_ns"]}
+    for i in range(runs + 1):                        # the first run warms caches
+        t0 = time.perf_counter_ns()
+        m = await loopback(plan, kvm, caps)
+        path = time.perf_counter_ns() - t0
+        report = compose(m, run_id=str(i), started_ns=0, command="bench")
+        if report["exit_code"] != 0:
+            raise SystemExit(f"run {i} failed its verdicts: {report['error']}")
+        if i == 0:
+            continue
+        for phase in PHASES:
+            samples[phase].append(report["downtime"][phase])
+        for phase in SOURCE:
+            samples[phase].append(m.source_phases[phase])
+        samples["agent_path_ns"].append(path)
+    return samples
+
+
+def hash_ms(size: int) -> float:
+    data = bytes(size)
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter_ns()
+        hashlib.sha256(data).digest()
+        times.append(time.perf_counter_ns() - t0)
+    return statistics.median(times) / 1e6
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--memory-mib", type=int, default=2)
+    parser.add_argument("--no-c", action="store_true", help="skip the C reference")
+    args = parser.parse_args()
+    size = args.memory_mib << 20
+
+    with System() as kvm:
+        samples = trio.run(agent_runs, kvm, size, args.runs)
+        py = kvmcore_cycle.python_cycles(kvm, size, args.runs)
+    c = None if args.no_c else kvmcore_cycle.c_cycles(size, args.runs)
+
+    med = {k: statistics.median(v) / 1e6 for k, v in samples.items()}
+    print(f"{args.memory_mib} MiB guest, strategy {Strategy.best(kvm.capabilities())}, "
+          f"{args.runs} runs, medians in ms\n")
+    print("agents over TCP (downtime by phase)")
+    for phase in PHASES:
+        print(f"  {phase.removesuffix('_ns'):<13} {med[phase]:8.3f}")
+    print("source agent's own steps")
+    for phase in SOURCE:
+        print(f"  {phase.removesuffix('_ns'):<13} {med[phase]:8.3f}")
+    print(f"  {'agent path':<13} {med['agent_path_ns']:8.3f}   (server start .. BYE: loopback())")
+    hashing = hash_ms(size)
+    print(f"  (SHA-256 of the guest memory, which both sides compute for COMMIT: "
+          f"{hashing:.3f} ms per side)")
+    print("\nin-process kvmcore cycle (bench/kvmcore_cycle.py)")
+    cycle_total = sum(py.values()) / 1e6
+    c_total = sum(c.values()) / 1e6 if c else None
+    for phase in kvmcore_cycle.PHASES:
+        ref = f"{c[phase] / 1e6:8.3f}" if c else "       -"
+        print(f"  {phase:<13} {py[phase] / 1e6:8.3f} {ref}")
+    print(f"  {'total':<13} {cycle_total:8.3f} {c_total if c_total is None else f'{c_total:8.3f}'}"
+          "   (python, C)")
+    if c_total:
+        print(f"\nagent path / C cycle: {med['agent_path_ns'] / c_total:.2f}x; "
+              f"downtime total / C (capture+restore+first entry): "
+              f"{med['total_ns'] / ((c['capture'] + c['restore'] + c['first_entry']) / 1e6):.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""The destination server: a trio TCP server whose every connection is a session.
+
+Why a class: tests, the loopback command and sweeps run the server in-process
+and need its real address (port 0) and its live counters; the CLI is a thin
+wrapper. A session's failure is caught at the connection (trio.serve_tcp would
+otherwise take the whole server down with it), logged, and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+import time
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+
+import protocol
+from kvmcore import HostCapabilities, System
+
+from .session import Counters, SessionConfig, run_session
+
+log = logging.getLogger("dest_agent")
+
+__all__ = ["Counters", "DestinationServer", "ServerConfig", "is_loopback_host"]
+
+
+def is_loopback_host(host: str) -> bool:
+    """127.0.0.0/8, ::1 and localhost: the only addresses served without a key file."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything `dest-agent serve` takes; the defaults are the safe ones."""
+
+    psk: bytes
+    host: str = "127.0.0.1"
+    port: int = 7400
+    max_sessions: int = 4
+    max_memory: int = 1 << 30          # kvmcore's guest maximum
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    message_timeout: float = 30.0
+    ssl_context: ssl.SSLContext | None = None
+
+
+class DestinationServer:
+    """Serve migrations on ``config.host:config.port`` until cancelled.
+
+    ``kvm`` and ``caps`` are probed once by the caller (probing creates a VM, which
+    must not happen per connection).
+    """
+
+    def __init__(self, kvm: System, caps: HostCapabilities, config: ServerConfig,
+                 agent_version: str) -> None:
+        self.kvm = kvm
+        self.caps = caps
+        self.config = config
+        self.counters = Counters()
+        self.address: tuple[str, int] | None = None
+        self._session_config = SessionConfig(
+            psk=config.psk, limits=protocol.Limits(max_memory_size=config.max_memory),
+            agent_version=agent_version, handshake_timeout=config.handshake_timeout,
+            idle_timeout=config.idle_timeout, message_timeout=config.message_timeout)
+
+    async def serve(self, *, task_status: trio.TaskStatus[tuple[str, int]]
+                    = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen, report the bound address through ``task_status``, serve until cancelled."""
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(partial(
+                trio.serve_tcp, self._handle, self.config.port, host=self.config.host))
+            sockname = listeners[0].socket.getsockname()
+            self.address = (sockname[0], sockname[1])
+            log.info("serving on %s:%d (max %d sessions, %d MiB guest memory each)",
+                     *self.address, self.config.max_sessions, self.config.max_memory >> 20)
+            task_status.started(self.address)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        """One connection, never raising: its end is logged as one line."""
+        start = time.perf_counter()
+        try:
+            host, port = stream.socket.getpeername()[:2]
+            peer = f"{host}:{port}"
+        except OSError:
+            peer = "?"
+        counters = self.counters
+        counters.add("sessions")
+        counters.add("live_sessions")
+        try:
+            outcome = await self._session(stream, counters.live_sessions > self.config.max_sessions)
+        except Exception as exc:   # our bug: log it, keep serving
+            counters.add("failed_sessions")
+            log.exception("session %s: internal error", peer)
+            outcome = f"internal error: {type(exc).__name__}: {exc}"
+        finally:
+            counters.add("live_sessions", -1)
+            await _linger_and_close(stream)
+        log.info("session %s: %s (%.1f ms)", peer, outcome, (time.perf_counter() - start) * 1e3)
+
+    async def _session(self, stream: trio.SocketStream, busy: bool) -> str:
+        wrapped: trio.abc.Stream = stream
+        if self.config.ssl_context is not None:
+            wrapped = trio.SSLStream(stream, self.config.ssl_context, server_side=True)
+        if busy:
+            self.counters.add("refused_busy")
+            return await _refuse_busy(wrapped, self.config.max_sessions)
+        return await run_session(wrapped, self.kvm, self.caps, self._session_config,
+                                 self.counters)
+
+
+async def _refuse_busy(stream: trio.abc.Stream, limit: int) -> str:
+    """ERROR busy before anything else: the session is never started."""
+    channel = protocol.Channel(stream, protocol.Session("destination", b""), message_timeout=1.0)
+    with trio.move_on_after(1.0):
+        try:
+            await channel.send(protocol.Error("busy", f"the destination already serves {limit} "
+                                              "sessions (--max-sessions); retry later"))
+        except (protocol.ProtocolError, trio.BrokenResourceError):
+            pass
+    return "refused busy"
+
+
+async def _linger_and_close(stream: trio.SocketStream) -> None:
+    """Close after the peer has read what we sent: closing with its unread bytes in our
+    receive queue would send a RST, and the peer could lose our last ERROR. Bounded."""
+    with trio.move_on_after(0.5):
+        try:
+            while await stream.receive_some(64 * 1024):
+                pass
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+            pass
+    with trio.CancelScope(shield=True):
+        await trio.aclose_forcefully(stream)

@@ -1,0 +1,191 @@
+"""One destination session: everything a single connection may make this host do.
+
+Order matters for security: nothing is allocated and no VM exists until the
+source has proved the key (``protocol.destination_handshake``); guest memory is
+allocated only for a MIGRATE within ``Limits.max_memory_size``; the state and
+strategy are validated by kvmcore before any VM is created. The VM lives only
+inside one worker thread call (restore, run until the guest's first report,
+close), so every vCPU ioctl comes from one thread and no exit path -- error,
+disconnect, cancellation -- can leave it open: trio waits for the thread.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import trio
+
+import protocol
+from kvmcore import (
+    GuestMemory,
+    HostCapabilities,
+    KvmError,
+    RestoreRecord,
+    Snapshot,
+    StateError,
+    Strategy,
+    System,
+    Unsupported,
+    VmState,
+    restore,
+)
+from source_agent.options import strategy_from_wire
+
+
+@dataclass
+class Counters:
+    """Live and total figures of a server, readable in-process (tests, soak runs)."""
+
+    live_sessions: int = 0
+    live_vms: int = 0
+    sessions: int = 0
+    migrations: int = 0
+    vms_created: int = 0
+    refused_busy: int = 0
+    failed_sessions: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def add(self, name: str, delta: int = 1) -> None:
+        """Thread-safe: VMs are counted from the worker thread that owns them."""
+        with self._lock:
+            setattr(self, name, getattr(self, name) + delta)
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    """What every session of one server shares."""
+
+    psk: bytes
+    limits: protocol.Limits
+    agent_version: str
+    handshake_timeout: float = 10.0
+    idle_timeout: float = 60.0
+    message_timeout: float = 30.0
+
+
+class SessionRefused(Exception):
+    """This side refuses the MIGRATE (bad state, unsupported strategy): the peer gets ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabilities,
+                      config: SessionConfig, counters: Counters) -> str:
+    """Serve one connection to its end; returns the outcome for the log line.
+
+    Raises only for this side's own bugs (after telling the peer "internal");
+    everything the peer or the network can cause ends here as an outcome.
+    """
+    session = protocol.Session("destination", config.psk, limits=config.limits)
+    async with protocol.Channel(stream, session, idle_timeout=config.idle_timeout,
+                                message_timeout=config.message_timeout) as channel:
+        migrations = 0
+        try:
+            await protocol.destination_handshake(
+                channel, agent_version=config.agent_version, capabilities=caps.to_plain(),
+                timeout=config.handshake_timeout)
+            while isinstance(message := await channel.receive(), protocol.Migrate):
+                await _migration(channel, message, kvm, caps, counters)
+                migrations += 1
+            return f"done, {migrations} migration(s)"
+        except SessionRefused as exc:
+            await _tell(channel, exc.code, str(exc))
+            return f"refused {exc.code}: {exc}"
+        except protocol.ProtocolError as exc:
+            # The channel has told the peer already where it was at fault.
+            return f"ended after {migrations} migration(s): {type(exc).__name__}: {exc}"
+        except Exception as exc:
+            await channel.send_error(exc)
+            raise
+
+
+async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: System,
+                     caps: HostCapabilities, counters: Counters) -> None:
+    """MIGRATE received: memory, COMMIT, validate, restore and run, REPORT."""
+    t_migrate, rt_migrate = time.perf_counter_ns(), time.time_ns()
+    memory = GuestMemory.allocate(migrate.memory_size)    # within Limits.max_memory_size
+    try:
+        view = memory.view()
+        try:
+            await channel.receive_memory(view)            # COMMIT digest checked
+        finally:
+            view.release()
+        t_commit, rt_commit = time.perf_counter_ns(), time.time_ns()
+        state, strategy = _validate(migrate, memory, caps)
+        t_valid = time.perf_counter_ns()
+        after, record, close_ns = await trio.to_thread.run_sync(
+            _restore_and_run, kvm, caps, state, strategy, counters)
+    finally:
+        _close_memory(memory)
+    counters.add("migrations")
+    phases = {"receive_ns": t_commit - t_migrate, "validate_ns": t_valid - t_commit,
+              "restore_ns": record.restore_ns, "first_entry_ns": record.first_entry_ns or 0,
+              "close_ns": close_ns, "migrate_realtime_ns": rt_migrate,
+              "commit_realtime_ns": rt_commit}
+    await channel.send(protocol.Report({
+        "after": after.to_plain(), "restore_record": record.to_plain(), "phases": phases,
+        "capabilities": caps.to_plain()}))
+
+
+def _validate(migrate: protocol.Migrate, memory: GuestMemory,
+              caps: HostCapabilities) -> tuple[VmState, Strategy]:
+    """kvmcore's own validation of the peer's state and strategy, mapped to ERROR codes."""
+    try:
+        state = VmState.from_plain(dict(migrate.state), memory)
+    except StateError as exc:
+        raise SessionRefused("bad_state", str(exc)) from None
+    try:
+        strategy = strategy_from_wire(migrate.strategy)
+    except ValueError as exc:
+        raise SessionRefused("bad_strategy", str(exc)) from None
+    try:
+        strategy.check(caps, state)
+    except Unsupported as exc:
+        raise SessionRefused("unsupported", str(exc)) from None
+    except StateError as exc:
+        raise SessionRefused("bad_state", str(exc)) from None
+    return state, strategy
+
+
+def _restore_and_run(kvm: System, caps: HostCapabilities, state: VmState, strategy: Strategy,
+                     counters: Counters) -> tuple[Snapshot, RestoreRecord, int]:
+    """In one worker thread: the VM's whole life. KvmError becomes ERROR restore_failed."""
+    try:
+        guest = restore(kvm, state, strategy, caps)
+    except KvmError as exc:
+        raise SessionRefused("restore_failed", str(exc)) from None
+    counters.add("vms_created")
+    counters.add("live_vms")
+    try:
+        after = guest.run_until_snapshot()
+    except KvmError as exc:
+        raise SessionRefused("restore_failed", f"restored guest: {exc}") from None
+    finally:
+        t0 = time.perf_counter_ns()
+        guest.close()
+        counters.add("live_vms", -1)
+    assert guest.restore_record is not None
+    return after, guest.restore_record, time.perf_counter_ns() - t0
+
+
+def _close_memory(memory: GuestMemory) -> None:
+    """Unmap now; if an aborted memory stream still holds a view, the unmap happens when
+    that view is dropped with the session (no fd is involved either way)."""
+    try:
+        memory.close()
+    except BufferError:
+        pass
+
+
+async def _tell(channel: protocol.Channel, code: str, message: str) -> None:
+    """Best effort: send ERROR ``code`` (the peer may be gone already)."""
+    with trio.move_on_after(1.0):
+        try:
+            await channel.send(protocol.Error(code, message[:4096]))
+        except (protocol.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+

@@ -1,0 +1,273 @@
+"""``source-agent migrate | loopback | results``: the command line over migrate() and the store.
+
+A run is: parse and check the options (exit 2 on anything wrong, before any VM
+or connection), migrate, compose the report, record it (every run, failed ones
+too), print it. stdout carries only the report, so ``--json | jq`` works;
+diagnostics go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import secrets
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+import protocol
+from kvmcore import HostCapabilities, KvmError, Strategy, System, Unsupported
+from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
+
+from .loopback import loopback
+from .migrate import MigrationPlan, migrate
+from .options import (
+    EXIT_PEER,
+    EXIT_USAGE,
+    UsageError,
+    argtype,
+    parse_duration_ns,
+    parse_host_port,
+    parse_size,
+    seconds,
+)
+from .render import render
+from .report import compose, error_report, iso, record_columns
+from .results import (
+    ResultsStore,
+    ResultsStoreError,
+    RunRecord,
+    default_db_path,
+    export_csv,
+    export_json,
+)
+
+EPILOG = """\
+examples:
+  source-agent loopback                          # both agents on 127.0.0.1, report as tables
+  source-agent loopback --gap 10ms --json | jq .verdicts
+  source-agent loopback --clock plain            # negative control: kvmclock hides the gap (exit 1)
+  source-agent migrate --to 10.0.0.2:7400 --psk-file key --gap 50ms
+  source-agent results list --limit 20
+  source-agent results export --format csv > runs.csv
+
+exit codes: 0 every verdict passed, 1 a verdict failed, 2 usage or set-up error
+(bad option, key file refused, strategy unsupported on this host, no /dev/kvm),
+3 peer or network error (refused, timeout, authentication, the destination's ERROR).
+"""
+
+log = logging.getLogger("source_agent")
+
+
+def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
+    p.add_argument("--json", action="store_true", help="print the report as JSON (stable keys)")
+    p.add_argument("--gap", type=argtype(parse_duration_ns), default=0, metavar="DURATION",
+                   help="extra wait between capture and sending, e.g. 10ms (default 0)")
+    p.add_argument("--clock", choices=CLOCK_CHOICES,
+                   help="kvmclock restore (default: the best this host can do)")
+    p.add_argument("--tsc", choices=TSC_CHOICES, help="TSC restore (default: best)")
+    p.add_argument("--runstate", choices=RUNSTATE_CHOICES,
+                   help="Xen runstate restore (default: kernel where KVM has Xen, else off)")
+    p.add_argument("--memory", type=argtype(parse_size), default=2 << 20, metavar="SIZE",
+                   help="guest memory, a multiple of 2MiB up to 1GiB (default 2MiB)")
+    p.add_argument("--warmup", type=argtype(parse_duration_ns), default=10_000_000,
+                   metavar="DURATION", help="run the guest this long before capture (default 10ms)")
+    p.add_argument("--chunk-size", type=argtype(parse_size), default=1 << 20, metavar="SIZE",
+                   help="memory chunk size on the wire (default 1MiB)")
+    p.add_argument("--clock-rounds", type=int, default=8, metavar="N",
+                   help="clock-sync exchanges; the minimum-RTT one is used (default 8)")
+    for name, default in (("connect", "10s"), ("handshake", "30s"), ("message", "30s"),
+                          ("idle", "60s")):
+        p.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
+                       metavar="DURATION", help=f"{name} timeout (default {default})")
+    if remote:
+        p.add_argument("--to", required=True, metavar="HOST:PORT",
+                       type=argtype(lambda t: parse_host_port(t, default_port=7400)),
+                       help="the destination agent (port defaults to 7400)")
+        p.add_argument("--psk-file", metavar="PATH",
+                       help="pre-shared key file, the destination's (mode 600, >= 16 bytes); "
+                            "without it the empty key, which a loopback destination accepts")
+        p.add_argument("--tls-ca", metavar="PEM", help="use TLS, trusting this CA")
+        p.add_argument("--tls-cert", metavar="PEM", help="client certificate (mutual TLS)")
+        p.add_argument("--tls-key", metavar="PEM", help="the client certificate's key")
+        p.add_argument("--topology", default="remote", help="label for the report (default remote)")
+    p.add_argument("--db", metavar="PATH", help=f"results database (default {default_db_path()})")
+    p.add_argument("--no-db", action="store_true", help="do not record this run")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress to stderr")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    raw = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="source-agent", formatter_class=raw, epilog=EPILOG,
+        description="Source agent of the KVM migration testbed: migrate a guest, report what "
+                    "it saw of the gap.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _common(sub.add_parser("migrate", help="migrate a guest to a destination agent",
+                           formatter_class=raw, epilog=EPILOG,
+                           description="Migrate a guest to a running dest-agent."), remote=True)
+    _common(sub.add_parser("loopback", help="start a destination on 127.0.0.1 and migrate to it",
+                           formatter_class=raw, epilog=EPILOG,
+                           description="Both agents in one process over TCP on 127.0.0.1 "
+                                       "(random in-memory key): the one-command experiment."),
+            remote=False)
+    results = sub.add_parser("results", help="list or export recorded runs", formatter_class=raw,
+                             epilog="examples:\n  source-agent results list --limit 5\n"
+                                    "  source-agent results export --format json | jq '.[].outcome'\n",
+                             description="Runs recorded in the SQLite results store.")
+    results.add_argument("action", nargs="?", choices=("list", "export"), default="list")
+    results.add_argument("--db", metavar="PATH", help=f"default {default_db_path()}")
+    results.add_argument("--format", choices=("json", "csv"), default="json",
+                         help="export format (default json)")
+    results.add_argument("--limit", type=int, metavar="N", help="only the N latest runs")
+    return parser
+
+
+def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
+    """Options -> plan, before anything runs; UsageError says which option and why.
+
+    The strategy is left as the options give it (see resolve_strategy): the host's
+    best needs the probe, which is part of the run."""
+    if args.memory % (2 << 20) or not 2 << 20 <= args.memory <= 1 << 30:
+        raise UsageError(f"--memory {args.memory}: must be a multiple of 2MiB between 2MiB "
+                         "and 1GiB")
+    if args.chunk_size % protocol.PAGE_SIZE or not 0 < args.chunk_size <= 4 << 20:
+        raise UsageError("--chunk-size: a multiple of 4KiB up to 4MiB")
+    if args.clock_rounds < 1:
+        raise UsageError("--clock-rounds must be at least 1")
+    host, port = getattr(args, "to", ("127.0.0.1", 0))
+    psk = b""
+    ssl_context = None
+    if getattr(args, "psk_file", None):
+        try:
+            psk = protocol.load_psk(args.psk_file)
+        except protocol.KeyFileError as exc:
+            raise UsageError(str(exc)) from None
+    if getattr(args, "tls_ca", None):
+        try:
+            ssl_context = protocol.tls_client_context(args.tls_ca, certfile=args.tls_cert,
+                                                      keyfile=args.tls_key)
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"TLS set-up: {exc}") from None
+    return MigrationPlan(
+        host=host, port=port, psk=psk, strategy=Strategy(), memory_size=args.memory,
+        warmup_ns=args.warmup, gap_ns=args.gap, chunk_size=args.chunk_size,
+        clock_rounds=args.clock_rounds, topology=getattr(args, "topology", "loopback"),
+        ssl_context=ssl_context, connect_timeout=args.connect_timeout,
+        handshake_timeout=args.handshake_timeout, message_timeout=args.message_timeout,
+        idle_timeout=args.idle_timeout)
+
+
+def resolve_strategy(args: argparse.Namespace, caps: HostCapabilities) -> Strategy:
+    """This host's best, overridden part by part; Unsupported (exit 2) for a part the host
+    cannot do, before any VM or connection."""
+    overrides = ",".join(f"{part}={getattr(args, part)}" for part in ("clock", "tsc", "runstate")
+                         if getattr(args, part) is not None)
+    strategy = Strategy.parse(overrides, Strategy.best(caps))
+    strategy.check_host(caps)
+    return strategy
+
+
+class PeerFailure(Exception):
+    """The destination or the network failed the run (exit code 3)."""
+
+
+async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: str,
+                        started: int) -> dict[str, Any]:
+    """Set up (exit 2 on failure), migrate (exit 3 on the peer's or the network's failure)."""
+    try:
+        kvm = System()
+    except OSError as exc:
+        raise UsageError(f"cannot open /dev/kvm: {exc.strerror}") from None
+    with kvm:
+        caps = await trio.to_thread.run_sync(kvm.capabilities)
+        plan = dataclasses.replace(plan, strategy=resolve_strategy(args, caps))
+        log.info("migrating a %d MiB guest (%s) %s", plan.memory_size >> 20, plan.strategy,
+                 "over loopback" if args.command == "loopback" else f"to {plan.destination}")
+        try:
+            if args.command == "loopback":
+                migration = await loopback(plan, kvm, caps)
+            else:
+                migration = await migrate(plan, kvm, caps)
+        except (protocol.ProtocolError, OSError, trio.TooSlowError) as exc:
+            what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            where = "loopback" if args.command == "loopback" else plan.destination
+            raise PeerFailure(f"{where}: {what or type(exc).__name__}") from None
+    return compose(migration, run_id=run_id, started_ns=started, command=args.command)
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    try:
+        plan = plan_from_args(args)
+    except UsageError as exc:
+        print(f"source-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    started = time.time_ns()
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(started / 1e9)) + "-" + secrets.token_hex(4)
+    try:
+        store = None if args.no_db else ResultsStore(args.db or default_db_path())
+    except ResultsStoreError as exc:
+        print(f"source-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        report = trio.run(run_migration, args, plan, run_id, started)
+    except (UsageError, Unsupported, KvmError, PeerFailure) as exc:
+        code = EXIT_PEER if isinstance(exc, PeerFailure) else EXIT_USAGE
+        print(f"source-agent: error: {exc}", file=sys.stderr)
+        destination = (f"{args.to[0]}:{args.to[1]}" if getattr(args, "to", None) else None)
+        report = error_report(run_id=run_id, started_ns=started, command=args.command,
+                              topology=getattr(args, "topology", "loopback"),
+                              destination=destination, strategy=None, exit_code=code,
+                              error=str(exc))
+    if store is not None:
+        store.record(RunRecord(
+            run_id=run_id, started_at=report["started_at"], finished_at=iso(time.time_ns()),
+            command=args.command, outcome=report["outcome"], exit_code=report["exit_code"],
+            error=report["error"], report=report, **record_columns(report)))
+    if args.json:
+        sys.stdout.write(json.dumps(report, indent=2, sort_keys=False) + "\n")
+    else:
+        render(report, sys.stdout)
+    return int(report["exit_code"])
+
+
+def cmd_results(args: argparse.Namespace) -> int:
+    try:
+        runs = ResultsStore(args.db or default_db_path()).runs(limit=args.limit)
+    except ResultsStoreError as exc:
+        print(f"source-agent: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.action == "export":
+        sys.stdout.write(export_json(runs) if args.format == "json" else export_csv(runs))
+        return 0
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(runs)} run(s)", title_justify="left")
+    for col in ("run", "started", "command", "outcome", "destination", "strategy", "wall gap",
+                "kvmclock jump", "downtime", "error"):
+        table.add_column(col)
+    for r in runs:
+        table.add_row(r["run_id"], r["started_at"], r["command"], r["outcome"],
+                      r["destination"] or "-", r["strategy"] or "-", _ms(r["wall_gap_ns"]),
+                      _ms(r["kvmclock_jump_ns"]), _ms(r["downtime_ns"]), r["error"] or "")
+    Console(file=sys.stdout, width=200).print(table)
+    return 0
+
+
+def _ms(ns: int | None) -> str:
+    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        stream=sys.stderr, format="%(name)s: %(message)s")
+    if args.command == "results":
+        return cmd_results(args)
+    return cmd_run(args)

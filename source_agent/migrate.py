@@ -1,0 +1,203 @@
+"""The source side of one migration, as a coroutine a command or a sweep can call.
+
+Order (why): connect, HELLO/AUTH and clock sync come first, so a refused key or
+an unreachable destination costs no VM; then, in one worker thread (every vCPU
+ioctl from one thread), the guest is created, warmed up, captured and its VM
+destroyed, as the seed does; then the optional extra gap; then MIGRATE, the
+memory straight from guest RAM, COMMIT; the REPORT is validated field by field
+before anything in it is used, and the analysis runs here, where the snapshot
+before, the state and the clock-sync estimate are.
+"""
+
+from __future__ import annotations
+
+import math
+import ssl
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+import protocol
+from kvmcore import (
+    Analysis,
+    Guest,
+    GuestConfig,
+    HostCapabilities,
+    RestoreRecord,
+    Snapshot,
+    StateError,
+    Strategy,
+    System,
+    VmState,
+    analyse,
+    capture,
+)
+from kvmcore.analysis import DEFAULT_SLACK_NS
+
+from . import AGENT_VERSION
+from .options import strategy_to_wire
+
+
+class PeerReportError(protocol.RemoteProtocolError):
+    """The destination's HELLO capabilities or REPORT failed validation (a peer fault)."""
+
+
+@dataclass(frozen=True)
+class MigrationPlan:
+    """One migration's parameters; a sweep builds one per point."""
+
+    host: str
+    port: int
+    psk: bytes
+    strategy: Strategy
+    memory_size: int = 2 << 20
+    warmup_ns: int = 10_000_000
+    gap_ns: int = 0
+    chunk_size: int = 1 << 20
+    clock_rounds: int = 8
+    topology: str = "remote"
+    ssl_context: ssl.SSLContext | None = None
+    connect_timeout: float = 10.0
+    handshake_timeout: float = 30.0
+    message_timeout: float = 30.0
+    idle_timeout: float = 60.0
+
+    @property
+    def destination(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass
+class SourceRun:
+    """What the source guest did before it left: its last report and its state."""
+
+    before: Snapshot
+    state: VmState
+    warmup_reports: int
+    capture_start_realtime_ns: int
+    create_ns: int
+    destroy_ns: int
+
+
+@dataclass
+class Migration:
+    """Everything a report is made of (report.compose turns it into the stable dict)."""
+
+    plan: MigrationPlan
+    source_caps: HostCapabilities
+    destination_caps: HostCapabilities
+    destination_version: str
+    clock: protocol.ClockEstimate
+    source: SourceRun
+    gap_ns: int
+    encode_ns: int
+    send_start_realtime_ns: int
+    after: Snapshot
+    record: RestoreRecord
+    destination_phases: dict[str, int]
+    analysis: Analysis
+    source_phases: dict[str, int]     # connect, handshake, guest, send, report wait (ns)
+
+
+def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> SourceRun:
+    """Worker thread: create, run for ``warmup_ns`` (at least one report), capture, destroy."""
+    with Guest.create(kvm, config) as guest:
+        before = guest.run_until_snapshot()
+        reports = 1
+        deadline = time.perf_counter_ns() + warmup_ns
+        while time.perf_counter_ns() < deadline:
+            before = guest.run_until_snapshot()
+            reports += 1
+        capture_start = time.time_ns()
+        state = capture(guest)
+        t1 = time.perf_counter_ns()
+    return SourceRun(before, state, reports, capture_start, guest.timings["create"],
+                     time.perf_counter_ns() - t1)
+
+
+async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> Migration:
+    """Migrate one guest to ``plan``'s destination; raises ProtocolError & co. on the way."""
+    session = protocol.Session("source", plan.psk)
+    t_connect = time.perf_counter_ns()
+    with trio.fail_after(plan.connect_timeout):
+        channel = await protocol.open_channel(
+            plan.host, plan.port, session, ssl_context=plan.ssl_context,
+            message_timeout=plan.message_timeout, idle_timeout=plan.idle_timeout)
+    async with channel:
+        t_handshake = time.perf_counter_ns()
+        hs = await protocol.source_handshake(
+            channel, agent_version=AGENT_VERSION, capabilities=caps.to_plain(),
+            clock_rounds=plan.clock_rounds, timeout=plan.handshake_timeout)
+        assert hs.clock is not None
+        dest_caps = _peer_caps(hs.peer.capabilities)
+        config = GuestConfig(memory_size=plan.memory_size, xen=plan.strategy.runstate == "kernel")
+        t_guest = time.perf_counter_ns()
+        source = await trio.to_thread.run_sync(run_source_guest, kvm, config, plan.warmup_ns)
+        memory = source.state.memory
+        try:
+            t_gap = time.perf_counter_ns()
+            if plan.gap_ns:
+                await trio.sleep(plan.gap_ns / 1e9)
+            t_encode = time.perf_counter_ns()
+            message = protocol.Migrate(source.state.to_plain(), strategy_to_wire(plan.strategy),
+                                       plan.memory_size, plan.chunk_size)
+            encode_ns = time.perf_counter_ns() - t_encode
+            send_start, t_send = time.time_ns(), time.perf_counter_ns()
+            await channel.send(message)
+            view = memory.view()
+            try:
+                await channel.send_memory(view)
+            finally:
+                view.release()
+            t_sent = time.perf_counter_ns()
+            report = await channel.receive()
+            t_report = time.perf_counter_ns()
+        finally:
+            memory.close()
+        if not isinstance(report, protocol.Report):
+            raise PeerReportError(f"expected REPORT from the destination, got {report!r:.80}")
+        await channel.bye()
+    after, record, phases = _validate_report(report.report)
+    offset = round(hs.clock.offset_ns)
+    slack = DEFAULT_SLACK_NS + math.ceil(hs.clock.uncertainty_ns)
+    analysis = analyse(source.before, after, source.state, record, clock_offset_ns=offset,
+                       slack_ns=slack)
+    source_phases = {"connect_ns": t_handshake - t_connect, "handshake_ns": t_guest - t_handshake,
+                     "guest_ns": t_gap - t_guest, "send_ns": t_sent - t_send,
+                     "report_wait_ns": t_report - t_sent}
+    return Migration(plan, caps, dest_caps, hs.peer.agent_version, hs.clock, source,
+                     t_encode - t_gap, encode_ns, send_start, after, record, phases, analysis,
+                     source_phases)
+
+
+def _peer_caps(plain: Any) -> HostCapabilities:
+    try:
+        return HostCapabilities.from_plain(dict(plain))
+    except (StateError, TypeError) as exc:
+        raise PeerReportError(f"the destination's HELLO capabilities: {exc}") from None
+
+
+PHASE_KEYS = ("receive_ns", "validate_ns", "restore_ns", "first_entry_ns", "close_ns",
+              "migrate_realtime_ns", "commit_realtime_ns")
+
+
+def _validate_report(plain: Any) -> tuple[Snapshot, RestoreRecord, dict[str, int]]:
+    """The REPORT's fields, each validated before use (the peer may be faulty or hostile)."""
+    try:
+        if not isinstance(plain, dict) or set(plain) != {"after", "restore_record", "phases",
+                                                         "capabilities"}:
+            raise StateError("report", "expected exactly after, restore_record, phases, "
+                             "capabilities")
+        after = Snapshot.from_plain(plain["after"], "report.after")
+        record = RestoreRecord.from_plain(plain["restore_record"], "report.restore_record")
+        phases = plain["phases"]
+        if not isinstance(phases, dict) or set(phases) != set(PHASE_KEYS) or not all(
+                type(v) is int and v >= 0 for v in phases.values()):
+            raise StateError("report.phases", f"expected non-negative integers {PHASE_KEYS}")
+        if record.first_entry_realtime_ns is None or record.first_entry_ns is None:
+            raise StateError("report.restore_record.first_entry_ns", "the guest never ran")
+    except StateError as exc:
+        raise PeerReportError(f"the destination's REPORT: {exc.field}: {exc.reason}") from None
+    return after, record, dict(phases)

@@ -1,0 +1,148 @@
+"""The report: one stable, JSON-ready dict per run, and its human rendering.
+
+Keys are stable (docs/agents.md lists them): tools and the results store read
+them. Every figure carries its mechanism; a figure this pair of hosts cannot
+produce is null with the reason, and a verdict that depends on it is null
+("not measurable"), which does not fail the run.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from kvmcore import Check, Measurement
+
+from .migrate import Migration
+
+REPORT_VERSION = 1
+#: The seed's upper bound on the runnable time a migration may add.
+SEED_RUNNABLE_LIMIT_NS = 5_000_000_000
+NO_XEN = "not measurable on this host: no KVM Xen"
+VERDICTS = ("seed_runnable", "kvmclock_follows_gap", "never_backwards", "sequence_continues")
+
+
+def iso(ns: int) -> str:
+    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(
+        timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _measurement(m: Measurement, **extra: Any) -> dict[str, Any]:
+    return {"value_ns": m.value_ns, "mechanism": m.mechanism, "reason": m.reason, **extra}
+
+
+def _check(c: Check) -> dict[str, Any]:
+    return {"ok": c.ok, "detail": c.detail}
+
+
+def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict[str, Any]:
+    """The report of a completed migration (outcome passed or failed by its verdicts)."""
+    a, plan, dest = m.analysis, m.plan, m.destination_phases
+    offset = round(m.clock.offset_ns)
+    uncertainty = round(m.clock.uncertainty_ns)
+    xen_everywhere = m.source_caps.xen_runstate and m.destination_caps.xen_runstate
+    runnable = (_measurement(a.xen_runnable_delta) if xen_everywhere or a.xen_runnable_delta.value_ns
+                is not None else {"value_ns": None, "mechanism": a.xen_runnable_delta.mechanism,
+                                  "reason": NO_XEN})
+    phases = {
+        "capture_ns": m.source.state.timings["capture"],
+        "destroy_ns": m.source.destroy_ns,
+        "gap_ns": m.gap_ns,
+        "encode_ns": m.encode_ns,
+        "transfer_ns": dest["commit_realtime_ns"] - offset - m.send_start_realtime_ns,
+        "validate_ns": dest["validate_ns"],
+        "restore_ns": dest["restore_ns"],
+        "first_entry_ns": dest["first_entry_ns"],
+    }
+    assert m.record.first_entry_realtime_ns is not None
+    total = (m.record.first_entry_realtime_ns + dest["first_entry_ns"] - offset
+             - m.source.capture_start_realtime_ns)
+    phases["other_ns"] = total - sum(phases.values())
+    phases["total_ns"] = total
+    phases["uncertainty_ns"] = uncertainty
+
+    verdicts = {
+        "seed_runnable": _seed_verdict(runnable["value_ns"], plan.gap_ns),
+        "kvmclock_follows_gap": _check(a.checks["kvmclock_follows_host"]),
+        "never_backwards": _check(a.checks["kvmclock_monotonic"]),
+        "sequence_continues": _check(a.checks["sequence_continues"]),
+    }
+    failed = [name for name, v in verdicts.items() if v["ok"] is False]
+    return {
+        "report_version": REPORT_VERSION,
+        "run_id": run_id,
+        "command": command,
+        "started_at": iso(started_ns),
+        "topology": plan.topology,
+        "destination": plan.destination,
+        "destination_agent_version": m.destination_version,
+        "strategy": a.strategy,
+        "memory_size": plan.memory_size,
+        "warmup_reports": m.source.warmup_reports,
+        "gap_requested_ns": plan.gap_ns,
+        "clock_sync": {"offset_ns": offset, "uncertainty_ns": uncertainty,
+                       "rtt_ns": m.clock.rtt_ns, "samples": m.clock.samples,
+                       "consistent": m.clock.consistent},
+        "wall_gap": _measurement(a.wall_gap, uncertainty_ns=uncertainty),
+        "downtime": phases,
+        "measurements": {
+            "kvmclock_jump": _measurement(a.kvmclock_jump),
+            "tsc_jump": _measurement(a.tsc_jump),
+            "kvm_steal_delta": _measurement(a.kvm_steal_delta),
+            "xen_runnable_delta": runnable,
+            "host_interval": _measurement(a.host_interval),
+        },
+        "bound": {"host_bracket_ns": list(a.host_bracket_ns),
+                  "detail": "guest interval must lie in the host bracket [after.entry - "
+                            "before.exit, after.exit - before.entry] (corrected by the clock "
+                            "offset) +- 50 us + 1000 ppm + the clock-sync uncertainty"},
+        "guest_saw_backwards": a.guest_saw_backwards,
+        "backwards_step_ns": a.backwards_step_ns,
+        "analysis_checks": {name: _check(c) for name, c in a.checks.items()},
+        "verdicts": verdicts,
+        "hosts": {"source": m.source_caps.to_plain(), "destination": m.destination_caps.to_plain()},
+        "source_phases": m.source_phases,
+        "destination_phases": dest,
+        "restore_record": m.record.to_plain(),
+        "outcome": "failed" if failed else "passed",
+        "exit_code": 1 if failed else 0,
+        "error": f"verdict failed: {', '.join(failed)}" if failed else None,
+    }
+
+
+def _seed_verdict(runnable_ns: int | None, gap_ns: int) -> dict[str, Any]:
+    if runnable_ns is None:
+        return {"ok": None, "detail": NO_XEN}
+    ok = gap_ns <= runnable_ns < SEED_RUNNABLE_LIMIT_NS
+    return {"ok": ok, "detail": f"runnable delta {runnable_ns} ns {'in' if ok else 'outside'} "
+                                f"[gap {gap_ns} ns, 5 s)"}
+
+
+def error_report(*, run_id: str, started_ns: int, command: str, topology: str,
+                 destination: str | None, strategy: str | None, exit_code: int,
+                 error: str) -> dict[str, Any]:
+    """The report of a run that did not complete: same top-level keys, figures null."""
+    return {
+        "report_version": REPORT_VERSION, "run_id": run_id, "command": command,
+        "started_at": iso(started_ns), "topology": topology, "destination": destination,
+        "strategy": strategy, "outcome": "error", "exit_code": exit_code, "error": error,
+        "verdicts": {name: {"ok": None, "detail": "not run"} for name in VERDICTS},
+    }
+
+
+def record_columns(report: dict[str, Any]) -> dict[str, Any]:
+    """The indexed columns of the results store, taken from a report."""
+    meas = report.get("measurements", {})
+
+    def value(name: str) -> Any:
+        return meas.get(name, {}).get("value_ns")
+
+    return {
+        "destination": report.get("destination"), "strategy": report.get("strategy"),
+        "memory_size": report.get("memory_size"),
+        "wall_gap_ns": report.get("wall_gap", {}).get("value_ns"),
+        "kvmclock_jump_ns": value("kvmclock_jump"), "tsc_jump_ns": value("tsc_jump"),
+        "steal_delta_ns": value("kvm_steal_delta"),
+        "runnable_delta_ns": value("xen_runnable_delta"),
+        "downtime_ns": report.get("downtime", {}).get("total_ns"),
+    }

@@ -1,0 +1,176 @@
+"""The commands as a user runs them: console scripts in a subprocess, real KVM, real TCP."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from agents_helpers import key_file
+
+from source_agent.results import ResultsStore, iter_csv_rows
+
+REPORT_KEYS = {"report_version", "run_id", "command", "started_at", "topology", "destination",
+               "strategy", "memory_size", "gap_requested_ns", "clock_sync", "wall_gap",
+               "downtime", "measurements", "verdicts", "hosts", "outcome", "exit_code", "error"}
+PHASES = {"capture_ns", "encode_ns", "transfer_ns", "restore_ns", "first_entry_ns", "total_ns"}
+
+
+def test_loopback_json_report_is_complete_and_passes(cli, tmp_path):
+    run = cli("source-agent", "loopback", "--json")
+    assert run.code == 0, run.stderr
+    report = run.json()
+    assert REPORT_KEYS <= report.keys()
+    assert report["outcome"] == "passed" and report["error"] is None
+    assert report["topology"] == "loopback" and report["destination"].startswith("127.0.0.1:")
+    assert PHASES <= report["downtime"].keys()
+    assert all(v >= 0 for k, v in report["downtime"].items() if k != "other_ns")
+    assert set(report["measurements"]) >= {"kvmclock_jump", "tsc_jump", "kvm_steal_delta",
+                                           "xen_runnable_delta"}
+    for m in report["measurements"].values():
+        assert m["mechanism"] and (m["value_ns"] is not None or m["reason"])
+    assert all(v["ok"] in (True, None) for v in report["verdicts"].values())
+    assert report["verdicts"]["never_backwards"]["ok"] is True
+    assert report["verdicts"]["sequence_continues"]["ok"] is True
+    assert report["hosts"]["source"]["tsc_khz"] > 0
+    # Recorded under the XDG data directory by default.
+    rows = ResultsStore(tmp_path / "xdg" / "kvm-testbed" / "results.sqlite3").runs()
+    assert [(r["run_id"], r["outcome"], r["exit_code"]) for r in rows] == [
+        (report["run_id"], "passed", 0)]
+
+
+def test_unmeasurable_runnable_is_shown_and_does_not_fail(cli, caps):
+    if caps.xen_runstate:
+        pytest.skip("this host has KVM Xen runstate: the verdict is measurable here")
+    report = cli("source-agent", "loopback", "--json", "--no-db").json()
+    assert report["measurements"]["xen_runnable_delta"] == {
+        "value_ns": None, "mechanism": "Xen runstate",
+        "reason": "not measurable on this host: no KVM Xen"}
+    assert report["verdicts"]["seed_runnable"]["ok"] is None
+    assert report["exit_code"] == 0
+
+
+@pytest.mark.parametrize("gap_ms", [10, 50])
+def test_gap_appears_in_wall_gap_and_kvmclock_jump(cli, gap_ms):
+    run = cli("source-agent", "loopback", "--json", "--no-db", "--gap", f"{gap_ms}ms")
+    assert run.code == 0, run.stderr
+    r = run.json()
+    gap = gap_ms * 1_000_000
+    assert r["gap_requested_ns"] == gap
+    assert r["downtime"]["gap_ns"] >= gap
+    assert r["wall_gap"]["value_ns"] >= gap - r["wall_gap"]["uncertainty_ns"]
+    # Within the stated bound: the guest's kvmclock jump lies in the host bracket.
+    lo, _ = r["bound"]["host_bracket_ns"]
+    assert lo >= gap - r["wall_gap"]["uncertainty_ns"]
+    assert r["verdicts"]["kvmclock_follows_gap"]["ok"] is True
+    assert r["measurements"]["kvmclock_jump"]["value_ns"] >= gap - r["clock_sync"]["uncertainty_ns"]
+
+
+def test_clock_none_fails_never_backwards_with_exit_1(cli):
+    run = cli("source-agent", "loopback", "--json", "--clock", "none")
+    assert run.code == 1
+    r = run.json()
+    assert r["verdicts"]["never_backwards"]["ok"] is False
+    assert r["outcome"] == "failed" and "never_backwards" in r["error"]
+
+
+def test_clock_plain_fails_kvmclock_follows_the_gap(cli):
+    run = cli("source-agent", "loopback", "--json", "--no-db", "--clock", "plain", "--gap", "10ms")
+    assert run.code == 1
+    r = run.json()
+    assert r["verdicts"]["kvmclock_follows_gap"]["ok"] is False
+    assert r["verdicts"]["never_backwards"]["ok"] is True   # only the gap is hidden
+
+
+def test_human_report_has_the_tables_and_only_the_report_on_stdout(cli):
+    run = cli("source-agent", "loopback", "--no-db")
+    assert run.code == 0, run.stderr
+    for title in ("downtime by phase", "what the guest saw", "verdicts", "hosts",
+                  "kvmclock_follows_gap", "wall gap"):
+        assert title in run.stdout
+    assert "dest_agent" not in run.stdout
+
+
+def test_connection_refused_exits_3_and_is_recorded_with_its_error(cli, tmp_path):
+    with socket.socket() as s:                  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    db = tmp_path / "runs.db"
+    run = cli("source-agent", "migrate", "--to", f"127.0.0.1:{port}", "--db", str(db), "--json")
+    assert run.code == 3, run.stderr
+    assert "error" in run.stderr and f"127.0.0.1:{port}" in run.stderr
+    [row] = ResultsStore(db).runs()
+    assert row["outcome"] == "error" and row["exit_code"] == 3
+    assert "refused" in row["error"].lower() or "connect" in row["error"].lower()
+    assert run.json()["error"] == row["error"]
+    # Listed and exported.
+    listing = cli("source-agent", "results", "list", "--db", str(db))
+    assert listing.code == 0 and row["run_id"] in listing.stdout
+    csv_rows = list(iter_csv_rows(cli("source-agent", "results", "export", "--db", str(db),
+                                      "--format", "csv").stdout))
+    assert [r["outcome"] for r in csv_rows] == ["error"]
+    exported = json.loads(cli("source-agent", "results", "export", "--db", str(db)).stdout)
+    assert exported[0]["run_id"] == row["run_id"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["loopback", "--gap", "10"], "expected a number and a unit"),
+    (["loopback", "--gap", "soon"], "duration 'soon'"),
+    (["loopback", "--memory", "3MiB"], "multiple of 2MiB"),
+    (["loopback", "--memory", "2 parsecs"], "size '2 parsecs'"),
+    (["loopback", "--clock", "sundial"], "invalid choice: 'sundial'"),
+    (["migrate"], "--to"),
+    (["migrate", "--to", "127.0.0.1:http"], "expected HOST:PORT"),
+    (["migrate", "--to", "127.0.0.1:99999"], "PORT in 0..65535"),
+])
+def test_bad_command_line_exits_2_with_a_clear_message(cli, args, message):
+    run = cli("source-agent", *args, "--no-db")
+    assert run.code == 2
+    assert message in run.stderr
+    assert run.stdout == ""
+
+
+def test_strategy_this_host_cannot_do_exits_2_before_connecting(cli, caps):
+    if caps.tsc_offset_applies:
+        pytest.skip("this host applies TSC offsets: tsc=offset is supported")
+    # Negative control for "before connecting": the destination is unreachable, yet 2, not 3.
+    run = cli("source-agent", "migrate", "--to", "127.0.0.1:1", "--tsc", "offset", "--json")
+    assert run.code == 2
+    assert "unsupported on this host: KVM_VCPU_TSC_OFFSET" in run.stderr
+    assert run.json()["outcome"] == "error"
+
+
+def test_key_file_checks(cli, tmp_path):
+    loose = key_file(tmp_path / "loose", mode=0o644)
+    short = key_file(tmp_path / "short", b"0123456789")
+    good = key_file(tmp_path / "good")
+    for tool, args in (("source-agent", ["migrate", "--to", "127.0.0.1:1", "--no-db"]),
+                       ("dest-agent", ["serve", "--listen", "127.0.0.1:0"])):
+        run = cli(tool, *args, "--psk-file", str(loose))
+        assert run.code == 2 and "mode 0644" in run.stderr and "chmod 600" in run.stderr
+        run = cli(tool, *args, "--psk-file", str(short))
+        assert run.code == 2 and "key is 10 bytes, at least 16" in run.stderr
+        run = cli(tool, *args, "--psk-file", str(tmp_path / "missing"))
+        assert run.code == 2 and "cannot open" in run.stderr
+    # Negative control: the good key passes the checks, the run then fails on the network.
+    run = cli("source-agent", "migrate", "--to", "127.0.0.1:1", "--no-db", "--psk-file", str(good))
+    assert run.code == 3
+
+
+def test_dest_agent_refuses_a_non_loopback_address_without_a_key(cli):
+    run = cli("dest-agent", "serve", "--listen", "0.0.0.0:7400")
+    assert run.code == 2
+    assert "not a loopback address" in run.stderr and "--psk-file" in run.stderr
+    run = cli("dest-agent", "serve", "--listen", "127.0.0.1:0", "--max-memory", "3MiB")
+    assert run.code == 2 and "multiple of 2MiB" in run.stderr
+
+
+@pytest.mark.parametrize("tool, command", [("source-agent", "migrate"),
+                                           ("source-agent", "loopback"),
+                                           ("source-agent", "results"),
+                                           ("dest-agent", "serve")])
+def test_help_explains_options_with_an_example(cli, tool, command):
+    run = cli(tool, command, "--help")
+    assert run.code == 0
+    assert "examples:" in run.stdout and "exit codes" in run.stdout or command == "results"
+    assert "examples:" in run.stdout

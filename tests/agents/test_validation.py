@@ -1,0 +1,166 @@
+"""What the agents add below them: strict from_plain for the REPORT, check_host, the key file
+loader, option parsing and the strategy's wire token -- each with the case it must refuse."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from agents_helpers import key_file
+
+import protocol
+from kvmcore import (
+    Guest,
+    GuestConfig,
+    RestoreRecord,
+    Snapshot,
+    StateError,
+    Strategy,
+    Unsupported,
+    capture,
+    restore,
+)
+from source_agent.migrate import PeerReportError, _validate_report
+from source_agent.options import (
+    UsageError,
+    parse_duration_ns,
+    parse_host_port,
+    parse_size,
+    strategy_from_wire,
+    strategy_to_wire,
+)
+
+
+@pytest.fixture
+def migrated(kvm):
+    """A real before/after/record triple from an in-process migration."""
+    with Guest.create(kvm, GuestConfig()) as g:
+        before = g.run_until_snapshot()
+        state = capture(g)
+    with restore(kvm, state, Strategy("realtime", "none", "off")) as g2:
+        after = g2.run_until_snapshot()
+        record = g2.restore_record
+    state.memory.close()
+    return before, after, record
+
+
+def test_snapshot_and_record_round_trip(migrated):
+    _, after, record = migrated
+    assert Snapshot.from_plain(after.to_plain()) == after
+    assert RestoreRecord.from_plain(record.to_plain()) == record
+
+
+@pytest.mark.parametrize("path, value, words", [
+    (("tsc",), -1, "'snapshot.tsc'"),
+    (("sequence",), "1", "expected an integer"),
+    (("sequence",), True, "expected an integer"),
+    (("pvclock", "tsc_shift"), 200, "'snapshot.pvclock.tsc_shift'"),
+    (("pvclock", "flags"), 256, "outside [0, 255]"),
+    (("runstate",), [0, 0, 0], "list of 6"),
+    (("extra",), 1, "unexpected field"),
+])
+def test_snapshot_from_plain_refuses(migrated, path, value, words):
+    plain = copy.deepcopy(migrated[1].to_plain())
+    target = plain
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    with pytest.raises(StateError) as info:
+        Snapshot.from_plain(plain)
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("strategy", "clock=sundial", "choose one of"),
+    ("strategy", 7, "expected a string"),
+    ("restore_ns", -5, "outside"),
+    ("clock_after", {}, "missing"),
+    ("first_entry_ns", "soon", "expected an integer"),
+])
+def test_restore_record_from_plain_refuses(migrated, field, value, words):
+    plain = migrated[2].to_plain()
+    plain[field] = value
+    with pytest.raises(StateError) as info:
+        RestoreRecord.from_plain(plain)
+    assert words in str(info.value)
+
+
+def test_report_validation_names_the_field(migrated):
+    _, after, record = migrated
+    phases = dict.fromkeys(("receive_ns", "validate_ns", "restore_ns", "first_entry_ns",
+                            "close_ns", "migrate_realtime_ns", "commit_realtime_ns"), 1)
+    good = {"after": after.to_plain(), "restore_record": record.to_plain(), "phases": phases,
+            "capabilities": {}}
+    assert _validate_report(good)[0] == after                       # negative control
+    for bad, words in (({**good, "phases": {**phases, "restore_ns": -1}}, "report.phases"),
+                       ({**good, "after": {}}, "report.after"),
+                       ({**good, "x": 1}, "exactly")):
+        with pytest.raises(PeerReportError) as info:
+            _validate_report(bad)
+        assert words in str(info.value)
+
+
+def test_check_host_refuses_only_what_the_host_lacks(caps):
+    Strategy.best(caps).check_host(caps)                            # negative control
+    lacking = [(s, what) for s, what in (
+        (Strategy(clock="guest", tsc="none"), "KVM_SET_CLOCK_GUEST"),
+        (Strategy(tsc="offset"), "KVM_VCPU_TSC_OFFSET"),
+        (Strategy(tsc="none", runstate="kernel"), "KVM_CAP_XEN_HVM"),
+    ) if not _host_has(caps, s)]
+    if not lacking:
+        pytest.skip("this host supports every strategy part")
+    for strategy, what in lacking:
+        with pytest.raises(Unsupported, match=f"unsupported on this host: {what}"):
+            strategy.check_host(caps)
+
+
+def _host_has(caps, s: Strategy) -> bool:
+    return {"guest": bool(caps.clock_guest), "realtime": True}.get(s.clock, True) and \
+        (s.tsc != "offset" or caps.tsc_offset_applies) and \
+        (s.runstate != "kernel" or caps.xen_runstate)
+
+
+def test_load_psk(tmp_path):
+    assert protocol.load_psk(key_file(tmp_path / "k", b"  0123456789abcdef  ")) == b"0123456789abcdef"
+    for path, words in ((key_file(tmp_path / "a", mode=0o640), "mode 0640"),
+                        (key_file(tmp_path / "b", mode=0o604), "mode 0604"),
+                        (key_file(tmp_path / "c", b"x" * 15), "15 bytes"),
+                        (tmp_path, "not a regular file"),
+                        (tmp_path / "nope", "cannot open")):
+        with pytest.raises(protocol.KeyFileError, match=words):
+            protocol.load_psk(path)
+
+
+@pytest.mark.parametrize("text, ns", [("10ms", 10_000_000), ("1.5s", 1_500_000_000),
+                                      ("250us", 250_000), ("0ns", 0), ("2m", 120_000_000_000)])
+def test_durations(text, ns):
+    assert parse_duration_ns(text) == ns
+
+
+@pytest.mark.parametrize("text, size", [("2MiB", 2 << 20), ("4096", 4096), ("1GiB", 1 << 30),
+                                        ("1k", 1000), ("0.5KiB", 512)])
+def test_sizes(text, size):
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("parse, text", [(parse_duration_ns, "10"), (parse_duration_ns, "-1ms"),
+                                         (parse_duration_ns, "1 fortnight"),
+                                         (parse_size, "2MiB?"), (parse_size, "0.3B"),
+                                         (parse_host_port, "host:"), (parse_host_port, "::1")])
+def test_bad_values_are_usage_errors(parse, text):
+    with pytest.raises(UsageError):
+        parse(text)
+
+
+def test_host_port_forms():
+    assert parse_host_port("10.0.0.2:7400") == ("10.0.0.2", 7400)
+    assert parse_host_port("[::1]:80") == ("::1", 80)
+    assert parse_host_port("example", default_port=7400) == ("example", 7400)
+
+
+def test_strategy_wire_token_round_trips_and_refuses():
+    s = Strategy("plain", "adjust", "off")
+    assert strategy_from_wire(strategy_to_wire(s)) == s
+    for token in ("plain.adjust", "plain.adjust.off.x", "sundial.none.off"):
+        with pytest.raises(ValueError):
+            strategy_from_wire(token)
