@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from typing import Any
 
@@ -16,6 +17,19 @@ from source_agent.sweep.topology import open_endpoint
 def small_plan(name: str = "s", *, latency=(0.0, 0.001, 0.005), repeat: int = 2,
                topology: str = "loopback", **axes: Any) -> SweepPlan:
     return SweepPlan(name, Axes(latency=tuple(latency), **axes), repeat, topology)
+
+
+def dest_pids() -> set[int]:
+    """Processes running the fake destination (children of this test process)."""
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"fake_dest.py" in f.read():
+                    found.add(int(pid))
+        except OSError:
+            pass
+    return found
 
 
 class Recorder:

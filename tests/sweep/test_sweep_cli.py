@@ -20,7 +20,7 @@ from source_agent.results import ResultsStore
 from source_agent.sweep import cli, ktap
 from source_agent.sweep.plots import check_png
 from source_agent.sweep.progress import PlainProgress, RichProgress, make_progress
-from test_runner import dest_pids
+from sweep_helpers import dest_pids
 
 SCRIPT = Path(__file__).with_name("sweep_script.py")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sqlite3
 
 import pytest
@@ -12,28 +11,7 @@ from fakes import FakeAgent
 from source_agent.results import ResultsStore
 from source_agent.sweep.runner import SweepConfigError
 from source_agent.sweep.topology import DestinationError
-from sweep_helpers import Recorder, small_plan, sweep
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def dest_pids() -> set[int]:
-    """Processes running the fake destination (children of this test process)."""
-    found = set()
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"fake_dest.py" in f.read():
-                    found.add(int(pid))
-        except OSError:
-            pass
-    return found
+from sweep_helpers import Recorder, dest_pids, small_plan, sweep
 
 
 async def test_small_loopback_sweep_completes_and_every_run_is_stored(tmp_path, agent):
