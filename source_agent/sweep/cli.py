@@ -26,8 +26,8 @@ from source_agent.results import ResultsStore, ResultsStoreError, default_db_pat
 from . import ktap
 from ._groups import single_error
 from .injector import InjectorError, choose_injector
-from .plan import (INJECTORS, TOPOLOGIES, Axes, AxisError, PointConfig, SweepPlan, parse_durations, parse_rates,
-                   parse_sizes, strategies)
+from .plan import (INJECTORS, TOPOLOGIES, Axes, AxisError, PointConfig, SweepPlan,
+                   parse_durations, parse_rates, parse_sizes, strategies)
 from .plots import PlotError, write_plots
 from .progress import make_progress
 from .runner import RunPoint, SweepConfigError, SweepOutcome, run_sweep
@@ -208,20 +208,30 @@ async def run(args: argparse.Namespace, *, run_point: RunPoint | None = None,
         except (PlotError, OSError) as exc:
             _error(f"plots: {exc}")
             return EXIT_USAGE
-    emit(args.format, plan, outcome, summaries, plots, store)
+    emit(args.format, plan, outcome, summaries, plots, store, runs)
     if outcome.stopped:
         _error(f"sweep stopped: {outcome.stopped}")
         return EXIT_PEER
     return EXIT_FAILED if any(s.failed or s.errors for s in summaries) else EXIT_OK
 
 
+def injectors(runs: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """Every injector the sweep's stored runs went through (a resumed sweep may have used two)."""
+    seen: dict[tuple[str, str], None] = {}
+    for run in runs:
+        used = run["report"].get("sweep", {}).get("injector") or {}
+        seen[(str(used.get("injector")), str(used.get("reason")))] = None
+    return [{"kind": kind, "reason": reason} for kind, reason in seen]
+
+
 def summary_json(plan: SweepPlan, outcome: SweepOutcome, summaries: list[PointSummary],
-                 plots: list[Path], store: ResultsStore) -> dict[str, Any]:
+                 plots: list[Path], store: ResultsStore, runs: list[dict[str, Any]]) -> dict[str, Any]:
     injector = outcome.injector
     return {"sweep": plan.name, "db": str(store.path), "config": plan.config(),
             "repeat": plan.repeat, "planned": outcome.planned, "ran": outcome.ran,
             "skipped": outcome.skipped, "errors": outcome.errors, "stopped": outcome.stopped,
             "injector": injector and {"kind": injector.kind, "reason": injector.reason},
+            "injectors_recorded": injectors(runs),
             "points": [s.to_plain() for s in summaries], "plots": [str(p) for p in plots]}
 
 
@@ -236,9 +246,9 @@ def _ms(value: float | None) -> str:
 
 
 def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[PointSummary],
-         plots: list[Path], store: ResultsStore) -> None:
+         plots: list[Path], store: ResultsStore, runs: list[dict[str, Any]]) -> None:
     if fmt == "json":
-        json.dump(summary_json(plan, outcome, summaries, plots, store), sys.stdout, indent=2)
+        json.dump(summary_json(plan, outcome, summaries, plots, store, runs), sys.stdout, indent=2)
         sys.stdout.write("\n")
         return
     if fmt == "ktap":
@@ -247,10 +257,9 @@ def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[Point
     from rich.console import Console
     from rich.table import Table
 
-    injector = outcome.injector
+    used = "; ".join(f"{i['kind']} ({i['reason']})" for i in injectors(runs))
     title = (f"sweep {plan.name}: ran {outcome.ran}, skipped {outcome.skipped} (already done), "
-             f"errors {outcome.errors}"
-             + (f"; injector {injector.kind} ({injector.reason})" if injector else ""))
+             f"errors {outcome.errors}" + (f"; injector {used}" if used else ""))
     table = Table(title=title, title_justify="left", caption=f"fixed: {_fixed(plan)}",
                   caption_justify="left")
     for column in ("point", "runs ok/all", "basis", "acct err median", "p5", "p95",

@@ -43,6 +43,7 @@ async def test_json_summary_and_plots(tmp_path, capsys):
     summary = json.loads(out)
     assert (summary["ran"], summary["skipped"], summary["planned"]) == (6, 0, 6)
     assert summary["injector"]["kind"] == "relay"
+    assert summary["injectors_recorded"] == [summary["injector"]]
     assert [p["point"].split()[0] for p in summary["points"]] == ["latency=0ms", "latency=1ms",
                                                                    "latency=5ms"]
     first = summary["points"][0]
