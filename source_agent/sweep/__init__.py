@@ -8,10 +8,22 @@ error and downtime per point. See docs/sweep.md.
 
 from __future__ import annotations
 
-from .plan import AxisError, Axes, PointConfig, SweepPlan
+from .plan import Axes, AxisError, PointConfig, SweepPlan
 from .runner import RunPoint, SweepConfigError, SweepOutcome, Target, run_sweep
 from .summary import PointSummary, Stats, percentile, summarise
 
-__all__ = ["AxisError", "Axes", "PointConfig", "PointSummary", "RunPoint", "Stats",
-           "SweepConfigError", "SweepOutcome", "SweepPlan", "Target", "percentile", "run_sweep",
-           "summarise"]
+__all__ = [
+           "Axes",
+           "AxisError",
+           "PointConfig",
+           "PointSummary",
+           "RunPoint",
+           "Stats",
+           "SweepConfigError",
+           "SweepOutcome",
+           "SweepPlan",
+           "Target",
+           "percentile",
+           "run_sweep",
+           "summarise",
+]

@@ -10,8 +10,8 @@ is collapsed to that error.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import trio
 

@@ -14,9 +14,10 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import trio
 
@@ -26,12 +27,22 @@ from source_agent.results import ResultsStore, ResultsStoreError, default_db_pat
 from . import ktap
 from ._groups import single_error
 from .injector import InjectorError, choose_injector
-from .plan import (INJECTORS, TOPOLOGIES, Axes, AxisError, PointConfig, SweepPlan,
-                   parse_durations, parse_rates, parse_sizes, strategies)
+from .plan import (
+    INJECTORS,
+    TOPOLOGIES,
+    Axes,
+    AxisError,
+    PointConfig,
+    SweepPlan,
+    parse_durations,
+    parse_rates,
+    parse_sizes,
+    strategies,
+)
 from .plots import PlotError, write_plots
 from .progress import make_progress
 from .runner import RunPoint, SweepConfigError, SweepOutcome, run_sweep
-from .summary import BASES, PointSummary, summarise
+from .summary import BASES, PointSummary, Stats, summarise
 from .topology import DestArgv, DestinationError, agent_argv, open_endpoint
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PEER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
@@ -55,7 +66,7 @@ exit codes: 0 every run passed, 1 a run failed a verdict or errored, 2 usage or 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sweep`` with its options on the ``source-agent`` subcommands."""
-    p = subparsers.add_parser(
+    p: argparse.ArgumentParser = subparsers.add_parser(
         "sweep", help="run a latency / bandwidth / guest-size experiment (resumable)",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
         description="Migrate a guest at every combination of network and guest parameters, "
@@ -241,8 +252,9 @@ def _fixed(plan: SweepPlan) -> str:
                     if len(values) == 1) or "-"
 
 
-def _ms(value: float | None) -> str:
-    return "-" if value is None else f"{value / 1e6:.3f}"
+def _ms(stats: Stats | None, field: str) -> str:
+    """One statistic in milliseconds, ``-`` where the point has no figure."""
+    return "-" if stats is None else f"{getattr(stats, field) / 1e6:.3f}"
 
 
 def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[PointSummary],
@@ -266,11 +278,10 @@ def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[Point
                    "downtime median", "p5", "p95", "rtt median"):
         table.add_column(column, justify="left" if column in ("point", "basis") else "right")
     for s in summaries:
-        acc, down, rtt = s.accounting_error, s.downtime, s.rtt
         table.add_row(s.label, f"{s.passed}/{s.runs}", s.basis or "-",
-                      _ms(acc and acc.median), _ms(acc and acc.p5), _ms(acc and acc.p95),
-                      _ms(down and down.median), _ms(down and down.p5), _ms(down and down.p95),
-                      _ms(rtt and rtt.median))
+                      *(_ms(s.accounting_error, f) for f in ("median", "p5", "p95")),
+                      *(_ms(s.downtime, f) for f in ("median", "p5", "p95")),
+                      _ms(s.rtt, "median"))
     console = Console(file=sys.stdout, width=200)
     console.print(table)
     console.print("times in ms; accounting error = " + "; ".join(

@@ -18,9 +18,10 @@ sync measured through the injector.
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any
 
 import trio
 
@@ -91,5 +92,5 @@ async def inject(injector: Injector, endpoint: Endpoint, point: PointConfig) -> 
             for dev, ns in ((netns.host_if, None), (netns.ns_if, netns.namespace)):
                 try:
                     await remove_netem(dev, netns=ns)
-                except Exception:  # noqa: BLE001 - best effort: the namespace is deleted at the end
+                except Exception:  # noqa: BLE001, S110 - best effort: the namespace is deleted at the end
                     pass

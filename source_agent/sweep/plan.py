@@ -14,10 +14,18 @@ from __future__ import annotations
 
 import itertools
 import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from typing import Any, TypeVar
 
-from source_agent.netem import ImpairmentError, Link, format_duration, format_rate, parse_duration, parse_rate
+from source_agent.netem import (
+    ImpairmentError,
+    Link,
+    format_duration,
+    format_rate,
+    parse_duration,
+    parse_rate,
+)
 from source_agent.netem.link import _quantity
 
 T = TypeVar("T")
@@ -34,7 +42,7 @@ DURATION_MAX = 10.0
 STRATEGY_PARTS = ("clock", "tsc", "runstate")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_SIZE_UNITS = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+_SIZE_UNITS: dict[str, float] = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
                "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import struct
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from source_agent.netem import format_duration
 
@@ -47,7 +48,8 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _config(run: dict[str, Any]) -> dict[str, Any]:
-    return run.get("report", {}).get("sweep", {}).get("config", {})
+    config: dict[str, Any] = run.get("report", {}).get("sweep", {}).get("config", {})
+    return config
 
 
 def _completed(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +123,7 @@ def _stacked(ax: Any, labels: list[str], groups: list[list[dict[str, Any]]], xla
 
 
 #: Axis name in the plan -> key in PointConfig.to_plain() and how to spell a value.
-_AXES = {"latency": ("latency", format_duration), "jitter": ("jitter", format_duration),
+_AXES: dict[str, tuple[str, Callable[[Any], str]]] = {"latency": ("latency", format_duration), "jitter": ("jitter", format_duration),
          "bandwidth": ("bandwidth", format_bandwidth), "memory": ("memory_size", format_size),
          "gap_ns": ("gap_ns", lambda ns: format_duration(ns / 1e9)), "strategy": ("strategy", str)}
 

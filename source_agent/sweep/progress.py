@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable, TextIO
+from collections.abc import Callable
+from typing import Any, Self, TextIO
 
 from .plan import PointConfig
 
@@ -42,7 +43,7 @@ class PlainProgress:
         self.total = 0
         self.began = time.monotonic()
 
-    def __enter__(self) -> PlainProgress:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -72,8 +73,14 @@ class RichProgress:
 
     def __init__(self, stream: TextIO, sweep: str, label: Callable[[PointConfig], str]) -> None:
         from rich.console import Console
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.label = label
         self.console = Console(file=stream)
@@ -83,7 +90,7 @@ class RichProgress:
                             TimeRemainingColumn(), console=self.console)
         self.task: Any = None
 
-    def __enter__(self) -> RichProgress:
+    def __enter__(self) -> Self:
         self.bar.start()
         return self
 

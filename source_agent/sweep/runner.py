@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
-from typing import Any, AsyncContextManager, Awaitable, Callable, Protocol
+from typing import Any, Protocol
 
 import trio
 
@@ -137,7 +139,7 @@ def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report:
 
 
 async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *,
-                    endpoint: Callable[[], AsyncContextManager[Endpoint]],
+                    endpoint: Callable[[], AbstractAsyncContextManager[Endpoint]],
                     choose: Callable[[str], Awaitable[Injector]], progress: Progress,
                     point_timeout: float = POINT_TIMEOUT,
                     max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS) -> SweepOutcome:
@@ -164,17 +166,19 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
                 with trio.move_on_after(point_timeout) as timer:
                     try:
                         report = await run_point(point, target)
-                    except Exception as exc:  # the agent layer's failure is this run's result
+                    except Exception as exc:  # noqa: BLE001 - the agent layer's failure is this run's result
                         report = _error_report(point, target, f"{type(exc).__name__}: {exc}")
                 if timer.cancelled_caught:
                     report = _error_report(point, target, f"point timed out after {point_timeout:g}s")
                 elif report.get("outcome") not in ("passed", "failed", "error"):
                     report = {**report, "outcome": "error", "error": "the migration's report has "
                               f"no valid outcome ({report.get('outcome')!r})"}
+                # Recorded and reported before the next checkpoint (leaving the injector is one),
+                # so a cancellation cannot fall between a stored run and its progress line.
                 outcome.run_ids.append(record_run(store, plan, point, report, injection.describe(),
                                                   started))
-            outcome.ran += 1
-            progress.point_finished(index, point, report)
+                outcome.ran += 1
+                progress.point_finished(index, point, report)
             if report.get("outcome") == "error":
                 outcome.errors += 1
                 consecutive += 1

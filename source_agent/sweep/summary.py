@@ -15,8 +15,9 @@ two runs they lie between the two values, never beyond.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from .plan import PointConfig, SweepPlan
 

@@ -21,10 +21,10 @@ import secrets
 import subprocess
 import sys
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from functools import partial
-from typing import AsyncIterator, Callable
 
 import trio
 
@@ -148,7 +148,7 @@ async def open_endpoint(topology: str, *, to: tuple[str, int] | None = None,
                 nursery.start_soon(_supervise, process, endpoint)
                 try:
                     yield endpoint
-                except BaseException as exc:  # re-raised outside the nursery, unwrapped
+                except BaseException as exc:  # noqa: BLE001 - re-raised below, outside the nursery
                     body_error = exc
                 finally:
                     nursery.cancel_scope.cancel()

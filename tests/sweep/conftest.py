@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-
 from fakes import FakeAgent, fake_dest_argv
+
 from source_agent.netem import _ip
 
 

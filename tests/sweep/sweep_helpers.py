@@ -7,6 +7,7 @@ from functools import partial
 from typing import Any
 
 from fakes import fake_dest_argv
+
 from source_agent.results import ResultsStore
 from source_agent.sweep.injector import choose_injector
 from source_agent.sweep.plan import Axes, SweepPlan

@@ -14,8 +14,9 @@ import trio
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from fakes import FakeAgent, fake_dest_argv  # noqa: E402
-from source_agent.sweep import cli  # noqa: E402
+from fakes import FakeAgent, fake_dest_argv
+
+from source_agent.sweep import cli
 
 parser = argparse.ArgumentParser(prog="source-agent")
 cli.add_parser(parser.add_subparsers(dest="command"))

@@ -6,13 +6,13 @@ import os
 
 import pytest
 import trio
-
 from fakes import FakeAgent
+from sweep_helpers import small_plan, sweep
+
 from source_agent.netem import _ip, netem_unsupported, netns_unsupported
 from source_agent.results import ResultsStore
 from source_agent.sweep.injector import InjectorError, choose_injector
 from source_agent.sweep.topology import DestinationError
-from sweep_helpers import small_plan, sweep
 
 
 @pytest.fixture(autouse=True)

@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
-from source_agent.sweep.plan import (Axes, AxisError, SweepPlan, config_mismatch, parse_durations,
-                                     parse_rates, parse_sizes, strategies)
+from source_agent.sweep.plan import (
+    Axes,
+    AxisError,
+    SweepPlan,
+    config_mismatch,
+    parse_durations,
+    parse_rates,
+    parse_sizes,
+    strategies,
+)
 
 
 def test_a_unit_on_the_last_item_is_the_lists_unit():

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import pytest
-
 from fakes import fake_report
+
 from source_agent.sweep.plan import Axes, SweepPlan
 from source_agent.sweep.plots import PlotError, check_png, write_plots
 from source_agent.sweep.runner import columns

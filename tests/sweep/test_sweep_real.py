@@ -70,6 +70,7 @@ async def test_a_real_netns_sweep_reaches_the_agent_inside_the_namespace(tmp_pat
                                "--db", str(db), "--format", "json"))
     out, err = capsys.readouterr()
     assert code == 0, err
+    assert json.loads(out)["ran"] == 2
     runs = ResultsStore(db).runs(sweep="ns")
     assert {r["outcome"] for r in runs} == {"passed"}
     assert all(r["destination"].startswith("127.0.0.1:") for r in runs)  # the relay, in the root namespace

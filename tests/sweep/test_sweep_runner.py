@@ -6,12 +6,12 @@ import sqlite3
 
 import pytest
 import trio
-
 from fakes import FakeAgent
+from sweep_helpers import Recorder, dest_pids, small_plan, sweep
+
 from source_agent.results import ResultsStore
 from source_agent.sweep.runner import SweepConfigError
 from source_agent.sweep.topology import DestinationError
-from sweep_helpers import Recorder, dest_pids, small_plan, sweep
 
 
 async def test_small_loopback_sweep_completes_and_every_run_is_stored(tmp_path, agent):
