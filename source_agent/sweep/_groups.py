@@ -26,11 +26,15 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> Iterator[BaseException]
 
 @contextmanager
 def single_error() -> Iterator[None]:
-    """Re-raise a group whose only non-Cancelled leaf is one exception as that exception."""
+    """Re-raise a group whose non-Cancelled leaves are one error as that error.
+
+    "One error" includes the same failure seen twice (the destination's death,
+    noticed by its supervisor and by the runner at once): the first is raised.
+    """
     try:
         yield
     except BaseExceptionGroup as group:
         real = [exc for exc in _leaves(group) if not isinstance(exc, trio.Cancelled)]
-        if len(real) == 1:
+        if real and all(type(exc) is type(real[0]) and str(exc) == str(real[0]) for exc in real):
             raise real[0] from None
         raise

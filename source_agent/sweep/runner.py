@@ -180,6 +180,7 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
                 outcome.ran += 1
                 progress.point_finished(index, point, report)
             if report.get("outcome") == "error":
+                await dest.check()
                 outcome.errors += 1
                 consecutive += 1
                 if consecutive >= max_consecutive_errors:

@@ -30,6 +30,7 @@ import trio
 
 from source_agent.netem import Topology, open_topology
 
+from . import _guard
 from ._groups import single_error
 
 #: The dest-agent's startup log line (dest_agent/server.py) that carries the bound address.
@@ -51,6 +52,12 @@ def agent_argv(listen: str, psk_file: str | None) -> list[str]:
     return argv + (["--psk-file", psk_file] if psk_file else [])
 
 
+def guarded(argv: list[str]) -> list[str]:
+    """``argv`` under `_guard`, which kills it if this process dies without running any code (kill -9)."""
+    # Run by path, not ``-m``: importing the package would cost the guard trio and netem at start.
+    return [sys.executable, _guard.__file__, str(os.getpid()), "--", *argv]
+
+
 @dataclass
 class Endpoint:
     """The destination as the sweep reaches it (before any injector)."""
@@ -61,10 +68,29 @@ class Endpoint:
     psk_file: str | None
     netns: Topology | None = None
     log: collections.deque[str] = field(default_factory=lambda: collections.deque(maxlen=20))
+    process: trio.Process | None = None  # the agent we started (None for remote)
 
     @property
     def address(self) -> tuple[str, int]:
         return self.host, self.port
+
+    def died(self) -> DestinationError:
+        code = self.process.returncode if self.process else None
+        return DestinationError(f"the destination agent exited ({code}) mid-sweep: "
+                                f"{' | '.join(self.log) or '(no output)'}")
+
+    async def check(self, grace: float = 1.0) -> None:
+        """Raise DestinationError if the agent we started exits within ``grace`` seconds.
+
+        Called after a failed point: a dead destination makes every later point
+        fail the same way, and saying so beats three identical connection errors.
+        """
+        if self.process is None:
+            return
+        with trio.move_on_after(grace):
+            await self.process.wait()
+        if self.process.returncode is not None:
+            raise self.died()
 
 
 async def _read_address(process: trio.Process, endpoint: Endpoint) -> tuple[str, int]:
@@ -98,8 +124,7 @@ async def _supervise(process: trio.Process, endpoint: Endpoint) -> None:
         nursery.start_soon(_drain, process, endpoint)
         await process.wait()
         nursery.cancel_scope.cancel()
-    raise DestinationError(f"the destination agent exited ({process.returncode}) mid-sweep: "
-                           f"{' | '.join(endpoint.log) or '(no output)'}")
+    raise endpoint.died()
 
 
 def _write_key(directory: str) -> str:
@@ -134,12 +159,13 @@ async def open_endpoint(topology: str, *, to: tuple[str, int] | None = None,
                     psk_file = _write_key(stack.enter_context(tempfile.TemporaryDirectory()))
             listen = f"{netns.ns_address}:{NETNS_PORT}" if netns else "127.0.0.1:0"
             endpoint = Endpoint(topology, "", 0, psk_file, netns)
-            argv = dest_argv(listen, psk_file)
+            argv = guarded(dest_argv(listen, psk_file))
             run = netns.run if netns else trio.run_process
             async with trio.open_nursery() as nursery:
                 process = await nursery.start(partial(
                     run, argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                     stderr=subprocess.PIPE, check=False))
+                endpoint.process = process
                 with trio.move_on_after(start_timeout) as waited:
                     endpoint.host, endpoint.port = await _read_address(process, endpoint)
                 if waited.cancelled_caught:

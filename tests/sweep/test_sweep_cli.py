@@ -127,42 +127,80 @@ def test_progress_is_rich_on_a_terminal_and_plain_otherwise():
     assert "2 point(s) already done" in tty.getvalue() and "passed (gap 2.0 ms)" in tty.getvalue()
 
 
-def _wait_for_runs(db: Path, count: int, child: subprocess.Popen, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        assert child.poll() is None, child.communicate()
-        if db.exists() and len(ResultsStore(db).runs(sweep="c")) >= count:
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"fewer than {count} runs after {timeout}s")
+class SweepChild:
+    """The sweep command (with the agent-layer doubles) in a child process, 10 points of ~0.3 s."""
+
+    def __init__(self, tmp_path: Path, topology: str) -> None:
+        if topology == "netns" and netns_unsupported():
+            pytest.skip(f"unsupported on this host: {netns_unsupported()}")
+        self.db = tmp_path / "r.db"
+        self.argv = [sys.executable, str(SCRIPT), "c", "--latency", "0,1,2,3,4ms", "--repeat", "2",
+                     "--db", str(self.db), "--topology", topology]
+        self.process = subprocess.Popen(self.argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                        env={**os.environ, "FAKE_AGENT_SLEEP": "0.3"})
+
+    def wait_for_runs(self, count: int, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process.poll() is None, self.process.communicate()
+            if self.db.exists() and len(ResultsStore(self.db).runs(sweep="c")) >= count:
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"fewer than {count} runs after {timeout}s")
+
+    def rerun_resumes(self, done: int) -> None:
+        """A rerun runs exactly the rest; afterwards no namespace of the first process exists."""
+        rerun = subprocess.run(self.argv, capture_output=True, timeout=120, check=False)
+        assert rerun.returncode == 0, rerun.stderr
+        assert f"{10 - done} point(s) to run, {done} already done (skipped)".encode() in rerun.stderr
+        assert len(ResultsStore(self.db).runs(sweep="c")) == 10
+        prefix = f"{_ip.PREFIX}{self.process.pid}-"
+        assert [n for n in _ip.namespaces() if n.startswith(prefix)] == []
+
+
+def completed_runs(db: Path) -> int:
+    """Runs stored, after checking the DB is intact and holds only completed (passed) runs."""
+    store = ResultsStore(db)
+    assert store.integrity_check() == "ok"
+    runs = store.runs(sweep="c")
+    assert {r["outcome"] for r in runs} == {"passed"}
+    return len(runs)
 
 
 @pytest.mark.parametrize("topology", ["loopback", "netns"])
 def test_ctrl_c_stops_cleanly_with_130_and_a_rerun_resumes(tmp_path, topology):
-    if topology == "netns" and netns_unsupported():
-        pytest.skip(f"unsupported on this host: {netns_unsupported()}")
-    db = tmp_path / "r.db"
-    argv = [sys.executable, str(SCRIPT), "c", "--latency", "0,1,2,3,4ms", "--repeat", "2",
-            "--db", str(db), "--topology", topology]
-    child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             env={**os.environ, "FAKE_AGENT_SLEEP": "0.3"})
+    child = SweepChild(tmp_path, topology)
     try:
-        _wait_for_runs(db, 2, child)
-        child.send_signal(signal.SIGINT)
-        _, err = child.communicate(timeout=60)
+        child.wait_for_runs(2)
+        child.process.send_signal(signal.SIGINT)
+        _, err = child.process.communicate(timeout=60)
     finally:
-        child.kill()
-    assert child.returncode == 130, err
+        child.process.kill()
+    assert child.process.returncode == 130, err
     assert b"interrupted; rerun the same command to resume" in err
-    store = ResultsStore(db)
-    assert store.integrity_check() == "ok"
-    done = len(store.runs(sweep="c"))
+    done = completed_runs(child.db)
     assert 2 <= done < 10
-    assert all(r["outcome"] == "passed" for r in store.runs(sweep="c"))
-    assert [n for n in _ip.namespaces() if n.startswith(f"{_ip.PREFIX}{child.pid}-")] == []
+    prefix = f"{_ip.PREFIX}{child.process.pid}-"
+    assert [n for n in _ip.namespaces() if n.startswith(prefix)] == []  # gone before the rerun
     assert dest_pids() == set()
-    rerun = subprocess.run(argv[:-2] + ["--topology", topology], capture_output=True, timeout=120,
-                           check=False)
-    assert rerun.returncode == 0, rerun.stderr
-    assert f"{10 - done} point(s) to run, {done} already done (skipped)".encode() in rerun.stderr
-    assert len(store.runs(sweep="c")) == 10
+    child.rerun_resumes(done)
+
+
+@pytest.mark.parametrize("topology", ["loopback", "netns"])
+def test_kill_9_of_the_sweep_loses_no_completed_run_and_leaves_no_agent(tmp_path, topology):
+    """Issue 7, durability: SIGKILL runs no code, yet the DB is intact and nothing keeps serving."""
+    child = SweepChild(tmp_path, topology)
+    try:
+        child.wait_for_runs(2)
+        assert dest_pids(), "the destination should be running mid-sweep"
+        child.process.kill()
+        child.process.communicate(timeout=30)
+    finally:
+        child.process.kill()
+    done = completed_runs(child.db)
+    assert done >= 2
+    deadline = time.monotonic() + 10
+    while dest_pids() and time.monotonic() < deadline:   # the guard polls every 0.2 s
+        time.sleep(0.05)
+    assert dest_pids() == set()
+    child.rerun_resumes(done)  # its stale cleanup removes the dead sweep's namespace
