@@ -75,3 +75,17 @@ async def test_a_real_netns_sweep_reaches_the_agent_inside_the_namespace(tmp_pat
     assert {r["outcome"] for r in runs} == {"passed"}
     assert all(r["destination"].startswith("127.0.0.1:") for r in runs)  # the relay, in the root namespace
     assert all(r["report"]["sweep"]["injector"]["target"].startswith("10.201.") for r in runs)
+
+
+async def test_a_strategy_that_hides_the_gap_fails_its_point(tmp_path, capsys):
+    """Negative control end to end: clock=plain restores kvmclock without the gap, so its
+    kvmclock_follows_gap verdict fails; the point is ``not ok`` in KTAP and the exit code is 1."""
+    code = await cli.run(parse("strat", "--strategy", "best", "--strategy", "clock=plain",
+                               "--gap", "20ms", "--repeat", "1", "--db", str(tmp_path / "r.db"),
+                               "--format", "ktap"))
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    best, plain = ktap.parse(out)
+    assert best.ok and best.description == "strategy=best"
+    assert not plain.ok and plain.description == "strategy=clock=plain"
+    assert "kvmclock_follows_gap" in plain.directive
