@@ -14,6 +14,7 @@ import argparse
 import json
 import signal
 import sys
+import threading
 from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import trio
 
+import protocol
 from source_agent.netem import NetemError
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
@@ -158,9 +160,9 @@ async def _watch_sigint(scope: trio.CancelScope, interrupted: list[bool]) -> Non
 
 async def _sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, args: argparse.Namespace,
                  dest_argv: DestArgv, interrupted: list[bool]) -> SweepOutcome | None:
-    to = tuple(plan.destination.rsplit(":", 1)) if plan.destination else None
+    to = _host_port(plan.destination) if plan.destination else None
     endpoint = partial(open_endpoint, plan.topology, psk_file=args.psk_file, dest_argv=dest_argv,
-                       to=(to[0], int(to[1])) if to else None)
+                       to=to)
     choose = partial(choose_injector, plan.injector)
     outcome = None
 
@@ -169,18 +171,12 @@ async def _sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, args
 
     with make_progress(plan.name, label=label) as progress, trio.CancelScope() as scope, single_error():
         async with trio.open_nursery() as nursery:
-            if trio.lowlevel.current_root_task() is not None and _main_thread():
+            if threading.current_thread() is threading.main_thread():  # signals need it
                 nursery.start_soon(_watch_sigint, scope, interrupted)
             outcome = await run_sweep(plan, store, run_point, endpoint=endpoint, choose=choose,
                                       progress=progress, point_timeout=args.point_timeout)
             nursery.cancel_scope.cancel()
     return outcome
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 async def run(args: argparse.Namespace, *, run_point: RunPoint | None = None,
@@ -193,8 +189,10 @@ async def run(args: argparse.Namespace, *, run_point: RunPoint | None = None,
     try:
         plan = plan_from_args(args)
         store = ResultsStore(args.db or default_db_path())
+        if args.psk_file:  # checked now, not at the first point
+            protocol.load_psk(args.psk_file)
         run_point = run_point or default_run_point()
-    except (AxisError, ResultsStoreError, SetupError) as exc:
+    except (AxisError, ResultsStoreError, SetupError, protocol.KeyFileError) as exc:
         _error(str(exc))
         return EXIT_USAGE
     interrupted: list[bool] = []

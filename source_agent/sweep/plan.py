@@ -270,9 +270,6 @@ class SweepPlan:
                 for repeat in range(self.repeat)
                 for latency, jitter, bandwidth, memory, gap, strategy in self.axes.combinations()]
 
-    def combinations(self) -> list[str]:
-        return [p.combination for p in self.points()[: self.combination_count]]
-
     @property
     def combination_count(self) -> int:
         a = self.axes

@@ -89,6 +89,7 @@ async def test_rerun_says_how_many_points_were_skipped(tmp_path, capsys):
     (("--topology", "remote"), "--to HOST:PORT is required"),
     (("--topology", "remote", "--to", "nowhere"), "--to: 'nowhere' is not HOST:PORT"),
     (("--injector", "tc"), "--injector tc needs --topology netns"),
+    (("--psk-file", "/nonexistent/key"), "/nonexistent/key"),
 ])
 async def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, argv, message):
     assert await run("x", *argv, "--db", str(tmp_path / "r.db")) == 2
