@@ -42,7 +42,18 @@ mount -o bind /sys /newroot/sys
 mkdir -p /dev/shm /dev/pts
 mount -o bind /dev /newroot/dev
 mount -t tmpfs shm /newroot/dev/shm
+# A writable /tmp that still shows the host's /tmp: a checkout or virtualenv under /tmp (CI clones
+# into any folder) must stay visible. Each top-level directory of the host's /tmp is bound back
+# (read-only, like the rest of the root) into the tmpfs.
+mkdir -p /hosttmp
+mount -o bind /newroot/tmp /hosttmp || fail "cannot bind the host's /tmp"
 mount -t tmpfs tmp /newroot/tmp || fail "cannot mount a tmpfs on /tmp"
+for entry in /hosttmp/* /hosttmp/.[!.]*; do
+    [ -d "$entry" ] && [ ! -L "$entry" ] || continue
+    name=${entry#/hosttmp/}
+    mkdir -p "/newroot/tmp/$name" && mount -o bind "$entry" "/newroot/tmp/$name" \
+        || fail "cannot bind /tmp/$name"
+done
 # After the tmpfs, so a results directory under /tmp is not hidden by it (mkdir: only there can
 # its mount point be missing; everywhere else the read-only root already has it).
 mkdir -p "/newroot$rpath" 2>/dev/null
