@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "xen_lane" in item.keywords and item.path.is_relative_to(HERE):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xen_static_key_pinned() -> Iterator[None]:
+    """Inside the lane, one Xen-configured VM lives for the whole session.
+
+    KVM enables its `kvm_xen_enabled` static key when a VM configures the Xen hypercall MSR and
+    disables it (deferred) when the last such VM is gone; each flip patches kernel text with int3
+    breakpoints. Under QEMU's multi-threaded TCG that patching once oopsed the lane kernel (int3
+    in __schedule, `results/xen-lane/console-oops-1.log`), so the tests keep the key on instead of
+    flipping it with every VM they create and destroy (subprocesses' VMs included)."""
+    if not in_lane():
+        yield
+        return
+    from kvmcore import Guest, GuestConfig, System
+    with System() as kvm, Guest.create(kvm, GuestConfig(xen=True)):
+        yield
 
 
 @pytest.fixture(scope="session")

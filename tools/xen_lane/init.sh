@@ -43,6 +43,8 @@ mkdir -p /dev/shm /dev/pts
 mount -o bind /dev /newroot/dev
 mount -t tmpfs shm /newroot/dev/shm
 mount -t tmpfs tmp /newroot/tmp || fail "cannot mount a tmpfs on /tmp"
+# /run (and /var/run, its symlink) writable: `ip netns add` keeps its namespaces under /run/netns.
+mount -t tmpfs run /newroot/run || fail "cannot mount a tmpfs on /run"
 # After the tmpfs, so a results directory under /tmp is not hidden by it (mkdir: only there can
 # its mount point be missing; everywhere else the read-only root already has it).
 mkdir -p "/newroot$rpath" 2>/dev/null
