@@ -89,11 +89,12 @@ RUNNABLE_SLACK_PPM = 1000
 
 
 def runnable_window(wall_gap_ns: int, first_entry_ns: int, open_ns: int = 0,
-                    uncertainty_ns: int = 0) -> tuple[int, int]:
+                    uncertainty_ns: int = 0,
+                    slack_ppm: int = RUNNABLE_SLACK_PPM) -> tuple[int, int]:
     """[lo, hi] the Xen runnable delta of a migration must lie in (the bound above)."""
     lo = wall_gap_ns + open_ns
     hi = lo + first_entry_ns
-    slack = RUNNABLE_SLACK_NS + uncertainty_ns + abs(hi) * RUNNABLE_SLACK_PPM // 1_000_000
+    slack = RUNNABLE_SLACK_NS + uncertainty_ns + abs(hi) * slack_ppm // 1_000_000
     return lo - slack, hi + slack
 
 

@@ -25,5 +25,7 @@ def test_runnable_window() -> None:
     assert (lo, hi) == (10_100_000 - 62_100, 12_100_000 + 62_100)
     lo2, hi2 = xen.runnable_window(10_000_000, 2_000_000, open_ns=100_000, uncertainty_ns=1000)
     assert (lo2, hi2) == (lo - 1000, hi + 1000)
+    lo3, hi3 = xen.runnable_window(10_000_000, 2_000_000, open_ns=100_000, slack_ppm=5000)
+    assert (lo3, hi3) == (10_100_000 - 110_500, 12_100_000 + 110_500)
     # Negative control: a delta that hides the gap (clock=plain) is outside.
     assert not lo <= 3_000_000 <= hi
