@@ -132,3 +132,28 @@ def test_runstate_area_layouts_across_page_boundary(kvm, long_mode: bool) -> Non
             if long_mode:
                 pad = area[4:8].hex()
                 print(f"64-bit area at {gpa:#x}: padding after state = {pad}")
+
+
+@pytest.mark.xen_lane
+@pytest.mark.parametrize("hypercall_msr", [lib.KVMCORE_XEN_HYPERCALL_MSR, 0],
+                         ids=["hypercall-msr", "no-msr"])
+def test_running_switch_needs_the_hypercall_msr(kvm, hypercall_msr: int) -> None:
+    """Why the seed (and kvmcore) configure the hypercall MSR: KVM switches the runstate at
+    vcpu_load (KVM_REQ_STEAL_UPDATE) only when it is set. Without it (the negative control) a
+    runnable vCPU that runs stays runnable, and the gap would never be accounted."""
+    with Guest.create(kvm, GuestConfig()) as g:
+        g.vm.xen_hvm_config(xen.hvm_config(hypercall_msr))
+        g.vm.xen_hvm_set_attr(xen.hvm_attr_long_mode(True))
+        g.vm.xen_hvm_set_attr(xen.hvm_attr_shared_info(lib.KVMCORE_SHINFO_GPA >> 12))
+        g.vcpu.xen_set_attr(xen.vcpu_attr_runstate_addr(lib.KVMCORE_RUNSTATE_GPA))
+        g.vcpu.xen_set_attr(xen.vcpu_attr_runstate_current(xen.RUNSTATE_RUNNABLE))
+        before = runstate(g)
+        for _ in range(3):
+            g.run_until_snapshot()
+        after = runstate(g)
+    print(f"hypercall MSR {hypercall_msr:#x}: {before} -> {after}")
+    if hypercall_msr:
+        assert after.state == xen.RUNSTATE_RUNNING
+        assert after.time_runnable > before.time_runnable
+    else:
+        assert after == before
