@@ -79,6 +79,19 @@ def test_strategy_table() -> None:
                 # capture() closes the runstate (RUNSTATE_CURRENT) unless the seed's way is asked.
                 assert row.captured_state == (0 if seed_capture else 1), row.label
                 assert row.open_ns is not None and row.open_ns >= 0
+    # The seed's own pair (clock=guest, tsc=adjust) cannot run on this kernel; what it would do
+    # follows from the tsc=adjust rows: the restored guest TSC (at the first report, so at
+    # most this at restore) is behind the source pvclock's tsc_timestamp, and the series'
+    # KVM_SET_CLOCK_GUEST refuses exactly that with EINVAL (docs/xen-lane.md).
+    for row, _ in rows:
+        if row.outcome == "ok" and row.strategy.tsc in ("adjust", "none"):
+            assert row.dest_tsc is not None and row.src_tsc_timestamp is not None
+            assert row.dest_tsc < row.src_tsc_timestamp, row.label
+    adjust = next(r for r, _ in rows if r.label == "clock=realtime,tsc=adjust")
+    rows = [(row, why + (f"; with the series: EINVAL predicted (restored guest TSC "
+                         f"{adjust.dest_tsc} < source tsc_timestamp {adjust.src_tsc_timestamp}, "
+                         "row 2)" if row.strategy.clock == "guest" and not caps.clock_guest
+                         else "")) for row, why in rows]
     print(f"\nStrategy table: Xen guest, gap {GAP_S * 1e3:.0f} ms, runstate=kernel, "
           f"kernel {caps.kernel_release}, tsc_offset_applies={caps.tsc_offset_applies}, "
           f"clock_guest={caps.clock_guest}")

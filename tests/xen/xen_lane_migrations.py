@@ -43,6 +43,8 @@ class Row:
     window: tuple[int, int] | None = None
     kvmclock_jump_ns: int | None = None
     tsc_jump_ns: int | None = None
+    src_tsc_timestamp: int | None = None  # the source pvclock's tsc_timestamp (last report)
+    dest_tsc: int | None = None         # the guest TSC at the destination's first report
     checks: dict[str, bool | None] = field(default_factory=dict)
 
     @property
@@ -107,6 +109,8 @@ def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, *, gap_s: f
                                     slack_ppm=LANE_SLACK_PPM)
     row.kvmclock_jump_ns = a.kvmclock_jump.value_ns
     row.tsc_jump_ns = a.tsc_jump.value_ns
+    row.src_tsc_timestamp = before.pvclock.tsc_timestamp
+    row.dest_tsc = after.tsc
     row.checks = {name: check.ok for name, check in a.checks.items()}
     return row
 
