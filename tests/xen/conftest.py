@@ -35,11 +35,12 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 def xen_static_key_pinned() -> Iterator[None]:
     """Inside the lane, one Xen-configured VM lives for the whole session.
 
-    KVM enables its `kvm_xen_enabled` static key when a VM configures the Xen hypercall MSR and
-    disables it (deferred) when the last such VM is gone; each flip patches kernel text with int3
-    breakpoints. Under QEMU's multi-threaded TCG that patching once oopsed the lane kernel (int3
-    in __schedule, `results/xen-lane/console-oops-1.log`), so the tests keep the key on instead of
-    flipping it with every VM they create and destroy (subprocesses' VMs included)."""
+    KVM flips static keys -- patches kernel text through int3 breakpoints -- when the first VM is
+    created and the last destroyed (`preempt_notifier_key`, inline in __schedule) and when the
+    first VM configures the Xen hypercall MSR (`kvm_xen_enabled`). Under QEMU's multi-threaded
+    TCG that patching once oopsed the lane kernel (int3 in __schedule), so the tests keep both
+    keys on instead of flipping them with every VM they create and destroy (subprocesses' VMs
+    included). docs/xen-lane.md has the evidence."""
     if not in_lane():
         yield
         return

@@ -59,7 +59,11 @@ def test_times_sum_to_entry_time(kvm) -> None:
             area = xen.Runstate(*snap.runstate)
             assert sum_ok(rs), rs
             assert sum_ok(area), area
-            assert rs.state == xen.RUNSTATE_RUNNING and area.state == xen.RUNSTATE_RUNNING
+            # Running since this KVM_RUN's entry (runnable only if the thread was preempted
+            # after the guest's last exit), and the area shows what KVM's record shows.
+            assert rs.state in (xen.RUNSTATE_RUNNING, xen.RUNSTATE_RUNNABLE)
+            if rs.state == xen.RUNSTATE_RUNNING:
+                assert area == rs
             seen.append(rs)
         # Each switch accounted something to the state it left.
         last = seen[-1]
@@ -153,7 +157,40 @@ def test_running_switch_needs_the_hypercall_msr(kvm, hypercall_msr: int) -> None
         after = runstate(g)
     print(f"hypercall MSR {hypercall_msr:#x}: {before} -> {after}")
     if hypercall_msr:
-        assert after.state == xen.RUNSTATE_RUNNING
-        assert after.time_runnable > before.time_runnable
+        assert after.time_running > before.time_running == 0     # it switched to running
+        assert after.time_runnable > before.time_runnable       # accounting the runnable time
     else:
         assert after == before
+
+
+@pytest.mark.xen_lane
+def test_kvmclock_stepping_back_behind_the_entry_time(kvm) -> None:
+    """RUNSTATE_DATA is refused when its entry time is ahead of the kvmclock, but nothing stops
+    the kvmclock from being set back afterwards (KVM_SET_CLOCK: a VMM restoring the runstate
+    before the clock). The next switch then sees a negative delta. The notes report an upstream fix
+    (2026) that accounts nothing and keeps the entry time; without it the delta is added as a u64,
+    the time goes "negative" (huge), the entry time steps back and the sum no longer matches.
+    Either is accepted here, named in the output: docs/xen-lane.md records which this kernel has."""
+    with Guest.create(kvm, GuestConfig(xen=True)) as g:
+        g.run_until_snapshot()
+        g.vcpu.xen_set_attr(xen.vcpu_attr_runstate_current(xen.RUNSTATE_RUNNABLE))
+        before = runstate(g)
+        now = g.vm.get_clock().clock
+        step = now // 2         # back by half the VM's age (a young VM's kvmclock is small)
+        assert step > 1_000_000
+        g.vm.set_clock(now - step)
+        g.vcpu.xen_set_attr(xen.vcpu_attr_runstate_current(xen.RUNSTATE_BLOCKED))
+        after = runstate(g)
+        area = xen.Runstate(*g.run_until_snapshot().runstate)
+    delta = (after.time_runnable - before.time_runnable + (1 << 63)) % (1 << 64) - (1 << 63)
+    fixed = after.time_runnable == before.time_runnable and \
+        after.state_entry_time == before.state_entry_time
+    unfixed = delta < 0 and abs(delta + step) < step // 2 and not sum_ok(after) and \
+        after.state_entry_time < before.state_entry_time
+    behaviour = ("fixed: nothing accounted, entry time kept" if fixed else
+                 f"unfixed: runnable += {delta} ns as u64 ({after.time_runnable}), entry time "
+                 f"{before.state_entry_time} -> {after.state_entry_time}, sum != entry time")
+    print(f"kvmclock set back {step} ns behind the entry time: {behaviour}; the guest's area "
+          f"then shows runnable = {area.time_runnable}")
+    assert after.state == xen.RUNSTATE_BLOCKED
+    assert fixed or unfixed, (before, after)
