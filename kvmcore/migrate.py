@@ -349,7 +349,9 @@ def _restore_runstate(guest: Guest, state: VmState) -> dict[str, int]:
     """As the seed: RUNSTATE_DATA with the state forced to runnable (capture() has already
     made it so, unless close_runstate=False), so the first vcpu_load accounts
     (kvmclock now - state_entry_time) as runnable. Needs the kvmclock restored first:
-    KVM refuses an entry time in the future with EINVAL (clock=none does exactly that)."""
+    KVM refuses an entry time in the future with EINVAL (clock=none does exactly that). And
+    last: a kernel without the 2026 negative-delta fix (6.12.95, docs/xen-lane.md) accounts a
+    kvmclock set back after this as a huge (u64-wrapped) time at the next switch."""
     assert state.xen is not None
     runstate = dict(state.xen["runstate"], state=xen.RUNSTATE_RUNNABLE)
     guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(xen.Runstate(**runstate)))
