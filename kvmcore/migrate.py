@@ -187,9 +187,20 @@ class RestoreRecord:
         return cls(**plain)
 
 
-def capture(guest: Guest) -> VmState:
+def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
     """Capture a stopped guest (after run_until_snapshot). The `out` it stopped on is
-    completed first, so the destination resumes after it. Memory is shared, not copied."""
+    completed first, so the destination resumes after it. Memory is shared, not copied.
+
+    Xen guests: KVM switches the runstate to running at the first guest entry after a
+    vcpu_load (KVM_REQ_STEAL_UPDATE) and to runnable only when the vCPU thread is
+    preempted, so a vCPU the VMM merely stopped still reads ``running`` since its last
+    KVM_RUN entry or preemption. ``close_runstate`` (default) switches it to runnable first
+    (RUNSTATE_CURRENT: KVM accounts that open period as running, up to now), before the
+    clock is read: the destination then accounts only the stop as runnable. False reads
+    RUNSTATE_DATA as it is, as the seed does: the open period (the last KVM_RUN, and on a
+    busy vCPU that rarely leaves KVM_RUN, everything since its last preemption) is then
+    accounted as runnable on the destination. Either way the source vCPU should not run
+    again."""
     t0 = time.perf_counter_ns()
     vcpu, vm = guest.vcpu, guest.vm
     vcpu.complete_pending_io()
@@ -200,6 +211,9 @@ def capture(guest: Guest) -> VmState:
     values = vcpu.get_msrs(list(wanted.values()))
     msrs = {name: values[index] for name, index in wanted.items()}
     tsc_khz = vcpu.get_tsc_khz()
+    if guest.config.xen and close_runstate:
+        # Right before the clock reading: the runnable period starts this close to it.
+        vcpu.xen_set_attr(xen.vcpu_attr_runstate_current(xen.RUNSTATE_RUNNABLE))
     clock = vm.get_clock()
     has_offset = vcpu.has_device_attr(lib.KVM_VCPU_TSC_CTRL, lib.KVM_VCPU_TSC_OFFSET)
     tsc_offset = vcpu.get_tsc_offset() if has_offset else None
@@ -332,9 +346,12 @@ def _restore_tsc(guest: Guest, state: VmState, strategy: Strategy,
 
 
 def _restore_runstate(guest: Guest, state: VmState) -> dict[str, int]:
-    """As the seed: RUNSTATE_DATA with the state forced to runnable, so the first
-    vcpu_load accounts (kvmclock now - state_entry_time) as runnable. Needs the kvmclock
-    restored first (KVM refuses an entry time in the future with EINVAL)."""
+    """As the seed: RUNSTATE_DATA with the state forced to runnable (capture() has already
+    made it so, unless close_runstate=False), so the first vcpu_load accounts
+    (kvmclock now - state_entry_time) as runnable. Needs the kvmclock restored first:
+    KVM refuses an entry time in the future with EINVAL (clock=none does exactly that). And
+    last: a kernel without the 2026 negative-delta fix (6.12.95, docs/xen-lane.md) accounts a
+    kvmclock set back after this as a huge (u64-wrapped) time at the next switch."""
     assert state.xen is not None
     runstate = dict(state.xen["runstate"], state=xen.RUNSTATE_RUNNABLE)
     guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(xen.Runstate(**runstate)))

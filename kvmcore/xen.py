@@ -7,12 +7,18 @@ and need ``KVM_CAP_XEN_HVM``.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._kvm import ffi, lib
 
 RUNSTATE_RUNNING, RUNSTATE_RUNNABLE, RUNSTATE_BLOCKED, RUNSTATE_OFFLINE = range(4)
+# The guest's vcpu_runstate_info as KVM writes it (KVM_XEN_ATTR_TYPE_LONG_MODE selects):
+# 64-bit: u32 state, 4 bytes of padding, u64 state_entry_time, u64 time[4] (0x30 bytes);
+# 32-bit (compat): the same fields packed (0x2c bytes).
+RUNSTATE_AREA_FORMAT = {True: "<I4xQ4Q", False: "<IQ4Q"}
+RUNSTATE_AREA_SIZE = {mode: struct.calcsize(fmt) for mode, fmt in RUNSTATE_AREA_FORMAT.items()}
 # RUNSTATE_ADJUST's "leave this field alone" value for state.
 RUNSTATE_ADJUST_KEEP_STATE = (1 << 64) - 1
 
@@ -60,6 +66,36 @@ class Runstate:
         rs = attr.u.runstate
         return cls(rs.state, rs.state_entry_time, rs.time_running, rs.time_runnable,
                    rs.time_blocked, rs.time_offline)
+
+
+def parse_runstate_area(data: bytes, long_mode: bool) -> Runstate:
+    """The guest's runstate area (RUNSTATE_AREA_SIZE[long_mode] bytes) as a Runstate."""
+    return Runstate(*struct.unpack(RUNSTATE_AREA_FORMAT[long_mode], data))
+
+
+# The project's bound on the Xen runnable delta a migration adds (docs/xen-lane.md).
+# kvmcore's capture() closes the running period first (RUNSTATE_CURRENT = runnable, then
+# KVM_GET_CLOCK), so the runnable period starts at the captured runstate's entry time, at
+# most ``open_ns`` = captured kvmclock - entry time before the capture's clock reading, and
+# ends at the destination's first vcpu_load, inside its first KVM_RUN. With the kvmclock
+# carried by CLOCK_REALTIME (clock=realtime) the kernel must therefore account
+#     wall_gap + open_ns  <=  delta runnable  <=  wall_gap + open_ns + first_entry_ns
+# where wall_gap runs from the capture's clock reading to just before the first KVM_RUN
+# and first_entry_ns is that KVM_RUN's duration until the guest's report. Allowed on top:
+# the clock-sync uncertainty between two hosts, kvmclock's rate against CLOCK_REALTIME
+# (1000 ppm, as kvmcore.analysis) and 50 us of reading granularity.
+RUNNABLE_SLACK_NS = 50_000
+RUNNABLE_SLACK_PPM = 1000
+
+
+def runnable_window(wall_gap_ns: int, first_entry_ns: int, open_ns: int = 0,
+                    uncertainty_ns: int = 0,
+                    slack_ppm: int = RUNNABLE_SLACK_PPM) -> tuple[int, int]:
+    """[lo, hi] the Xen runnable delta of a migration must lie in (the bound above)."""
+    lo = wall_gap_ns + open_ns
+    hi = lo + first_entry_ns
+    slack = RUNNABLE_SLACK_NS + uncertainty_ns + abs(hi) * slack_ppm // 1_000_000
+    return lo - slack, hi + slack
 
 
 def hvm_config(msr: int, flags: int = 0) -> Any:

@@ -47,6 +47,7 @@ ROOT_MODULES = {
     "9pnet_virtio": "CONFIG_NET_9P_VIRTIO",
     "9p": "CONFIG_9P_FS",
     "sch_netem": "CONFIG_NET_SCH_NETEM",
+    "veth": "CONFIG_VETH",  # the agents' two-namespace topology (source_agent.netem.open_topology)
 }
 
 DEBIAN_SUITE = "bookworm-backports"
@@ -362,8 +363,14 @@ def cached_kernel(root: Path) -> Kernel | None:
                 return None
     except (OSError, ValueError, KeyError):
         return None
-    return Kernel(kdir / "vmlinuz", (kdir / "config").read_text(), kdir / "modules",
-                  f"{manifest['package']} {manifest['version']} (cached)")
+    kernel = Kernel(kdir / "vmlinuz", (kdir / "config").read_text(), kdir / "modules",
+                    f"{manifest['package']} {manifest['version']} (cached)")
+    try:
+        module_files(kernel)
+    except LaneError as e:  # cached by a version of the lane that loaded fewer modules
+        progress(f"cached kernel lacks a module the lane loads ({e}): fetching again")
+        return None
+    return kernel
 
 
 def apt_isolated(root: Path) -> list[str]:

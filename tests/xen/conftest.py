@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -28,6 +29,24 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "xen_lane" in item.keywords and item.path.is_relative_to(HERE):
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def xen_static_key_pinned() -> Iterator[None]:
+    """Inside the lane, one Xen-configured VM lives for the whole session.
+
+    KVM flips static keys -- patches kernel text through int3 breakpoints -- when the first VM is
+    created and the last destroyed (`preempt_notifier_key`, inline in __schedule) and when the
+    first VM configures the Xen hypercall MSR (`kvm_xen_enabled`). Under QEMU's multi-threaded
+    TCG that patching once oopsed the lane kernel (int3 in __schedule), so the tests keep both
+    keys on instead of flipping them with every VM they create and destroy (subprocesses' VMs
+    included). docs/xen-lane.md has the evidence."""
+    if not in_lane():
+        yield
+        return
+    from kvmcore import Guest, GuestConfig, System
+    with System() as kvm, Guest.create(kvm, GuestConfig(xen=True)):
+        yield
 
 
 @pytest.fixture(scope="session")

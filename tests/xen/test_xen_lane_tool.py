@@ -17,12 +17,13 @@ CONFIG_NET_9P=m
 CONFIG_NET_9P_VIRTIO=m
 CONFIG_9P_FS=m
 CONFIG_NET_SCH_NETEM=m
+CONFIG_VETH=m
 """
 
 
 def test_config_with_kvm_xen_is_accepted(lane_tool) -> None:
     assert lane_tool.check_kernel_config(GOOD_CONFIG) == {
-        "kvm_amd": True, "9pnet_virtio": True, "9p": True, "sch_netem": True}
+        "kvm_amd": True, "9pnet_virtio": True, "9p": True, "sch_netem": True, "veth": True}
 
 
 def test_builtin_modules_need_no_loading(lane_tool) -> None:

@@ -54,6 +54,8 @@ for entry in /hosttmp/* /hosttmp/.[!.]*; do
     mkdir -p "/newroot/tmp/$name" && mount -o bind "$entry" "/newroot/tmp/$name" \
         || fail "cannot bind /tmp/$name"
 done
+# /run (and /var/run, its symlink) writable: `ip netns add` keeps its namespaces under /run/netns.
+mount -t tmpfs run /newroot/run || fail "cannot mount a tmpfs on /run"
 # After the tmpfs, so a results directory under /tmp is not hidden by it (mkdir: only there can
 # its mount point be missing; everywhere else the read-only root already has it).
 mkdir -p "/newroot$rpath" 2>/dev/null

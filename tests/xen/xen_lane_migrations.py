@@ -1,0 +1,139 @@
+"""In-process migrations of a Xen guest for the lane's tests, one row of the strategy table each.
+
+A uniquely named module (tests cannot import a conftest reliably). Nothing here is skipped or
+mocked: every row is a real capture on a real KVM-Xen VM, a real gap and a real restore; a
+restore the kernel refuses is a row too ("refused: ..."), not an exception.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from kvmcore import (
+    Guest, GuestConfig, HostCapabilities, KvmIoctlError, Strategy, System, Unsupported, analyse,
+    capture, restore, xen,
+)
+
+GAP_S = 0.010                       # the seed's gap
+# TCG slack for the runnable window: the kvmclock follows the lane kernel's raw monotonic clock,
+# the gap is measured with CLOCK_REALTIME, and under TCG the kernel's timekeeping steers
+# CLOCK_MONOTONIC/REALTIME against MONOTONIC_RAW by up to 2337 ppm over 200 ms (-396 over 1 s,
+# -145 over 2 s; measured in the lane). 5000 ppm of a ~100 ms gap is 0.5 ms: still 20 times
+# smaller than the 10 ms a hidden gap (clock=plain) takes away.
+LANE_SLACK_PPM = 5000
+SEED_LIMIT_NS = 5_000_000_000       # the seed's upper bound on the runnable delta
+
+
+def ms(ns: int | None) -> str:
+    return "-" if ns is None else f"{ns / 1e6:.2f}"
+
+
+@dataclass
+class Row:
+    """One migration: what was asked, what the kernel did, what the guest saw, the checks."""
+
+    strategy: Strategy
+    close_runstate: bool = True
+    outcome: str = "ok"                 # ok | refused: ... | unsupported on this host: ...
+    runnable_ns: int | None = None      # Xen time_runnable delta the guest saw
+    wall_gap_ns: int | None = None
+    first_entry_ns: int | None = None
+    open_ns: int | None = None          # captured kvmclock - captured runstate entry time
+    captured_state: int | None = None   # runstate state in the captured VmState
+    window: tuple[int, int] | None = None
+    kvmclock_jump_ns: int | None = None
+    tsc_jump_ns: int | None = None
+    src_tsc_timestamp: int | None = None  # the source pvclock's tsc_timestamp (last report)
+    dest_tsc: int | None = None         # the guest TSC at the destination's first report
+    checks: dict[str, bool | None] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        capture_how = "" if self.close_runstate else " (seed capture)"
+        return f"clock={self.strategy.clock},tsc={self.strategy.tsc}{capture_how}"
+
+    @property
+    def seed_ok(self) -> bool | None:
+        if self.runnable_ns is None:
+            return None
+        return int(GAP_S * 1e9) <= self.runnable_ns < SEED_LIMIT_NS
+
+    @property
+    def tight_ok(self) -> bool | None:
+        if self.runnable_ns is None or self.window is None:
+            return None
+        return self.window[0] <= self.runnable_ns <= self.window[1]
+
+    def summary(self) -> dict[str, bool | None | str]:
+        """What the table asserts: outcome and the four checks."""
+        return {"outcome": self.outcome.split(":")[0], "tight": self.tight_ok,
+                "kvmclock": self.checks.get("kvmclock_follows_host"),
+                "tsc": self.checks.get("tsc_follows_host"),
+                "never_backwards": self.checks.get("kvmclock_monotonic")}
+
+
+def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, *, gap_s: float = GAP_S,
+            close_runstate: bool = True, reports: int = 3) -> Row:
+    """Create a Xen guest, let it report ``reports`` times, capture, destroy, sleep ``gap_s``,
+    restore with ``strategy``, run to its first report: the seed's flow, in one process."""
+    row = Row(strategy, close_runstate)
+    try:
+        strategy.check_host(caps)
+    except Unsupported as exc:
+        row.outcome = str(exc)
+        return row
+    with Guest.create(kvm, GuestConfig(xen=True)) as g:
+        for _ in range(reports):
+            before = g.run_until_snapshot()
+        state = capture(g, close_runstate=close_runstate)
+    assert state.xen is not None
+    rs = state.xen["runstate"]
+    row.captured_state = rs["state"]
+    row.open_ns = state.clock["clock"] - rs["state_entry_time"]
+    time.sleep(gap_s)
+    try:
+        g2 = restore(kvm, state, strategy, caps)
+    except KvmIoctlError as exc:
+        row.outcome = f"refused: {exc}"
+        return row
+    with g2:
+        after = g2.run_until_snapshot()
+    record = g2.restore_record
+    assert record is not None and record.first_entry_ns is not None
+    a = analyse(before, after, state, record)
+    assert a.wall_gap.value_ns is not None
+    row.runnable_ns = a.xen_runnable_delta.value_ns
+    row.wall_gap_ns = a.wall_gap.value_ns
+    row.first_entry_ns = record.first_entry_ns
+    row.window = xen.runnable_window(a.wall_gap.value_ns, record.first_entry_ns, row.open_ns,
+                                    slack_ppm=LANE_SLACK_PPM)
+    row.kvmclock_jump_ns = a.kvmclock_jump.value_ns
+    row.tsc_jump_ns = a.tsc_jump.value_ns
+    row.src_tsc_timestamp = before.pvclock.tsc_timestamp
+    row.dest_tsc = after.tsc
+    row.checks = {name: check.ok for name, check in a.checks.items()}
+    return row
+
+
+def yes_no(value: bool | None) -> str:
+    return "-" if value is None else ("pass" if value else "FAIL")
+
+
+COLUMNS = ("strategy", "restore", "Δrunnable ms", "wall gap ms", "window ms", "open ms",
+           "kvmclock jump ms", "TSC jump ms", "seed check", "tight", "kvmclock", "TSC",
+           "expected (why)")
+
+
+def table(rows: list[tuple[Row, str]]) -> str:
+    """Markdown table of ``(row, expectation)`` pairs (the expectation is the last column)."""
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    for row, why in rows:
+        restore_col = row.outcome if len(row.outcome) < 90 else row.outcome[:87] + "..."
+        window = "-" if row.window is None else f"[{ms(row.window[0])}, {ms(row.window[1])}]"
+        lines.append(
+            f"| {row.label} | {restore_col} | {ms(row.runnable_ns)} | {ms(row.wall_gap_ns)} "
+            f"| {window} | {ms(row.open_ns)} | {ms(row.kvmclock_jump_ns)} "
+            f"| {ms(row.tsc_jump_ns)} | {yes_no(row.seed_ok)} | {yes_no(row.tight_ok)} "
+            f"| {yes_no(row.checks.get('kvmclock_follows_host'))} "
+            f"| {yes_no(row.checks.get('tsc_follows_host'))} | {why} |")
+    return "\n".join(lines)
