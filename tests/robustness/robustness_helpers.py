@@ -89,6 +89,18 @@ def wait_for(predicate: Callable[[], T], timeout: float, what: str, interval: fl
         time.sleep(interval)
 
 
+async def await_for(predicate: Callable[[], T], timeout: float, what: str,
+                    interval: float = 0.01) -> T:
+    """`wait_for` for trio tests: other tasks (a relay, clients) run while it polls."""
+    import trio
+
+    with trio.move_on_after(timeout):
+        while not (value := predicate()):
+            await trio.sleep(interval)
+        return value
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
 def kill_and_reap(proc: subprocess.Popen[bytes]) -> None:
     """SIGKILL (works on a stopped process too) and reap; a no-op on one already gone."""
     if proc.poll() is None:
