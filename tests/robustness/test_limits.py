@@ -14,6 +14,7 @@ import pytest
 import trio
 from agents_helpers import settle
 
+import dest_agent.server
 import dest_agent.session
 import protocol
 from dest_agent import AGENT_VERSION, DestinationServer
@@ -170,3 +171,39 @@ async def test_idle_timeout(serve):
     # Control: a peer that speaks every 0.3 s is kept past the 1 s.
     elapsed, why = await dropped_after(server, handshake=True, keepalive=0.3, within=2.0)
     assert elapsed is None, why
+
+
+def preauth_peak(limits: protocol.Limits) -> float:
+    """MiB traced while a destination session takes the largest HELLO ``limits`` let through
+    before authentication: distinct short strings, the costliest values per wire byte."""
+    import tracemalloc
+
+    import msgpack
+
+    lists = (limits.max_frame_size - 1024) // (65536 * 10)
+    caps = {f"k{i}": [b"%08x" % (i << 16 | j) for j in range(min(65536, limits.max_frame_size
+                                                                      // 10))]
+            for i in range(max(lists, 1))}
+    body = msgpack.packb({"type": "hello", "protocol_version": 1, "agent_version": "x",
+                          "role": "source", "capabilities": caps, "nonce": bytes(range(32))})
+    body = body[:limits.max_frame_size - 4]          # truncated if over: refused, not waited for
+    tracemalloc.start()
+    try:
+        session = protocol.Session("destination", b"k" * 16, limits=limits)
+        session.receive_data(len(body).to_bytes(4, "big") + body)
+        try:
+            session.next_event()
+        except protocol.ProtocolError:
+            pass
+        return tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+
+
+def test_what_a_peer_costs_before_authentication_is_bounded_by_max_frame_size():
+    """Before AUTH a peer can send one frame up to max_frame_size, decoded into Python objects
+    and held until the handshake timeout: --max-frame-size is what bounds it (docs/security.md)."""
+    small = config("--max-frame-size", "64KiB")
+    assert preauth_peak(dest_agent.server.session_limits(small)) < 2
+    # Control: the 8 MiB default lets one unauthenticated HELLO cost tens of MiB.
+    assert preauth_peak(dest_agent.server.session_limits(config())) > 32
