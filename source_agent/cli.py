@@ -37,6 +37,7 @@ from .options import (
     seconds,
 )
 from .render import render
+from .sweep import cli as sweep_cli
 from .report import compose, error_report, iso, record_columns
 from .results import (
     ResultsStore,
@@ -125,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     results.add_argument("--format", choices=("json", "csv"), default="json",
                          help="export format (default json)")
     results.add_argument("--limit", type=int, metavar="N", help="only the N latest runs")
+    sweep_cli.add_parser(sub)
     return parser
 
 
@@ -270,4 +272,6 @@ def main(argv: Sequence[str] | None = None) -> int:
                         stream=sys.stderr, format="%(name)s: %(message)s")
     if args.command == "results":
         return cmd_results(args)
+    if args.command == "sweep":
+        return trio.run(args.run, args)
     return cmd_run(args)

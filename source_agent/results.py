@@ -50,6 +50,15 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep, point);
 """
 
+#: Sweeps and their configuration (axes, topology), created on first use by register_sweep.
+_SWEEPS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS sweeps (
+    name       TEXT PRIMARY KEY,
+    created_at TEXT NOT NULL,
+    config     TEXT NOT NULL
+) STRICT
+"""
+
 #: Columns in the order ``results`` exports them (the report JSON comes last).
 COLUMNS = (
     "run_id", "started_at", "finished_at", "command", "sweep", "point", "outcome",
@@ -173,6 +182,37 @@ class ResultsStore:
     def integrity_check(self) -> str:
         with closing(self._connect()) as con:
             return con.execute("PRAGMA integrity_check").fetchone()[0]
+
+    def register_sweep(self, name: str, config: Mapping[str, Any], created_at: str) -> dict[str, Any]:
+        """Remember a sweep's configuration under its name; return what is stored for it.
+
+        The first call for a name stores ``config`` and returns it; later calls
+        return the stored one unchanged, so the caller can refuse a rerun whose
+        axes differ (mixing two experiments' points under one name would make
+        every summary of it wrong). The table is created on first use, so
+        databases written before sweeps existed stay valid.
+        """
+        with closing(self._connect()) as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                con.execute(_SWEEPS_SCHEMA)
+                row = con.execute("SELECT config FROM sweeps WHERE name = ?", (name,)).fetchone()
+                if row is None:
+                    con.execute("INSERT INTO sweeps (name, created_at, config) VALUES (?, ?, ?)",
+                                (name, created_at, json.dumps(config, sort_keys=True)))
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+        return dict(config) if row is None else json.loads(row[0])
+
+    def sweep_config(self, name: str) -> dict[str, Any] | None:
+        """The configuration stored by `register_sweep` for ``name``, or None."""
+        with closing(self._connect()) as con:
+            if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'sweeps'").fetchone() is None:
+                return None
+            row = con.execute("SELECT config FROM sweeps WHERE name = ?", (name,)).fetchone()
+        return None if row is None else json.loads(row[0])
 
 
 def _decode(row: dict[str, Any]) -> dict[str, Any]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -21,7 +20,6 @@ from source_agent.netem.netns import (
     netns_unsupported, open_topology,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 pytestmark = pytest.mark.skipif(
     netns_unsupported() is not None, reason=f"unsupported on this host: {netns_unsupported()}")
@@ -67,8 +65,8 @@ async def test_gone_after_cancellation_and_keyboard_interrupt():
 @asynccontextmanager
 async def holder() -> AsyncIterator[tuple[trio.Process, str]]:
     """A child process holding a topology; killed and reaped on the way out whatever happens."""
-    env = {**os.environ, "PYTHONPATH": REPO}
-    process = await trio.lowlevel.open_process([sys.executable, "-c", HOLDER], env=env,
+    # -P: the installed package, never the checkout (whose kvmcore has no built extension).
+    process = await trio.lowlevel.open_process([sys.executable, "-P", "-c", HOLDER],
                                                stdout=subprocess.PIPE)
     try:
         async with process.stdout:

@@ -1,0 +1,55 @@
+"""The real run_point: one migration through the agents (source_agent.migrate), as a report dict.
+
+Kept apart from the runner so the runner never imports KVM: on a host or
+branch without the agents, importing this module fails and the command says
+so, while everything else (plans, summaries, plots, ktap) still works.
+
+The host's capabilities are probed once per sweep — probing creates a VM,
+which should not be repeated per point, and the capabilities cannot change
+mid-sweep — and ``/dev/kvm`` is opened per point, so a point's failure can
+leave nothing open for the next one.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from typing import Any
+
+import trio
+
+import protocol
+from kvmcore import HostCapabilities, Strategy, System
+
+from ..migrate import MigrationPlan, migrate
+from ..report import compose
+from .plan import PointConfig
+from .runner import RunPoint, Target
+
+
+def strategy_for(text: str, caps: HostCapabilities) -> Strategy:
+    """``best`` -> the host's best; ``clock=plain,...`` -> those parts over the host's best."""
+    best = Strategy.best(caps)
+    strategy = best if text == "best" else Strategy.parse(text, best)
+    strategy.check_host(caps)
+    return strategy
+
+
+def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
+    caps: list[HostCapabilities] = []
+
+    async def run_point(point: PointConfig, target: Target) -> dict[str, Any]:
+        psk = protocol.load_psk(target.psk_file) if target.psk_file else b""
+        with System() as kvm:
+            if not caps:
+                caps.append(await trio.to_thread.run_sync(kvm.capabilities))
+            plan = MigrationPlan(host=target.host, port=target.port, psk=psk,
+                                 strategy=strategy_for(point.strategy, caps[0]),
+                                 memory_size=point.memory_size, warmup_ns=warmup_ns,
+                                 gap_ns=point.gap_ns, topology=target.topology)
+            started = time.time_ns()
+            migration = await migrate(plan, kvm, caps[0])
+        return compose(migration, run_id=f"sweep-{secrets.token_hex(4)}", started_ns=started,
+                       command="sweep")
+
+    return run_point

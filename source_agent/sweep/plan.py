@@ -1,0 +1,318 @@
+"""What a sweep runs: its axes, every point (combination × repeat), and each point's stable key.
+
+The key is what makes a sweep resumable: it is derived only from the point's
+values in canonical spelling (``latency=5ms jitter=0ms bandwidth=unlimited
+memory=2MiB gap=0ms strategy=best rep=1``), never from the order of the
+options or of the values on the command line, so a rerun recognises the
+points it already ran.
+
+Values are parsed here once, before any namespace, process or VM exists,
+with errors that name the option and the offending value.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+from source_agent.netem import (
+    ImpairmentError,
+    Link,
+    format_duration,
+    format_rate,
+    parse_duration,
+    parse_rate,
+)
+from source_agent.netem.link import _quantity
+
+T = TypeVar("T")
+
+TOPOLOGIES = ("loopback", "netns", "remote")
+INJECTORS = ("auto", "relay", "tc")
+
+#: Guest memory is mapped in 2 MiB pages, up to kvmcore's 1 GiB maximum.
+MEMORY_STEP = 2 << 20
+MEMORY_MAX = 1 << 30
+#: One-way latency and gap above this are almost certainly a unit typo (``5s`` for ``5ms``),
+#: and each would stall a point for minutes.
+DURATION_MAX = 10.0
+STRATEGY_PARTS = ("clock", "tsc", "runstate")
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_SIZE_UNITS: dict[str, float] = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
+               "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
+
+
+class AxisError(ValueError):
+    """A sweep option is malformed or out of range; the message names the option and the value."""
+
+
+_BARE = re.compile(r"[0-9]*\.?[0-9]+")
+_WITH_UNIT = re.compile(r"[0-9]*\.?[0-9]+\s*([A-Za-zµ]+)")
+
+
+def _split(option: str, text: str) -> list[str]:
+    items = [item.strip() for item in text.split(",")]
+    if not text.strip() or any(not item for item in items):
+        raise AxisError(f"{option}: empty value in {text!r} (expected a comma-separated list)")
+    return items
+
+
+def _shared_unit(items: list[str]) -> list[str]:
+    """``0,1,5,20,100ms`` means ``0ms,1ms,...``: a unit on the last item only is the list's unit.
+
+    Only when every other item is a bare number; a list that mixes bare and
+    unit-carrying items otherwise (``1ms,5,20ms``) is left for the parser to
+    refuse, naming the bare one.
+    """
+    last = _WITH_UNIT.fullmatch(items[-1])
+    if last is None or not all(_BARE.fullmatch(item) for item in items[:-1]):
+        return items
+    return [item + last.group(1) for item in items[:-1]] + items[-1:]
+
+
+def _axis(option: str, text: str, parse: Callable[[str], T]) -> tuple[T, ...]:
+    """Parse every item; refuse duplicates, which would silently double a point's repeats."""
+    values: list[T] = []
+    for item in _shared_unit(_split(option, text)):
+        value = parse(item)
+        if value in values:
+            raise AxisError(f"{option}: {item!r} repeats a value already given")
+        values.append(value)
+    return tuple(values)
+
+
+def _duration(option: str) -> Callable[[str], float]:
+    def parse(item: str) -> float:
+        try:
+            seconds = parse_duration(item, option)
+        except ImpairmentError as exc:
+            raise AxisError(str(exc)) from None
+        if seconds > DURATION_MAX:
+            raise AxisError(f"{option}: {item!r} is over {DURATION_MAX:g}s (a unit typo?)")
+        return seconds
+    return parse
+
+
+def parse_durations(option: str, text: str) -> tuple[float, ...]:
+    """``"0,1,5ms"`` is refused (``'0' has no unit``); ``"0ms,1ms,5ms"`` -> seconds."""
+    return _axis(option, text, _duration(option))
+
+
+def parse_rates(option: str, text: str) -> tuple[float | None, ...]:
+    """``"unlimited,100mbit"`` -> (None, 12.5e6) bytes per second (tc's units; ``bps`` is bytes)."""
+    def parse(item: str) -> float | None:
+        if item.lower() in ("unlimited", "none"):
+            return None
+        try:
+            return parse_rate(item, option)
+        except ImpairmentError as exc:
+            raise AxisError(str(exc)) from None
+    return _axis(option, text, parse)
+
+
+def parse_size(option: str, item: str) -> int:
+    """``"16MiB"`` -> bytes; a unit is required, and guest sizes are whole 2 MiB pages up to 1 GiB.
+
+    Parsed by the same quantity grammar as the netem durations and rates, so
+    every axis accepts and refuses the same spellings with the same messages.
+    """
+    try:
+        size = _quantity(option, item, _SIZE_UNITS, "'2MiB'")
+    except ImpairmentError as exc:
+        raise AxisError(str(exc)) from None
+    if size != int(size) or size % MEMORY_STEP or not MEMORY_STEP <= size <= MEMORY_MAX:
+        raise AxisError(f"{option}: {item!r} must be a multiple of 2MiB between 2MiB and 1GiB")
+    return int(size)
+
+
+def parse_sizes(option: str, text: str) -> tuple[int, ...]:
+    return _axis(option, text, lambda item: parse_size(option, item))
+
+
+def parse_strategy(option: str, text: str) -> str:
+    """``best`` or overrides of the host's best, ``clock=plain,tsc=none``, in canonical part order.
+
+    Canonical so that ``tsc=none,clock=plain`` is the same point as
+    ``clock=plain,tsc=none``; checked against kvmcore's choices now, so a typo
+    fails before the sweep starts rather than at its first point.
+    """
+    from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
+
+    choices = dict(zip(STRATEGY_PARTS, (CLOCK_CHOICES, TSC_CHOICES, RUNSTATE_CHOICES)))
+    if text.strip() == "best":
+        return "best"
+    parts: dict[str, str] = {}
+    for item in _split(option, text):
+        part, sep, value = item.partition("=")
+        if not sep or part not in choices:
+            raise AxisError(f"{option}: {item!r} is not PART=VALUE with PART one of "
+                            f"{', '.join(STRATEGY_PARTS)} (or use 'best')")
+        if value not in choices[part]:
+            raise AxisError(f"{option}: {part}={value!r}: choose one of {', '.join(choices[part])}")
+        if part in parts:
+            raise AxisError(f"{option}: {part} given twice in {text!r}")
+        parts[part] = value
+    return ",".join(f"{part}={parts[part]}" for part in STRATEGY_PARTS if part in parts)
+
+
+def format_size(size: int) -> str:
+    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size % factor == 0:
+            return f"{size // factor}{unit}"
+    return f"{size}B"
+
+
+def format_bandwidth(rate: float | None) -> str:
+    return "unlimited" if rate is None else format_rate(rate)
+
+
+@dataclass(frozen=True)
+class PointConfig:
+    """One migration of the sweep: the network and guest it runs with, and which repeat it is.
+
+    ``latency`` and ``jitter`` are one-way, in seconds (so the RTT is about
+    twice the latency); ``bandwidth`` is bytes per second or None (unlimited);
+    ``strategy`` is ``best`` or overrides in `parse_strategy`'s canonical form.
+    """
+
+    latency: float
+    jitter: float
+    bandwidth: float | None
+    memory_size: int
+    gap_ns: int
+    strategy: str
+    repeat: int
+
+    @property
+    def combination(self) -> str:
+        """The key shared by every repeat of this combination (what the summary groups by)."""
+        return (f"latency={format_duration(self.latency)} jitter={format_duration(self.jitter)} "
+                f"bandwidth={format_bandwidth(self.bandwidth)} memory={format_size(self.memory_size)} "
+                f"gap={format_duration(self.gap_ns / 1e9)} strategy={self.strategy}")
+
+    @property
+    def key(self) -> str:
+        """Stable across reruns: the combination plus the repeat index."""
+        return f"{self.combination} rep={self.repeat}"
+
+    @property
+    def link(self) -> Link:
+        """What each direction of the path does (both directions alike)."""
+        return Link(self.latency, self.jitter, self.bandwidth)
+
+    def to_plain(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Axes:
+    """The values of every axis, in the order given (plots and tables keep that order)."""
+
+    latency: tuple[float, ...] = (0.0,)
+    jitter: tuple[float, ...] = (0.0,)
+    bandwidth: tuple[float | None, ...] = (None,)
+    memory: tuple[int, ...] = (MEMORY_STEP,)
+    gap_ns: tuple[int, ...] = (0,)
+    strategy: tuple[str, ...] = ("best",)
+
+    def combinations(self) -> Iterable[tuple[float, float, float | None, int, int, str]]:
+        return itertools.product(self.latency, self.jitter, self.bandwidth, self.memory,
+                                 self.gap_ns, self.strategy)
+
+    def describe(self) -> dict[str, list[str]]:
+        """Canonical spellings, as stored with the sweep and compared on a rerun."""
+        return {
+            "latency": [format_duration(v) for v in self.latency],
+            "jitter": [format_duration(v) for v in self.jitter],
+            "bandwidth": [format_bandwidth(v) for v in self.bandwidth],
+            "memory": [format_size(v) for v in self.memory],
+            "gap": [format_duration(v / 1e9) for v in self.gap_ns],
+            "strategy": list(self.strategy),
+        }
+
+
+@dataclass(frozen=True)
+class SweepPlan:
+    """A named sweep: its axes, how often each combination repeats, and where it runs."""
+
+    name: str
+    axes: Axes
+    repeat: int
+    topology: str = "loopback"
+    destination: str | None = None  # HOST:PORT for remote
+    injector: str = "auto"
+
+    def __post_init__(self) -> None:
+        if not _NAME.fullmatch(self.name):
+            raise AxisError(f"sweep name {self.name!r}: use 1-64 letters, digits, '_', '.', '-' "
+                            "(it names files)")
+        if not 1 <= self.repeat <= 1000:
+            raise AxisError(f"--repeat: {self.repeat} is not between 1 and 1000")
+        if self.topology not in TOPOLOGIES:
+            raise AxisError(f"--topology: {self.topology!r}: choose one of {', '.join(TOPOLOGIES)}")
+        if (self.topology == "remote") != (self.destination is not None):
+            raise AxisError("--to HOST:PORT is required with --topology remote, and only there")
+        if self.injector not in INJECTORS:
+            raise AxisError(f"--injector: {self.injector!r}: choose one of {', '.join(INJECTORS)}")
+
+    def points(self) -> list[PointConfig]:
+        """Every point, repeat-major: all combinations once, then all again.
+
+        Interleaving repeats spreads slow drifts of the machine (load from other
+        jobs, thermal) over every combination instead of biasing whichever
+        combination happened to run during them.
+        """
+        return [PointConfig(latency, jitter, bandwidth, memory, gap, strategy, repeat)
+                for repeat in range(self.repeat)
+                for latency, jitter, bandwidth, memory, gap, strategy in self.axes.combinations()]
+
+    @property
+    def combination_count(self) -> int:
+        a = self.axes
+        return (len(a.latency) * len(a.jitter) * len(a.bandwidth) * len(a.memory) * len(a.gap_ns)
+                * len(a.strategy))
+
+    def label(self, point: PointConfig) -> str:
+        """The combination spelled with only the axes this sweep varies (for tables, KTAP, progress).
+
+        The full key stays the identity in the store; the label is what a
+        reader needs to tell this sweep's points apart.
+        """
+        varying = {axis for axis, values in self.axes.describe().items() if len(values) > 1}
+        parts = [part for part in point.combination.split(" ")
+                 if part.partition("=")[0] in (varying or {"latency"})]
+        return " ".join(parts)
+
+    def config(self) -> dict[str, Any]:
+        """What must match on a rerun under the same name (``--repeat`` may change: see docs)."""
+        return {"axes": self.axes.describe(), "topology": self.topology,
+                "destination": self.destination}
+
+
+def config_mismatch(stored: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """Human lines naming each difference between a stored sweep config and this run's."""
+    lines = []
+    for field in ("topology", "destination"):
+        if stored.get(field) != wanted.get(field):
+            lines.append(f"{field}: stored {stored.get(field)!r}, now {wanted.get(field)!r}")
+    stored_axes, wanted_axes = stored.get("axes", {}), wanted.get("axes", {})
+    for axis in sorted(set(stored_axes) | set(wanted_axes)):
+        if stored_axes.get(axis) != wanted_axes.get(axis):
+            lines.append(f"--{axis.replace('_', '-')}: stored {','.join(stored_axes.get(axis, []))}, "
+                         f"now {','.join(wanted_axes.get(axis, []))}")
+    return lines
+
+
+def strategies(option: str, values: Sequence[str]) -> tuple[str, ...]:
+    """The ``--strategy`` axis: the option is repeated (a strategy itself contains commas)."""
+    parsed: list[str] = []
+    for text in values:
+        value = parse_strategy(option, text)
+        if value in parsed:
+            raise AxisError(f"{option}: {text!r} repeats a strategy already given")
+        parsed.append(value)
+    return tuple(parsed) or ("best",)

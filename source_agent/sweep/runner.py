@@ -1,0 +1,192 @@
+"""Run a sweep: every point not yet in the results store, one migration each, each recorded at once.
+
+The migration itself is injected (``run_point``): the runner owns everything
+around it — the destination, the per-point injector, the store, progress —
+and knows nothing of KVM or the wire format, so the agents' coroutine plugs
+in unchanged and unit tests can drive the runner with a stand-in for the
+agent layer.
+
+Durability: each run is one SQLite transaction, written synchronously right
+after its migration returns, before the next checkpoint, so a cancellation
+(Ctrl-C) or ``kill -9`` loses at most the run in flight, never a completed
+one and never half of one. A run that raised (peer, network, timeout) is
+recorded with outcome ``error``; errored points are not "done", so a rerun
+retries them.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import trio
+
+from source_agent.results import ResultsStore, RunRecord
+
+from .injector import Injector, inject
+from .plan import PointConfig, SweepPlan, config_mismatch
+from .topology import Endpoint
+
+#: After this many errored runs in a row the sweep stops: the destination or the path is gone,
+#: and continuing would only fill the store with the same error.
+MAX_CONSECUTIVE_ERRORS = 3
+#: Upper bound on one point (capture, transfer at the lowest bandwidth, restore, report).
+POINT_TIMEOUT = 300.0
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where ``run_point`` migrates to: the injector's address, the key, and the topology label."""
+
+    host: str
+    port: int
+    psk_file: str | None
+    topology: str
+
+    @property
+    def address(self) -> tuple[str, int]:
+        return self.host, self.port
+
+
+RunPoint = Callable[[PointConfig, Target], Awaitable[dict[str, Any]]]
+
+
+class SweepConfigError(Exception):
+    """The sweep name is already in the store with different axes or topology."""
+
+
+class Progress(Protocol):
+    def start(self, total: int, skipped: int) -> None: ...
+    def point_started(self, index: int, point: PointConfig) -> None: ...
+    def point_finished(self, index: int, point: PointConfig, report: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class SweepOutcome:
+    """What this invocation did (the store holds the results, earlier invocations' too)."""
+
+    planned: int
+    skipped: int
+    ran: int = 0
+    errors: int = 0
+    stopped: str | None = None  # why the sweep stopped before its last point
+    injector: Injector | None = None
+    run_ids: list[str] = field(default_factory=list)
+
+
+def utc(ns: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
+
+
+def claim(store: ResultsStore, plan: SweepPlan) -> None:
+    """Register the sweep's config, or check it against the stored one (SweepConfigError)."""
+    stored = store.register_sweep(plan.name, plan.config(), utc(time.time_ns()))
+    differences = config_mismatch(stored, plan.config())
+    if differences:
+        raise SweepConfigError(
+            f"sweep {plan.name!r} is already in {store.path} with other settings "
+            f"({'; '.join(differences)}); rerun with the stored settings to resume it, or use "
+            "a new name (or another --db) for a new experiment")
+
+
+def _value(report: dict[str, Any], name: str) -> Any:
+    """A measurement's ``value_ns``, at the report's top level or under ``measurements``."""
+    entry = report.get(name, report.get("measurements", {}).get(name))
+    return entry.get("value_ns") if isinstance(entry, dict) else None
+
+
+def columns(report: dict[str, Any]) -> dict[str, Any]:
+    """The store's indexed columns from an agent report."""
+    downtime = report.get("downtime")
+    return {
+        "destination": report.get("destination"), "strategy": report.get("strategy"),
+        "memory_size": report.get("memory_size"), "wall_gap_ns": _value(report, "wall_gap"),
+        "kvmclock_jump_ns": _value(report, "kvmclock_jump"),
+        "tsc_jump_ns": _value(report, "tsc_jump"),
+        "steal_delta_ns": _value(report, "kvm_steal_delta"),
+        "runnable_delta_ns": _value(report, "xen_runnable_delta"),
+        "downtime_ns": downtime.get("total_ns") if isinstance(downtime, dict) else None,
+    }
+
+
+def _error_report(point: PointConfig, target: Target, error: str) -> dict[str, Any]:
+    return {"outcome": "error", "exit_code": 3, "error": error, "topology": target.topology,
+            "destination": f"{target.host}:{target.port}", "memory_size": point.memory_size,
+            "strategy": point.strategy}
+
+
+def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report: dict[str, Any],
+               injection: dict[str, Any], started_ns: int) -> str:
+    """Store one run (a single transaction); returns its run id. Synchronous on purpose: no checkpoint."""
+    run_id = f"{plan.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_ns / 1e9))}-" \
+             f"{secrets.token_hex(4)}"
+    report = {**report, "run_id": run_id, "sweep": {"name": plan.name, "point": point.key,
+                                  "combination": point.combination, "repeat": point.repeat,
+                                  "config": point.to_plain(), "injector": injection}}
+    exit_code = report.get("exit_code")
+    store.record(RunRecord(
+        run_id=run_id, started_at=utc(started_ns), finished_at=utc(time.time_ns()),
+        command="sweep", outcome=report["outcome"],
+        exit_code=exit_code if isinstance(exit_code, int) else {"passed": 0, "failed": 1}.get(
+            report["outcome"], 3),
+        report=report, sweep=plan.name, point=point.key, error=report.get("error"),
+        **columns(report)))
+    return run_id
+
+
+async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *,
+                    endpoint: Callable[[], AbstractAsyncContextManager[Endpoint]],
+                    choose: Callable[[str], Awaitable[Injector]], progress: Progress,
+                    point_timeout: float = POINT_TIMEOUT,
+                    max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS) -> SweepOutcome:
+    """Run the points of ``plan`` not yet done in ``store``; cancellation stops it cleanly.
+
+    ``endpoint()`` opens the destination for the whole sweep (it is not even
+    started when every point is done); ``choose(topology)`` picks the injector.
+    """
+    claim(store, plan)
+    done = store.points_done(plan.name)
+    todo = [p for p in plan.points() if p.key not in done]
+    outcome = SweepOutcome(planned=len(plan.points()), skipped=len(plan.points()) - len(todo))
+    progress.start(len(todo), outcome.skipped)
+    if not todo:
+        return outcome
+    outcome.injector = await choose(plan.topology)
+    consecutive = 0
+    async with endpoint() as dest:
+        for index, point in enumerate(todo):
+            progress.point_started(index, point)
+            async with inject(outcome.injector, dest, point) as injection:
+                target = Target(*injection.address, dest.psk_file, plan.topology)
+                started = time.time_ns()
+                with trio.move_on_after(point_timeout) as timer:
+                    try:
+                        report = await run_point(point, target)
+                    except Exception as exc:  # noqa: BLE001 - the agent layer's failure is this run's result
+                        report = _error_report(point, target, f"{type(exc).__name__}: {exc}")
+                if timer.cancelled_caught:
+                    report = _error_report(point, target, f"point timed out after {point_timeout:g}s")
+                elif report.get("outcome") not in ("passed", "failed", "error"):
+                    report = {**report, "outcome": "error", "error": "the migration's report has "
+                              f"no valid outcome ({report.get('outcome')!r})"}
+                # Recorded and reported before the next checkpoint (leaving the injector is one),
+                # so a cancellation cannot fall between a stored run and its progress line.
+                outcome.run_ids.append(record_run(store, plan, point, report, injection.describe(),
+                                                  started))
+                outcome.ran += 1
+                progress.point_finished(index, point, report)
+            if report.get("outcome") == "error":
+                await dest.check()
+                outcome.errors += 1
+                consecutive += 1
+                if consecutive >= max_consecutive_errors:
+                    outcome.stopped = (f"{consecutive} errors in a row, the last: "
+                                       f"{report.get('error')}")
+                    break
+            else:
+                consecutive = 0
+    return outcome

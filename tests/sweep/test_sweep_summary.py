@@ -1,0 +1,71 @@
+"""Summary statistics on known data, with negative controls."""
+
+from __future__ import annotations
+
+import pytest
+
+from source_agent.sweep.plan import Axes, PointConfig, SweepPlan
+from source_agent.sweep.summary import Stats, accounting_error, percentile, summarise
+
+
+def test_percentile_interpolates_linearly_like_numpy():
+    values = [10, 1, 7, 3, 5]              # sorted: 1 3 5 7 10
+    assert percentile(values, 50) == 5
+    assert percentile(values, 0) == 1 and percentile(values, 100) == 10
+    assert percentile(values, 5) == pytest.approx(1.4)    # rank 0.2: 1 + 0.2 * 2
+    assert percentile(values, 95) == pytest.approx(9.4)   # rank 3.8: 7 + 0.8 * 3
+    assert percentile([2, 4], 50) == 3
+    # Negative control: nearest-rank would say 1 and 10 for p5/p95; interpolation does not.
+    assert percentile(values, 5) != 1 and percentile(values, 95) != 10
+    with pytest.raises(ValueError):
+        percentile([], 50)
+
+
+def test_stats_of_known_data():
+    stats = Stats.of(range(101))
+    assert stats == Stats(101, 50, 5, 95)
+    assert Stats.of([]) is None
+
+
+def test_accounting_error_prefers_xen_and_falls_back_to_kvmclock():
+    assert accounting_error({"wall_gap_ns": 100, "runnable_delta_ns": 130, "kvmclock_jump_ns": 90}) \
+        == ("xen_runnable", 30)
+    assert accounting_error({"wall_gap_ns": 100, "runnable_delta_ns": None, "kvmclock_jump_ns": 90}) \
+        == ("kvmclock", -10)
+    assert accounting_error({"wall_gap_ns": None, "kvmclock_jump_ns": 90}) is None
+    assert accounting_error({"wall_gap_ns": 100}) is None
+
+
+def _run(point: PointConfig, outcome: str = "passed", **figures) -> dict:
+    return {"outcome": outcome, "error": None if outcome == "passed" else f"{outcome}!",
+            "wall_gap_ns": None, "runnable_delta_ns": None, "kvmclock_jump_ns": None,
+            "downtime_ns": None, **figures,
+            "report": {"sweep": {"combination": point.combination}, "clock_sync": {"rtt_ns": 7}}}
+
+
+def test_summarise_groups_repeats_per_combination_in_plan_order():
+    plan = SweepPlan("s", Axes(latency=(0.0, 0.005)), 3)
+    p0, p1 = plan.points()[:2]
+    runs = [_run(p1, wall_gap_ns=10, kvmclock_jump_ns=10 + e, downtime_ns=d)
+            for e, d in ((1, 100), (2, 200), (3, 300))]
+    runs += [_run(p0, wall_gap_ns=10, runnable_delta_ns=20, downtime_ns=50),
+             _run(p0, "error"), _run(p0, "failed", wall_gap_ns=10, runnable_delta_ns=40)]
+    runs.append({"outcome": "passed", "report": {"sweep": {"combination": "elsewhere"}}})
+    first, second = summarise(plan, runs)
+    assert first.point == p0 and second.point == p1
+    assert (first.runs, first.passed, first.failed, first.errors) == (3, 1, 1, 1)
+    assert first.basis == "xen_runnable"
+    assert first.accounting_error == Stats(2, 20, 11, 29)  # errors 10 and 30
+    assert first.downtime == Stats(1, 50, 50, 50)
+    assert first.problems == ["error!", "failed!"]
+    assert second.basis == "kvmclock"
+    assert second.accounting_error == Stats(3, 2, pytest.approx(1.1), pytest.approx(2.9))
+    assert second.downtime.median == 200 and second.rtt.median == 7
+
+
+def test_a_point_without_runs_or_figures_has_no_statistics():
+    plan = SweepPlan("s", Axes(latency=(0.0,)), 1)
+    (summary,) = summarise(plan, [_run(plan.points()[0])])
+    assert summary.runs == 1 and summary.basis is None and summary.accounting_error is None
+    (empty,) = summarise(plan, [])
+    assert empty.runs == 0 and empty.to_plain()["accounting_error"] is None
