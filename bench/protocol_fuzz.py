@@ -2,12 +2,23 @@
 
     python bench/protocol_fuzz.py [--inputs 100000] [--seed 1]
 
-Three kinds of input, in equal shares: random bytes fed to a fresh
-destination; a recorded, authenticated conversation with random byte flips,
-insertions, deletions and truncations; and random msgpack maps shaped like
-messages, framed with a valid MAC so that they reach the decoder and the state
-machine rather than stopping at the MAC.  Any exception that is not a
-`protocol.ProtocolError` is printed with the input's index and the run exits 1.
+Five kinds of input, in equal shares (``KINDS``):
+
+0. random bytes fed to a fresh destination;
+1. a recorded, authenticated conversation with random byte flips, insertions,
+   deletions and truncations; every other input has its memory received straight
+   into a buffer through ``memory_window`` / ``memory_received`` (the path
+   `Channel.receive_memory` takes with ``recv_into``);
+2. random msgpack maps shaped like messages, framed with a valid MAC so that they
+   reach the decoder and the state machine rather than stopping at the MAC;
+3. the same from a hostile destination, to a source that is ready or waiting for
+   its REPORT;
+4. the same maps straight into the message validators (``from_wire``), where
+   only ``FieldError`` may come out.
+
+Any exception that is not a `protocol.ProtocolError` (``FieldError`` for kind 4)
+is printed with the input's index and the run exits 1.  tests/robustness/test_fuzz.py
+runs the same kinds under hypothesis, 2 000 inputs each, in CI.
 """
 
 from __future__ import annotations
@@ -26,8 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from protocol_common import authenticated_pair  # noqa: E402
 
 import protocol  # noqa: E402
-from protocol import Session  # noqa: E402
-from protocol._frames import LENGTH  # noqa: E402
+from protocol import Limits, Session  # noqa: E402
+from protocol._frames import LENGTH, FieldError, unpack  # noqa: E402
+from protocol._messages import from_wire  # noqa: E402
 
 PSK = b"fuzzing key, 32 bytes long......"
 NONCE = b"N" * 32
@@ -35,6 +47,8 @@ FIELDS = [
     "protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
     "state", "strategy", "memory_size", "chunk_size", "offset", "data", "digest", "report", "code", "message",
 ]
+KINDS = ("random bytes", "mutated conversation", "MACed frames to a destination",
+         "MACed frames to a source", "validators")
 TYPES = ["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye"]
 
 
@@ -67,27 +81,36 @@ def record() -> bytes:
     return b"".join(out)
 
 
-def replies(destination: Session, event: Any) -> None:
+def replies(destination: Session, event: Any, sink: bytearray | None = None) -> None:
     if isinstance(event, protocol.Hello):
         destination.send(destination.make_hello("fuzz", {}))
     elif isinstance(event, protocol.Auth):
         destination.send(destination.make_auth())
     elif isinstance(event, protocol.ClockSyncRequest):
         destination.send(protocol.ClockSyncReply(t1=event.t1, t2=event.t1, t3=event.t1))
+    elif isinstance(event, protocol.Migrate) and sink is not None:
+        destination.receive_memory_into(sink)
     elif isinstance(event, protocol.Commit):
         destination.send(protocol.Report({}))
 
 
-def feed(destination: Session, data: bytes, rng: random.Random) -> None:
+def feed(destination: Session, data: bytes, rng: random.Random, sink: bytearray | None = None) -> None:
+    """Feed ``data`` in random pieces; with ``sink``, memory data goes straight into it."""
     position = 0
     while position < len(data):
         step = rng.randint(1, 4096)
-        destination.receive_data(data[position : position + step])
+        window = destination.memory_window() if sink is not None else None
+        if window is not None:
+            step = min(step, len(window), len(data) - position)
+            window[:step] = data[position : position + step]
+            destination.memory_received(step)
+        else:
+            destination.receive_data(data[position : position + step])
         position += step
         while (event := destination.next_event()) is not protocol.NEED_DATA:
             if event is protocol.END_OF_STREAM:
                 return
-            replies(destination, event)
+            replies(destination, event, sink)
     destination.receive_data(b"")
     destination.next_event()
 
@@ -114,7 +137,16 @@ def message_like(rng: random.Random) -> bytes:
     return msgpack.packb(obj, use_bin_type=True)
 
 
+def macced(sender: Session, body: bytes) -> bytes:
+    """A frame with a valid MAC from ``sender``, so the receiver's decoder sees the body."""
+    mac = sender._send_mac
+    assert mac is not None
+    length = len(body) + 16
+    return LENGTH.pack(length) + body + mac.tag(length, [body])
+
+
 def one(kind: int, rng: random.Random, recorded: bytes, authenticated: tuple[Session, Session]) -> None:
+    """One input of ``kind`` (see KINDS); raises only ProtocolError (FieldError for kind 4)."""
     if kind == 0:
         data = rng.randbytes(rng.randrange(600))
         feed(Session("destination", PSK), data, rng)
@@ -134,20 +166,31 @@ def one(kind: int, rng: random.Random, recorded: bytes, authenticated: tuple[Ses
                 del data[at:]
             if not data:
                 break
-        feed(Session("destination", PSK, nonce=NONCE), bytes(data), rng)
+        sink = bytearray(3 * 4096) if rng.random() < 0.5 else None
+        feed(Session("destination", PSK, nonce=NONCE), bytes(data), rng, sink)
+        return
+    if kind == 4:
+        from_wire(unpack(message_like(rng), Limits()), Limits())
         return
     source, destination = authenticated
-    body = message_like(rng)
-    mac = source._send_mac
-    assert mac is not None
-    length = len(body) + 16
-    frame = LENGTH.pack(length) + body + mac.tag(length, [body])
-    destination.receive_data(frame)
-    destination.next_event()
+    if kind == 2:
+        destination.receive_data(macced(source, message_like(rng)))
+        destination.next_event()
+        return
+    if rng.random() < 0.5:  # the source has sent COMMIT and waits for the REPORT
+        source.send(protocol.Migrate({}, "full", 4096, 4096))
+        source.send(protocol.MemoryChunk(0, bytes(4096)))
+        source.send(source.make_commit())
+    source.receive_data(macced(destination, message_like(rng)))
+    source.next_event()
 
 
-def fresh_pair() -> tuple[Session, Session]:
-    return authenticated_pair(PSK)
+def run_one(kind: int, rng: random.Random, recorded: bytes) -> None:
+    """One input of ``kind``, with a fresh authenticated pair where the kind needs one.
+
+    Kind 4's FieldError is the validators' own error; the other kinds raise ProtocolError."""
+    pair = authenticated_pair(PSK) if kind in (2, 3) else (None, None)
+    one(kind, rng, recorded, pair)  # type: ignore[arg-type]
 
 
 def main() -> int:
@@ -158,21 +201,23 @@ def main() -> int:
     rng = random.Random(args.seed)
     recorded = record()
     counts = {"ok": 0, "protocol error": 0}
+    per_kind = [0] * len(KINDS)
     start = time.perf_counter()
     for i in range(args.inputs):
-        kind = i % 3
-        pair = fresh_pair() if kind == 2 else (None, None)
+        kind = i % len(KINDS)
+        per_kind[kind] += 1
         try:
-            one(kind, rng, recorded, pair)  # type: ignore[arg-type]
+            run_one(kind, rng, recorded)
             counts["ok"] += 1
-        except protocol.ProtocolError:
+        except (protocol.ProtocolError, FieldError):
             counts["protocol error"] += 1
         except Exception as exc:  # the point of the run: anything else is a bug
             print(f"input {i} (kind {kind}, --seed {args.seed}) raised {type(exc).__name__}: {exc}")
             return 1
     elapsed = time.perf_counter() - start
-    print(f"{args.inputs} inputs in {elapsed:.1f} s: {counts['protocol error']} refused with a ProtocolError, "
-          f"{counts['ok']} accepted, nothing else raised")
+    print(f"{args.inputs} inputs in {elapsed:.1f} s: {counts['protocol error']} refused with a ProtocolError "
+          f"(FieldError from the validators), {counts['ok']} accepted, nothing else raised")
+    print("per kind: " + ", ".join(f"{name} {n}" for name, n in zip(KINDS, per_kind)))
     return 0
 
 

@@ -32,6 +32,7 @@ examples:
   dest-agent serve                                   # 127.0.0.1:7400, no key needed
   head -c 32 /dev/urandom | base64 > key && chmod 600 key
   dest-agent serve --listen 10.0.0.2:7400 --psk-file key --max-sessions 2 --max-memory 256MiB
+  dest-agent serve --max-frame-size 1MiB --handshake-timeout 5s --idle-timeout 30s
 
 Each connection is one session: HELLO, AUTH (the pre-shared key), clock sync, then
 MIGRATE/memory/COMMIT -> restore -> REPORT. No VM and no guest memory exist before
@@ -59,6 +60,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="concurrent sessions; more get ERROR busy (default 4)")
     serve.add_argument("--max-memory", type=argtype(parse_size), default=1 << 30,
                        metavar="SIZE", help="largest guest memory per session (default 1GiB)")
+    serve.add_argument("--max-frame-size", type=argtype(parse_size), default=8 << 20,
+                       metavar="SIZE", help="largest protocol frame accepted, 64KiB..4GiB; MEMORY "
+                                            "chunks must fit in it (default 8MiB)")
     for name, default, what in (("handshake", "10s", "HELLO+AUTH must complete within"),
                                 ("idle", "60s", "a message must begin within"),
                                 ("message", "30s", "a message must complete within")):
@@ -91,6 +95,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if args.max_memory < 2 << 20 or args.max_memory % (2 << 20):
         raise UsageError("--max-memory must be a positive multiple of 2MiB (guest memory is "
                          "mapped in 2 MiB pages)")
+    if not 64 << 10 <= args.max_frame_size < 4 << 30:
+        raise UsageError("--max-frame-size must be between 64KiB (a HELLO or a state must fit) "
+                         "and 4GiB (the 32-bit length prefix)")
     ssl_context = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         if not (args.tls_cert and args.tls_key):
@@ -101,7 +108,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         except (OSError, ValueError) as exc:
             raise UsageError(f"TLS set-up: {exc}") from None
     return ServerConfig(psk=psk, host=host, port=port, max_sessions=args.max_sessions,
-                        max_memory=args.max_memory, handshake_timeout=args.handshake_timeout,
+                        max_memory=args.max_memory, max_frame_size=args.max_frame_size,
+                        handshake_timeout=args.handshake_timeout,
                         idle_timeout=args.idle_timeout, message_timeout=args.message_timeout,
                         ssl_context=ssl_context)
 

@@ -23,7 +23,7 @@ from .session import Counters, SessionConfig, run_session
 
 log = logging.getLogger("dest_agent")
 
-__all__ = ["Counters", "DestinationServer", "ServerConfig", "is_loopback_host"]
+__all__ = ["Counters", "DestinationServer", "ServerConfig", "is_loopback_host", "session_limits"]
 
 
 def is_loopback_host(host: str) -> bool:
@@ -40,10 +40,18 @@ class ServerConfig:
     port: int = 7400
     max_sessions: int = 4
     max_memory: int = 1 << 30          # kvmcore's guest maximum
+    max_frame_size: int = 8 << 20      # protocol.Limits' default
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
     message_timeout: float = 30.0
     ssl_context: ssl.SSLContext | None = None
+
+
+def session_limits(config: ServerConfig) -> protocol.Limits:
+    """The protocol's bounds for one session: memory and frame size as configured, and the
+    largest MEMORY chunk that fits such a frame (a source asking for more gets ERROR limit)."""
+    return protocol.Limits(max_memory_size=config.max_memory, max_frame_size=config.max_frame_size,
+                           max_chunk_size=protocol.Limits.chunk_fitting(config.max_frame_size))
 
 
 class DestinationServer:
@@ -61,7 +69,7 @@ class DestinationServer:
         self.counters = Counters()
         self.address: tuple[str, int] | None = None
         self._session_config = SessionConfig(
-            psk=config.psk, limits=protocol.Limits(max_memory_size=config.max_memory),
+            psk=config.psk, limits=session_limits(config),
             agent_version=agent_version, handshake_timeout=config.handshake_timeout,
             idle_timeout=config.idle_timeout, message_timeout=config.message_timeout)
 

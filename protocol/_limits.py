@@ -42,6 +42,13 @@ class Limits:
     #: Most CLOCK_SYNC exchanges between two other requests.
     max_clock_sync_rounds: int = 256
 
+    @staticmethod
+    def chunk_fitting(max_frame_size: int) -> int:
+        """The largest MEMORY chunk (pages, at most the default ``max_chunk_size``) whose frame
+        fits ``max_frame_size``: what a receiver configured by frame size alone accepts."""
+        pages = (max_frame_size - MEMORY_FRAME_OVERHEAD) // PAGE_SIZE
+        return max(PAGE_SIZE, min(Limits.max_chunk_size, pages * PAGE_SIZE))
+
     def __post_init__(self) -> None:
         for name in (
             "max_frame_size",

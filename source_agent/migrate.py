@@ -24,6 +24,7 @@ from kvmcore import (
     Analysis,
     Guest,
     GuestConfig,
+    GuestMemory,
     HostCapabilities,
     RestoreRecord,
     Snapshot,
@@ -155,7 +156,7 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
             report = await channel.receive()
             t_report = time.perf_counter_ns()
         finally:
-            memory.close()
+            _close_memory(memory)
         if not isinstance(report, protocol.Report):
             raise PeerReportError(f"expected REPORT from the destination, got {report!r:.80}")
         await channel.bye()
@@ -170,6 +171,16 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
     return Migration(plan, caps, dest_caps, hs.peer.agent_version, hs.clock, source,
                      t_encode - t_gap, encode_ns, send_start, after, record, phases, analysis,
                      source_phases)
+
+
+def _close_memory(memory: GuestMemory) -> None:
+    """Unmap now; when a send was cut short (timeout, broken stream), the exception's traceback
+    still holds chunk views of the memory, and closing would raise BufferError over the real
+    error. The unmap then happens when those views are dropped with the traceback."""
+    try:
+        memory.close()
+    except BufferError:
+        pass
 
 
 def _peer_caps(plain: Any) -> HostCapabilities:
