@@ -41,7 +41,7 @@ from ._messages import (
     Message,
     name_of,
 )
-from ._session import END_OF_STREAM, NEED_DATA, Session, _byte_view
+from ._session import END_OF_STREAM, NEED_DATA, Session, State, _byte_view
 
 __all__ = [
     "Channel",
@@ -54,6 +54,51 @@ __all__ = [
 ]
 
 _ERROR_SEND_TIMEOUT = 1.0
+
+#: Deferred memory hashing: the source builds (and hashes) up to this many
+#: bytes of chunks ahead of the one it writes; the destination starts a hash
+#: job once this many received bytes are pending (or the memory is complete).
+_HASH_AHEAD = 4 << 20
+_HASH_MIN = 256 << 10
+#: Socket buffers asked for while memory streams (the kernel caps them at
+#: net.core.wmem_max / rmem_max): fewer wake-ups per MiB on fast links.
+_STREAM_BUFFER = 4 << 20
+
+
+class _HashJob:
+    """A session's memory hash job running in a trio worker thread (hashlib releases the GIL).
+
+    `wait` is shielded from cancellation: the job reads guest memory, which
+    must not be unmapped under it, and it is short (at most a few MiB).
+    """
+
+    def __init__(self, session: Session, job: Callable[[], None]) -> None:
+        self._session = session
+        self._done = trio.Event()
+        self._outcome: Any = None
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(outcome: Any) -> None:
+            def finished() -> None:
+                self._outcome = outcome
+                self._done.set()
+
+            try:
+                token.run_sync_soon(finished)
+            except trio.RunFinishedError:  # pragma: no cover - the run ended first
+                pass
+
+        trio.lowlevel.start_thread_soon(job, deliver)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+        self._session.memory_hash_done()
+        self._outcome.unwrap()
 
 
 class Channel:
@@ -82,6 +127,11 @@ class Channel:
         self.clock = clock
         self._frame_started: float | None = None
         self._broken: str | None = None
+        self._hash_job: _HashJob | None = None
+        if session.role == "destination":
+            # Hash the memory received in worker threads beside the I/O (see _HashJob);
+            # the sink stays the session's until COMMIT anyway.
+            session.defer_memory_hash = True
 
     async def __aenter__(self) -> Channel:
         return self
@@ -152,25 +202,64 @@ class Channel:
         """Send ``memory`` (any contiguous buffer, e.g. guest RAM) as chunks after MIGRATE, then COMMIT.
 
         The chunk data goes to the stream straight from ``memory``: no copy of
-        the whole memory is made.  Returns the COMMIT sent.
+        the whole memory is made.  The COMMIT digest is computed in worker
+        threads while the chunks are written (chunks are framed up to
+        ``_HASH_AHEAD`` bytes ahead so the hashing keeps ahead of the writes).
+        Returns the COMMIT sent.
         """
         self._check_usable()
-        progress = self.session.memory_progress
+        session = self.session
+        progress = session.memory_progress
         if progress is None:
             raise LocalProtocolError(
-                f"send_memory needs a MIGRATE sent first (state {self.session.state.name})"
+                f"send_memory needs a MIGRATE sent first (state {session.state.name})"
             )
         offset, size, chunk_size = progress
         view = _byte_view(memory)
         if len(view) < size:
             raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {size}")
-        while offset < size:
-            chunk = MemoryChunk(offset=offset, data=view[offset : offset + chunk_size])
-            await self._write(self.session.send_iov(chunk), chunk)
-            offset += len(chunk.data)
-        commit = self.session.make_commit()
+        _grow_buffer(self.stream, "SO_SNDBUF")
+        queued: list[tuple[list[bytes | memoryview], MemoryChunk]] = []
+        ahead = 0
+        defer, session.defer_memory_hash = session.defer_memory_hash, True
+        completed = False
+        try:
+            while offset < size or queued:
+                # Frame chunks ahead of the writes, so the hash job has work beside them.
+                while offset < size and ahead < _HASH_AHEAD:
+                    chunk = MemoryChunk(offset=offset, data=view[offset : offset + chunk_size])
+                    queued.append((session.send_iov(chunk), chunk))
+                    offset += len(chunk.data)
+                    ahead += len(chunk.data)
+                await self._hash_step(start_only=True)
+                pieces, chunk = queued.pop(0)
+                ahead -= len(chunk.data)
+                await self._write(pieces, chunk)
+            while self._hash_job is not None or session.memory_hash_pending:
+                await self._hash_step(start_only=False)
+            completed = True
+        finally:
+            if self._hash_job is not None:
+                await self._hash_job.wait()
+                self._hash_job = None
+            session.defer_memory_hash = defer
+            if not completed:  # the caller may close its buffer now: no view of it stays here
+                session.abandon_memory_hash()
+        commit = session.make_commit()
         await self.send(commit)
         return commit
+
+    async def _hash_step(self, *, start_only: bool) -> None:
+        """Start a hash job if none runs and bytes are pending; else (unless ``start_only``) wait for it."""
+        job = self._hash_job
+        if job is not None:
+            if start_only and not job.done:
+                return
+            self._hash_job = None
+            await job.wait()
+        work = self.session.memory_hash_job()
+        if work is not None:
+            self._hash_job = _HashJob(self.session, work)
 
     async def send_error(self, exc: BaseException) -> None:
         """Tell the peer why the session ends on this side; best effort, never raises."""
@@ -217,13 +306,23 @@ class Channel:
         The COMMIT's digest has been checked when this returns.
         """
         self.session.receive_memory_into(into)
-        while True:
-            message = await self.receive()
-            if isinstance(message, Commit):
-                return message
-            assert isinstance(message, MemoryChunk), message  # the session allows nothing else
+        _grow_buffer(self.stream, "SO_RCVBUF")
+        try:
+            while True:
+                message = await self.receive()
+                if isinstance(message, Commit):
+                    return message
+                assert isinstance(message, MemoryChunk), message  # the session allows nothing else
+        except BaseException:
+            if self._hash_job is not None:  # an error mid-stream: the job reads ``into``
+                await self._hash_job.wait()
+                self._hash_job = None
+            self.session.abandon_memory_hash()
+            raise
 
     async def _receive_one(self) -> Message:
+        if self._hash_job is not None or self.session.memory_hash_pending:
+            await self._hash_received()
         event: Message = self._next_event()
         if event is not NEED_DATA:
             return event
@@ -247,6 +346,8 @@ class Channel:
                     raise ConnectionClosed(
                         f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
                     ) from exc
+                if self._hash_job is not None or session.memory_hash_pending:
+                    await self._hash_received()
                 event = self._next_event()
                 if event is not NEED_DATA:
                     return event
@@ -270,6 +371,15 @@ class Channel:
                 session.receive_data(b"")
             return
         session.receive_data(await self.stream.receive_some(self.receive_size))
+
+    async def _hash_received(self) -> None:
+        """Destination: keep a hash job running over the memory received; finish it before COMMIT."""
+        session = self.session
+        if session.state is State.COMMIT:  # all memory is in: the digest is due with the COMMIT
+            while self._hash_job is not None or session.memory_hash_pending:
+                await self._hash_step(start_only=False)
+        elif session.memory_hash_pending >= _HASH_MIN or self._hash_job is not None:
+            await self._hash_step(start_only=True)
 
     def _next_event(self) -> Any:
         session = self.session
@@ -313,6 +423,18 @@ class Channel:
         try:
             await self.stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _grow_buffer(stream: trio.abc.Stream, option: str) -> None:
+    """Ask for a ``_STREAM_BUFFER``-byte socket buffer on a TCP stream; best effort."""
+    if isinstance(stream, trio.SocketStream):
+        import socket  # noqa: PLC0415
+
+        try:
+            if stream.socket.getsockopt(socket.SOL_SOCKET, getattr(socket, option)) < _STREAM_BUFFER:
+                stream.setsockopt(socket.SOL_SOCKET, getattr(socket, option), _STREAM_BUFFER)
+        except OSError:  # pragma: no cover - a platform without it
             pass
 
 
