@@ -66,6 +66,28 @@ def _pairs_to_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 def unpack(body: bytes | memoryview, limits: Limits) -> Any:
     """Decode exactly one msgpack object, bounded by ``limits``; FieldError on anything wrong."""
     try:
+        if body and 0x80 <= body[0] <= 0x8F:
+            # A small map (every message but a large HELLO, MIGRATE or REPORT):
+            # decoded without the Python pairs hook, its repeated keys are
+            # found by counting; only a map holding containers is decoded
+            # again with the hook, which sees repeated keys at every depth.
+            obj = msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                max_array_len=limits.max_container_entries,
+                max_map_len=limits.max_container_entries,
+            )
+            if type(obj) is not dict:  # pragma: no cover - a fixmap header decodes to a dict
+                raise FieldError("not valid msgpack: expected a map")
+            if len(obj) != body[0] & 0x0F:
+                raise FieldError("map has a repeated key")
+            for value in obj.values():
+                if type(value) is dict or type(value) is list:
+                    break
+            else:
+                return obj
         return msgpack.unpackb(
             body,
             raw=False,

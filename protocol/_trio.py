@@ -10,6 +10,7 @@ sends the peer an ERROR saying so before raising, so both users see why.
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -128,6 +129,7 @@ class Channel:
         self._frame_started: float | None = None
         self._broken: str | None = None
         self._hash_job: _HashJob | None = None
+        self._rbuf: memoryview | None = None  # plain TCP: the one receive buffer
         if session.role == "destination":
             # Hash the memory received in worker threads beside the I/O (see _HashJob);
             # the sink stays the session's until COMMIT anyway.
@@ -150,16 +152,50 @@ class Channel:
         if self._broken is not None:
             raise LocalProtocolError(f"channel unusable: {self._broken}")
 
+    def _socket_fd(self) -> int | None:
+        """The fd of a plain TCP stream, for direct non-blocking I/O; None for other streams."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return None
+        fd = stream.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the stream is closed")
+        return fd
+
     async def _write(self, pieces: list[bytes | memoryview], message: Message) -> None:
         self._check_usable()
         # A frame cut short by cancellation or an error leaves the stream
         # unframed: nothing more may be written to it.
         self._broken = f"a {name_of(message)} frame was cut short"
         try:
-            # CancelScope(deadline=...) costs about half of move_on_after per message.
-            with trio.CancelScope(deadline=trio.current_time() + self.message_timeout) as scope:
-                for piece in pieces:
-                    await self.stream.send_all(piece)
+            fd = self._socket_fd()
+            if fd is not None:
+                # Plain TCP: one writev of the whole frame, straight away.  The
+                # kernel usually takes a small frame whole, and then the send
+                # costs no cancel scope and no trip through trio's scheduler.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    pieces = _unsent(pieces, _writev(fd, pieces))
+                except BlockingIOError:
+                    pass
+            if pieces:
+                with trio.CancelScope(deadline=trio.current_time() + self.message_timeout) as scope:
+                    if fd is None:
+                        for piece in pieces:
+                            await self.stream.send_all(piece)
+                    else:
+                        while pieces:
+                            await trio.lowlevel.wait_writable(fd)
+                            try:
+                                pieces = _unsent(pieces, _writev(fd, pieces))
+                            except BlockingIOError:
+                                pass
+                if scope.cancelled_caught:
+                    self.session._fail("send timeout")
+                    raise ProtocolTimeout(
+                        f"sending {name_of(message)} to the {self.session.peer_role} took over "
+                        f"{self.message_timeout} s"
+                    )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # The peer usually closed because it failed and said why first: an
             # ERROR already received is the error to report, not the broken pipe.
@@ -170,12 +206,6 @@ class Channel:
             raise ConnectionClosed(
                 f"stream to the {self.session.peer_role} broke while sending {name_of(message)}: {exc}"
             ) from exc
-        if scope.cancelled_caught:
-            self.session._fail("send timeout")
-            raise ProtocolTimeout(
-                f"sending {name_of(message)} to the {self.session.peer_role} took over "
-                f"{self.message_timeout} s"
-            )
         self._broken = None
 
     async def _pending_peer_error(self) -> ProtocolError | None:
@@ -327,30 +357,42 @@ class Channel:
         if event is not NEED_DATA:
             return event
         session = self.session
-        idle_deadline = trio.current_time() + self.idle_timeout
-        # One cancel scope for the whole wait, its deadline moved as frames begin.
-        with trio.CancelScope() as scope:
-            while True:
-                if session.buffered:
-                    if self._frame_started is None:
-                        self._frame_started = trio.current_time()
-                    scope.deadline = self._frame_started + self.message_timeout
-                    waiting = f"the rest of a frame (message_timeout {self.message_timeout} s)"
-                else:
-                    scope.deadline = idle_deadline
-                    waiting = f"a message (idle_timeout {self.idle_timeout} s)"
-                try:
-                    await self._receive_some()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    session._fail("stream broke")
-                    raise ConnectionClosed(
-                        f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
-                    ) from exc
+        fd = self._stream_fd()
+        if fd is not None:
+            # Plain TCP: read what is already there without a cancel scope;
+            # only a wait for more needs the scope (and the scheduler).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while self._read_now(fd):
                 if self._hash_job is not None or session.memory_hash_pending:
                     await self._hash_received()
                 event = self._next_event()
                 if event is not NEED_DATA:
                     return event
+        idle_deadline = trio.current_time() + self.idle_timeout
+        # One cancel scope for the whole wait, its deadline moved as frames begin.
+        with trio.CancelScope(deadline=idle_deadline) as scope:
+            while True:
+                if session.buffered:
+                    if self._frame_started is None:
+                        self._frame_started = trio.current_time()
+                    scope.deadline = self._frame_started + self.message_timeout
+                elif scope.deadline != idle_deadline:
+                    scope.deadline = idle_deadline
+                if fd is None:
+                    await self._receive_some()
+                else:
+                    await self._wait_readable(fd)
+                    if not self._read_now(fd):
+                        continue
+                if self._hash_job is not None or session.memory_hash_pending:
+                    await self._hash_received()
+                event = self._next_event()
+                if event is not NEED_DATA:
+                    return event
+        if session.buffered:
+            waiting = f"the rest of a frame (message_timeout {self.message_timeout} s)"
+        else:
+            waiting = f"a message (idle_timeout {self.idle_timeout} s)"
         timeout = ProtocolTimeout(
             f"waited too long for {waiting} from the {session.peer_role} (state {session.state.name})"
         )
@@ -358,19 +400,60 @@ class Channel:
         session._fail(str(timeout))
         raise timeout
 
-    async def _receive_some(self) -> None:
+    def _stream_fd(self) -> int | None:
+        try:
+            return self._socket_fd()
+        except trio.ClosedResourceError as exc:
+            raise self._broke(exc) from exc
+
+    def _broke(self, exc: BaseException) -> ConnectionClosed:
         session = self.session
-        window = session.memory_window()
-        if window is not None and isinstance(self.stream, trio.SocketStream):
-            # Inside a MEMORY frame on plain TCP: from the kernel straight into
-            # the caller's buffer (guest RAM), one copy in all.
-            count = await self.stream.socket.recv_into(window)
-            if count:
-                session.memory_received(count)
-            else:
-                session.receive_data(b"")
-            return
-        session.receive_data(await self.stream.receive_some(self.receive_size))
+        session._fail("stream broke")
+        return ConnectionClosed(
+            f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
+        )
+
+    async def _wait_readable(self, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._broke(exc) from exc
+
+    def _read_now(self, fd: int) -> bool:
+        """Read what the socket holds without waiting: False if nothing was there.
+
+        Inside a MEMORY frame's data the bytes go from the kernel straight into
+        the caller's buffer (guest RAM), one copy in all; other bytes go through
+        one reusable buffer into the session.
+        """
+        session = self.session
+        try:
+            window = session.memory_window()
+            if window is not None:
+                count = os.readv(fd, [window])
+                if count:
+                    session.memory_received(count)
+                else:
+                    session.receive_data(b"")
+                return True
+            if self._rbuf is None:
+                self._rbuf = memoryview(bytearray(self.receive_size))
+            count = os.readv(fd, [self._rbuf])
+            session.receive_data(self._rbuf[:count])
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+            broken.__cause__ = exc
+            raise self._broke(broken) from broken
+
+    async def _receive_some(self) -> None:
+        try:
+            data = await self.stream.receive_some(self.receive_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._broke(exc) from exc
+        self.session.receive_data(data)
 
     async def _hash_received(self) -> None:
         """Destination: keep a hash job running over the memory received; finish it before COMMIT."""
@@ -424,6 +507,26 @@ class Channel:
             await self.stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+def _writev(fd: int, pieces: list[bytes | memoryview]) -> int:
+    """os.writev, a broken connection raised as trio does (BrokenResourceError)."""
+    try:
+        return os.writev(fd, pieces)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+def _unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What remains of ``pieces`` once their first ``sent`` bytes are written."""
+    for i, piece in enumerate(pieces):
+        size = len(piece)
+        if sent < size:
+            return [memoryview(piece)[sent:], *pieces[i + 1 :]]
+        sent -= size
+    return []
 
 
 def _grow_buffer(stream: trio.abc.Stream, option: str) -> None:
