@@ -10,6 +10,7 @@ sends the peer an ERROR saying so before raising, so both users see why.
 
 from __future__ import annotations
 
+import math
 import os
 import ssl
 import time
@@ -314,21 +315,26 @@ class Channel:
         An ERROR from the peer is raised: `VersionMismatch` or
         `AuthenticationFailed` for those codes, `PeerError` otherwise.
         """
-        while True:
-            try:
-                message = await self._receive_one()
-            except ProtocolTimeout:
-                raise  # the peer has been told already
-            except ProtocolError as exc:
-                await self.send_error(exc)  # tell the peer what it did wrong
-                raise
-            if isinstance(message, ClockSyncRequest) and self.session.role == "destination":
-                t2 = self.clock()
-                await self.send(ClockSyncReply(t1=message.t1, t2=t2, t3=self.clock()))
-                continue
-            if isinstance(message, Error):
-                raise _peer_error(self.session.peer_role, message)
-            return message
+        # One cancel scope for the whole call (a destination answering clock
+        # syncs stays in here): its deadline is set only while waiting.
+        with trio.CancelScope() as scope:
+            while True:
+                try:
+                    message = await self._receive_one(scope)
+                except ProtocolError as exc:
+                    scope.deadline = math.inf  # report this error, not a timeout
+                    if not isinstance(exc, ProtocolTimeout):
+                        await self.send_error(exc)  # tell the peer what it did wrong
+                    raise
+                if isinstance(message, ClockSyncRequest) and self.session.role == "destination":
+                    t2 = self.clock()
+                    scope.deadline = math.inf  # the reply has its own deadline
+                    await self.send(ClockSyncReply(t1=message.t1, t2=t2, t3=self.clock()))
+                    continue
+                if isinstance(message, Error):
+                    raise _peer_error(self.session.peer_role, message)
+                return message
+        raise await self._timed_out()
 
     async def receive_memory(self, into: Any) -> Commit:
         """After MIGRATE: receive every chunk straight into ``into`` (guest RAM), then COMMIT.
@@ -350,7 +356,8 @@ class Channel:
             self.session.abandon_memory_hash()
             raise
 
-    async def _receive_one(self) -> Message:
+    async def _receive_one(self, scope: trio.CancelScope) -> Message:
+        """The next event; waits under ``scope`` (the caller's), whose deadline this sets."""
         if self._hash_job is not None or self.session.memory_hash_pending:
             await self._hash_received()
         event: Message = self._next_event()
@@ -359,8 +366,8 @@ class Channel:
         session = self.session
         fd = self._stream_fd()
         if fd is not None:
-            # Plain TCP: read what is already there without a cancel scope;
-            # only a wait for more needs the scope (and the scheduler).
+            # Plain TCP: read what is already there without waiting; only a
+            # wait for more needs the deadline (and the scheduler).
             await trio.lowlevel.checkpoint_if_cancelled()
             while self._read_now(fd):
                 if self._hash_job is not None or session.memory_hash_pending:
@@ -369,26 +376,29 @@ class Channel:
                 if event is not NEED_DATA:
                     return event
         idle_deadline = trio.current_time() + self.idle_timeout
-        # One cancel scope for the whole wait, its deadline moved as frames begin.
-        with trio.CancelScope(deadline=idle_deadline) as scope:
-            while True:
-                if session.buffered:
-                    if self._frame_started is None:
-                        self._frame_started = trio.current_time()
-                    scope.deadline = self._frame_started + self.message_timeout
-                elif scope.deadline != idle_deadline:
-                    scope.deadline = idle_deadline
-                if fd is None:
-                    await self._receive_some()
-                else:
-                    await self._wait_readable(fd)
-                    if not self._read_now(fd):
-                        continue
-                if self._hash_job is not None or session.memory_hash_pending:
-                    await self._hash_received()
-                event = self._next_event()
-                if event is not NEED_DATA:
-                    return event
+        scope.deadline = idle_deadline
+        while True:
+            if session.buffered:
+                if self._frame_started is None:
+                    self._frame_started = trio.current_time()
+                scope.deadline = self._frame_started + self.message_timeout
+            elif scope.deadline != idle_deadline:
+                scope.deadline = idle_deadline
+            if fd is None:
+                await self._receive_some()
+            else:
+                await self._wait_readable(fd)
+                if not self._read_now(fd):
+                    continue
+            if self._hash_job is not None or session.memory_hash_pending:
+                await self._hash_received()
+            event = self._next_event()
+            if event is not NEED_DATA:
+                return event
+
+    async def _timed_out(self) -> ProtocolTimeout:
+        """The receive deadline passed: tell the peer, fail the session, return the error."""
+        session = self.session
         if session.buffered:
             waiting = f"the rest of a frame (message_timeout {self.message_timeout} s)"
         else:
@@ -398,7 +408,7 @@ class Channel:
         )
         await self.send_error(timeout)
         session._fail(str(timeout))
-        raise timeout
+        return timeout
 
     def _stream_fd(self) -> int | None:
         try:
