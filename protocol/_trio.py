@@ -266,8 +266,7 @@ class Channel:
                 pieces, chunk = queued.pop(0)
                 ahead -= len(chunk.data)
                 await self._write(pieces, chunk)
-            while self._hash_job is not None or session.memory_hash_pending:
-                await self._hash_step(start_only=False)
+            await self._hash_rest()
             completed = True
         finally:
             if self._hash_job is not None:
@@ -279,6 +278,23 @@ class Channel:
         commit = session.make_commit()
         await self.send(commit)
         return commit
+
+    async def _hash_rest(self) -> None:
+        """Finish the digest: wait for the running job, then hash what is left right here.
+
+        The tail is short (less than ``_HASH_MIN`` or ``_HASH_AHEAD`` bytes), and
+        another job would cost a thread wake-up and a trio wake-up, which
+        take milliseconds on a loaded host.
+        """
+        if self._hash_job is not None:
+            job, self._hash_job = self._hash_job, None
+            await job.wait()
+        work = self.session.memory_hash_job()
+        if work is not None:
+            try:
+                work()
+            finally:
+                self.session.memory_hash_done()
 
     async def _hash_step(self, *, start_only: bool) -> None:
         """Start a hash job if none runs and bytes are pending; else (unless ``start_only``) wait for it."""
@@ -469,8 +485,7 @@ class Channel:
         """Destination: keep a hash job running over the memory received; finish it before COMMIT."""
         session = self.session
         if session.state is State.COMMIT:  # all memory is in: the digest is due with the COMMIT
-            while self._hash_job is not None or session.memory_hash_pending:
-                await self._hash_step(start_only=False)
+            await self._hash_rest()
         elif session.memory_hash_pending >= _HASH_MIN or self._hash_job is not None:
             await self._hash_step(start_only=True)
 
