@@ -48,9 +48,15 @@ class LimitError(FieldError):
     """Internal: a value exceeds a limit; becomes `LimitExceeded` when the peer sent it."""
 
 
+# One Packer for every message: msgpack.packb builds a new one per call, which
+# costs more than packing a small message (2.2 vs 0.8 us here).  Packer.pack
+# holds the GIL throughout and empties its buffer on errors too.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def pack(obj: dict[str, Any]) -> bytes:
     """Encode one message map (strings as str, bytes as bin)."""
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = _PACKER.pack(obj)
     return packed
 
 
@@ -172,7 +178,7 @@ def parse_memory_header(body: memoryview, *, partial: bool = False) -> tuple[int
     fixed layout exactly (its data must run to the end of the body, unless
     ``partial``: then ``body`` may be only the header and what follows).
     """
-    if body[:_OFFSET_AT] != _MEMORY_PREFIX:
+    if not body or body[0] != 0x83 or body[:_OFFSET_AT] != _MEMORY_PREFIX:
         return None
     if (
         len(body) < MEMORY_HEADER_SIZE

@@ -131,6 +131,11 @@ _TRANSITIONS: dict[tuple[State, Role], dict[type[Message], State]] = {
 }
 
 
+# The same keyed by the state's int value: Enum.__hash__ is a Python-level call.
+_TRANSITIONS_BY_VALUE = {(state._value_, role): allowed for (state, role), allowed in _TRANSITIONS.items()}
+_NOTHING: dict[type[Message], State] = {}
+
+
 class _MemoryStream:
     """Progress of one MIGRATE's memory: next offset, and the digest so far.
 
@@ -670,7 +675,7 @@ class Session:
                 raise error(f"{who} ({sender}) sent ERROR in state CLOSED, after BYE")
             self._fail(f"{sender} sent ERROR {message.code!r}: {message.message}")
             return
-        allowed = _TRANSITIONS.get((self.state, sender), {})
+        allowed = _TRANSITIONS_BY_VALUE.get((self.state._value_, sender), _NOTHING)
         following = allowed.get(type(message))
         if following is None:
             raise error(
