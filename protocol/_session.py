@@ -414,6 +414,27 @@ class Session:
         assert sink is not None
         return sink[partial.offset + partial.got : partial.offset + partial.size]
 
+    def memory_read_limit(self) -> int | None:
+        """At most this many bytes should be read next, so that MEMORY data lands straight in the sink.
+
+        Non-None on a destination with a sink between chunks: reading only up
+        to the end of the next MEMORY header (and the tag before it) lets the
+        caller then receive the data itself into `memory_window`, instead of
+        reading it into a buffer and copying it twice.
+        """
+        stream = self._memory
+        if stream is None or stream.sink is None or self.role != "destination":
+            return None
+        partial = self._partial
+        header = LENGTH.size + MEMORY_HEADER_SIZE
+        if partial is None:
+            need = header - len(self._buf) if self.state is State.MEMORY else 0
+        elif partial.got == partial.size and stream.offset + partial.size < stream.size:
+            need = (TAG_SIZE if self._recv_mac is not None else 0) + header - len(self._buf)
+        else:
+            return None
+        return need if need > 0 else None
+
     def memory_received(self, count: int) -> None:
         """Account ``count`` bytes the caller wrote at the start of `memory_window()`."""
         window = self.memory_window()

@@ -464,7 +464,8 @@ class Channel:
                 return True
             if self._rbuf is None:
                 self._rbuf = memoryview(bytearray(self.receive_size))
-            count = os.readv(fd, [self._rbuf])
+            limit = session.memory_read_limit()
+            count = os.readv(fd, [self._rbuf if limit is None else self._rbuf[:limit]])
             session.receive_data(self._rbuf[:count])
             return True
         except BlockingIOError:
