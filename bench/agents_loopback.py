@@ -58,6 +58,12 @@ async def agent_runs(kvm: System, memory_size: int, runs: int) -> dict[str, list
     return samples
 
 
+def load() -> str:
+    """The 1-minute load average (this host is shared: figures depend on it)."""
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
 def hash_ms(size: int) -> float:
     data = bytes(size)
     times = []
@@ -75,6 +81,7 @@ def main() -> int:
     parser.add_argument("--no-c", action="store_true", help="skip the C reference")
     args = parser.parse_args()
     size = args.memory_mib << 20
+    load_before = load()
 
     with System() as kvm:
         samples = trio.run(agent_runs, kvm, size, args.runs)
@@ -83,7 +90,8 @@ def main() -> int:
 
     med = {k: statistics.median(v) / 1e6 for k, v in samples.items()}
     print(f"{args.memory_mib} MiB guest, strategy {Strategy.best(kvm.capabilities())}, "
-          f"{args.runs} runs, medians in ms\n")
+          f"{args.runs} runs, medians in ms; load average {load_before} at start, {load()} at end "
+          f"({os.cpu_count()} CPUs, shared)\n")
     print("agents over TCP (downtime by phase)")
     for phase in PHASES:
         print(f"  {phase.removesuffix('_ns'):<13} {med[phase]:8.3f}")
@@ -92,7 +100,8 @@ def main() -> int:
         print(f"  {phase.removesuffix('_ns'):<13} {med[phase]:8.3f}")
     print(f"  {'agent path':<13} {med['agent_path_ns']:8.3f}   (server start .. BYE: loopback())")
     hashing = hash_ms(size)
-    print(f"  (SHA-256 of the guest memory, which both sides compute for COMMIT: "
+    print(f"  (transfer: {size / med['transfer_ns'] / 1e3:.0f} MB/s; SHA-256 of the guest memory, "
+          f"which both sides compute for COMMIT, in worker threads beside the I/O: "
           f"{hashing:.3f} ms per side)")
     print("\nin-process kvmcore cycle (bench/kvmcore_cycle.py)")
     cycle_total = sum(py.values()) / 1e6

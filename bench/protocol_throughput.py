@@ -114,8 +114,8 @@ async def tcp_migration(port: int, memory: memoryview) -> float:
     return elapsed
 
 
-def tcp_migrations(memory: memoryview, runs: int) -> float:
-    """Best time of ``runs`` migrations to a destination agent in another process."""
+def tcp_migrations(memory: memoryview, runs: int) -> list[float]:
+    """Times of ``runs`` migrations to a destination agent in another process (sorted)."""
     receiver, sender = multiprocessing.Pipe(duplex=False)
     child = multiprocessing.get_context("spawn").Process(
         target=destination_process, args=(sender, len(memory), runs)
@@ -123,12 +123,12 @@ def tcp_migrations(memory: memoryview, runs: int) -> float:
     child.start()
     try:
         port = receiver.recv()
-        return min(trio.run(tcp_migration, port, memory) for _ in range(runs))
+        return sorted(trio.run(tcp_migration, port, memory) for _ in range(runs))
     finally:
         child.join(60)
 
 
-async def round_trips(count: int, size: int) -> tuple[list[float], list[float]]:
+async def round_trips(count: int, size: int) -> tuple[list[float], list[float], list[float], list[float]]:
     """Interleaved round trips: a raw socket echo of ``size`` bytes and a CLOCK_REQUEST/REPLY.
 
     Alternating the two in one loop exposes both to the same interference
@@ -157,22 +157,25 @@ async def round_trips(count: int, size: int) -> tuple[list[float], list[float]]:
         await protocol.source_handshake(channel, agent_version="bench", capabilities={}, clock_rounds=0)
         raw = await trio.open_tcp_stream("127.0.0.1", ports[1])
         payload = b"x" * size
-        channel_times, raw_times = [], []
+        channel_times, raw_times, channel_cpu, raw_cpu = [], [], [], []
+        clock, cpu = time.perf_counter, time.process_time  # both ends are in this process
         for i in range(count):
-            start = time.perf_counter()
+            start, start_cpu = clock(), cpu()
             await raw.send_all(payload)
             received = 0
             while received < size:
                 received += len(await raw.receive_some(65536))
-            raw_times.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            raw_times.append(clock() - start)
+            raw_cpu.append(cpu() - start_cpu)
+            start, start_cpu = clock(), cpu()
             await channel.send(protocol.ClockSyncRequest(t1=i))
             await channel.receive()
-            channel_times.append(time.perf_counter() - start)
+            channel_times.append(clock() - start)
+            channel_cpu.append(cpu() - start_cpu)
         await raw.aclose()
         await channel.bye()
         nursery.cancel_scope.cancel()
-    return raw_times, channel_times
+    return raw_times, channel_times, raw_cpu, channel_cpu
 
 
 def sans_io_round_trip_us(count: int) -> float:
@@ -210,8 +213,13 @@ def small_frame_size() -> int:
     return len(source.send(protocol.ClockSyncRequest(t1=10**18)))
 
 
+def load() -> str:
+    """The 1-minute load average (this host is shared: figures depend on it)."""
+    return open("/proc/loadavg").read().split()[0]
+
+
 def throughput_rows(mib: int, runs: int) -> list[tuple[str, str, str]]:
-    """The throughput figures for a memory of ``mib`` MiB, best of ``runs``."""
+    """The throughput figures for a memory of ``mib`` MiB: best of ``runs`` in-process, median and best over TCP."""
     size = mib * MiB
     data = os.urandom(size)
     memory = memoryview(data)
@@ -227,12 +235,14 @@ def throughput_rows(mib: int, runs: int) -> list[tuple[str, str, str]]:
     digest_s = best_of(runs, digest)
     sans_io_s = best_of(runs, lambda: sans_io_migration(memory, into))
     assert into == data
-    tcp_s = tcp_migrations(memory, runs)
+    tcp = tcp_migrations(memory, runs)
     return [
         (f"{mib} MiB", "plain memory copy (reference)", f"{size / copy_s / 1e6:8.0f} MB/s"),
         (f"{mib} MiB", "SHA-256 of the memory (COMMIT digest, one side)", f"{size / digest_s / 1e6:8.0f} MB/s"),
         (f"{mib} MiB", "encode + decode, sans-IO, into a buffer", f"{size / sans_io_s / 1e6:8.0f} MB/s"),
-        (f"{mib} MiB", "whole migration over loopback TCP, 2 processes", f"{size / tcp_s / 1e6:8.0f} MB/s"),
+        (f"{mib} MiB", f"whole migration over loopback TCP, 2 processes, median of {runs}",
+         f"{size / statistics.median(tcp) / 1e6:8.0f} MB/s"),
+        (f"{mib} MiB", "whole migration over loopback TCP, 2 processes, best", f"{size / tcp[0] / 1e6:8.0f} MB/s"),
     ]
 
 
@@ -240,26 +250,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes-mib", type=int, nargs="+", default=[2, 256])
     parser.add_argument("--round-trips", type=int, default=2000)
-    parser.add_argument("--runs", type=int, default=3, help="best of N for each throughput figure")
+    parser.add_argument("--runs", type=int, default=9, help="runs of each throughput figure (3 above 64 MiB)")
     args = parser.parse_args()
 
+    load_before = load()
     rows: list[tuple[str, str, str]] = []
     for mib in args.sizes_mib:
-        rows += throughput_rows(mib, args.runs if mib <= 64 else max(1, args.runs - 1))
+        rows += throughput_rows(mib, args.runs if mib <= 64 else min(3, args.runs))
 
     frame = small_frame_size()
-    raw_times, channel_times = trio.run(round_trips, args.round_trips, frame)
+    raw_times, channel_times, raw_cpu, channel_cpu = trio.run(round_trips, args.round_trips, frame)
     channel_us = statistics.median(channel_times) * 1e6
     raw_us = statistics.median(raw_times) * 1e6
+    channel_cpu_us = statistics.median(channel_cpu) * 1e6
+    raw_cpu_us = statistics.median(raw_cpu) * 1e6
     rows += [
         ("small", f"raw trio socket echo, {frame} B each way, median", f"{raw_us:8.1f} us"),
         ("small", "CLOCK_REQUEST -> CLOCK_REPLY via Channel, median", f"{channel_us:8.1f} us"),
         ("small", "added by the protocol (difference of medians)", f"{channel_us - raw_us:8.1f} us"),
+        ("small", "  the same in CPU time (both ends, this process)", f"{channel_cpu_us - raw_cpu_us:8.1f} us"),
         ("small", "of which sans-IO CPU (both sessions, no I/O)", f"{sans_io_round_trip_us(args.round_trips):8.1f} us"),
         ("small", "of which frame MAC, per frame (tag or verify)", f"{frame_mac_us():8.1f} us"),
     ]
 
     width = max(len(r[1]) for r in rows)
+    print(f"load average {load_before} at start, {load()} at end ({os.cpu_count()} CPUs, shared)")
     print(f"{'size':8}  {'what':{width}}  figure")
     for size_label, what, figure in rows:
         print(f"{size_label:8}  {what:{width}}  {figure}")

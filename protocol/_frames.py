@@ -48,9 +48,15 @@ class LimitError(FieldError):
     """Internal: a value exceeds a limit; becomes `LimitExceeded` when the peer sent it."""
 
 
+# One Packer for every message: msgpack.packb builds a new one per call, which
+# costs more than packing a small message (2.2 vs 0.8 us here).  Packer.pack
+# holds the GIL throughout and empties its buffer on errors too.
+_PACKER = msgpack.Packer(use_bin_type=True)
+
+
 def pack(obj: dict[str, Any]) -> bytes:
     """Encode one message map (strings as str, bytes as bin)."""
-    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = _PACKER.pack(obj)
     return packed
 
 
@@ -66,6 +72,28 @@ def _pairs_to_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
 def unpack(body: bytes | memoryview, limits: Limits) -> Any:
     """Decode exactly one msgpack object, bounded by ``limits``; FieldError on anything wrong."""
     try:
+        if body and 0x80 <= body[0] <= 0x8F:
+            # A small map (every message but a large HELLO, MIGRATE or REPORT):
+            # decoded without the Python pairs hook, its repeated keys are
+            # found by counting; only a map holding containers is decoded
+            # again with the hook, which sees repeated keys at every depth.
+            obj = msgpack.unpackb(
+                body,
+                raw=False,
+                strict_map_key=True,
+                use_list=True,
+                max_array_len=limits.max_container_entries,
+                max_map_len=limits.max_container_entries,
+            )
+            if type(obj) is not dict:  # pragma: no cover - a fixmap header decodes to a dict
+                raise FieldError("not valid msgpack: expected a map")
+            if len(obj) != body[0] & 0x0F:
+                raise FieldError("map has a repeated key")
+            for value in obj.values():
+                if type(value) is dict or type(value) is list:
+                    break
+            else:
+                return obj
         return msgpack.unpackb(
             body,
             raw=False,
@@ -150,7 +178,7 @@ def parse_memory_header(body: memoryview, *, partial: bool = False) -> tuple[int
     fixed layout exactly (its data must run to the end of the body, unless
     ``partial``: then ``body`` may be only the header and what follows).
     """
-    if body[:_OFFSET_AT] != _MEMORY_PREFIX:
+    if not body or body[0] != 0x83 or body[:_OFFSET_AT] != _MEMORY_PREFIX:
         return None
     if (
         len(body) < MEMORY_HEADER_SIZE

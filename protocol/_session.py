@@ -26,6 +26,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import secrets
+from collections.abc import Callable
 from typing import Any
 
 from ._auth import TAG_SIZE, FrameMac, derive_keys, make_proof, transcript_hash, verify_proof
@@ -130,8 +131,18 @@ _TRANSITIONS: dict[tuple[State, Role], dict[type[Message], State]] = {
 }
 
 
+# The same keyed by the state's int value: Enum.__hash__ is a Python-level call.
+_TRANSITIONS_BY_VALUE = {(state._value_, role): allowed for (state, role), allowed in _TRANSITIONS.items()}
+_NOTHING: dict[type[Message], State] = {}
+
+
 class _MemoryStream:
-    """Progress of one MIGRATE's memory: next offset, and the digest so far."""
+    """Progress of one MIGRATE's memory: next offset, and the digest so far.
+
+    With deferred hashing, ``pending`` holds the bytes sent or received but not
+    yet hashed, in order (views of the caller's buffer or of the sink), and
+    ``hashing`` says a job over earlier bytes is running somewhere.
+    """
 
     def __init__(self, size: int, chunk_size: int) -> None:
         self.size = size
@@ -139,6 +150,43 @@ class _MemoryStream:
         self.offset = 0
         self.digest = hashlib.sha256()
         self.sink: memoryview | None = None
+        self.pending: list[memoryview] = []
+        self.pending_bytes = 0
+        self.pending_at = 0  # with a sink: the pending bytes are sink[pending_at : + pending_bytes]
+        self.hashing = False
+
+    def hash(self, view: memoryview, at: int, defer: bool) -> None:
+        """Account the memory bytes ``view`` (at offset ``at``), sent or received, in order."""
+        if not defer:
+            if self.pending_bytes:  # keep the order: what is pending comes first
+                if self.hashing:
+                    raise LocalProtocolError("memory hashed here while a hash job is still running")
+                for earlier in self._take():
+                    self.digest.update(earlier)
+            self.digest.update(view)
+        elif self.sink is not None:  # received pieces are contiguous in the sink: one range
+            if not self.pending_bytes:
+                self.pending_at = at
+            self.pending_bytes += len(view)
+        else:
+            self.pending.append(view)
+            self.pending_bytes += len(view)
+
+    def finish(self) -> bytes:
+        """The digest of everything, hashing what is pending here and now."""
+        if self.hashing:
+            raise LocalProtocolError("the memory digest is needed while a hash job is still running")
+        for view in self._take():
+            self.digest.update(view)
+        return self.digest.digest()
+
+    def _take(self) -> list[memoryview]:
+        if self.sink is not None and self.pending_bytes:
+            views = [self.sink[self.pending_at : self.pending_at + self.pending_bytes]]
+        else:
+            views = self.pending
+        self.pending, self.pending_bytes = [], 0
+        return views
 
 
 class _PartialChunk:
@@ -165,6 +213,13 @@ class Session:
 
     #: The version this side speaks (a class attribute so tests can play a future agent).
     protocol_version: int = PROTOCOL_VERSION
+
+    #: Leave the memory digest's hashing to the caller (`memory_hash_job`), who
+    #: can run it in a worker thread beside the I/O; whatever is still pending
+    #: is hashed here when the digest is needed (COMMIT).  While set, the
+    #: session keeps views of the memory sent (or of the sink) until they are
+    #: hashed: the caller's buffer must stay open (`abandon_memory_hash`).
+    defer_memory_hash: bool = False
 
     def __init__(
         self,
@@ -202,6 +257,7 @@ class Session:
         self._memory: _MemoryStream | None = None
         self._partial: _PartialChunk | None = None
         self._sent_error = False
+        self._frame_safe = True  # False while a chunk's data lives in the frame buffer
 
     # -- building the messages only the session can fill in ------------------
 
@@ -226,7 +282,49 @@ class Session:
         """The COMMIT closing the memory stream sent so far (its SHA-256 digest)."""
         if self.state is not State.COMMIT or self._memory is None or self.role != "source":
             raise LocalProtocolError(f"cannot build COMMIT in state {self.state.name} ({self.role})")
-        return Commit(digest=self._memory.digest.digest())
+        return Commit(digest=self._memory.finish())
+
+    # -- deferred hashing of the memory stream --------------------------------
+
+    @property
+    def memory_hash_pending(self) -> int:
+        """Bytes of the memory stream sent or received but not hashed yet (deferred hashing)."""
+        stream = self._memory
+        return 0 if stream is None else stream.pending_bytes
+
+    def memory_hash_job(self) -> Callable[[], None] | None:
+        """A job hashing the memory bytes pending so far, in order; None if there are none.
+
+        For ``defer_memory_hash``: run the job anywhere (hashlib releases the
+        GIL, so a worker thread overlaps it with the I/O), then call
+        `memory_hash_done` before asking for the next job; the digest (COMMIT)
+        may be needed only when no job is running.  The job reads the caller's
+        buffer or the sink, which must stay valid until it returns.
+        """
+        stream = self._memory
+        if stream is None or not stream.pending_bytes:
+            return None
+        if stream.hashing:
+            raise LocalProtocolError("memory_hash_job while the previous job is still running")
+        views = stream._take()
+        stream.hashing = True
+        digest = stream.digest
+
+        def job() -> None:
+            for view in views:
+                digest.update(view)
+
+        return job
+
+    def memory_hash_done(self) -> None:
+        """The job from `memory_hash_job` has returned."""
+        if self._memory is not None:
+            self._memory.hashing = False
+
+    def abandon_memory_hash(self) -> None:
+        """Drop the views of memory not hashed yet (the stream failed; its digest is moot)."""
+        if self._memory is not None:
+            self._memory.pending, self._memory.pending_bytes = [], 0
 
     # -- sending ---------------------------------------------------------------
 
@@ -316,13 +414,34 @@ class Session:
         assert sink is not None
         return sink[partial.offset + partial.got : partial.offset + partial.size]
 
+    def memory_read_limit(self) -> int | None:
+        """At most this many bytes should be read next, so that MEMORY data lands straight in the sink.
+
+        Non-None on a destination with a sink between chunks: reading only up
+        to the end of the next MEMORY header (and the tag before it) lets the
+        caller then receive the data itself into `memory_window`, instead of
+        reading it into a buffer and copying it twice.
+        """
+        stream = self._memory
+        if stream is None or stream.sink is None or self.role != "destination":
+            return None
+        partial = self._partial
+        header = LENGTH.size + MEMORY_HEADER_SIZE
+        if partial is None:
+            need = header - len(self._buf) if self.state is State.MEMORY else 0
+        elif partial.got == partial.size and stream.offset + partial.size < stream.size:
+            need = (TAG_SIZE if self._recv_mac is not None else 0) + header - len(self._buf)
+        else:
+            return None
+        return need if need > 0 else None
+
     def memory_received(self, count: int) -> None:
         """Account ``count`` bytes the caller wrote at the start of `memory_window()`."""
         window = self.memory_window()
         if window is None or not 0 < count <= len(window):
             raise LocalProtocolError(f"memory_received({count}) outside the memory window")
         assert self._partial is not None and self._memory is not None
-        self._memory.digest.update(window[:count])
+        self._memory.hash(window[:count], self._partial.offset + self._partial.got, self.defer_memory_hash)
         self._partial.got += count
 
     def _absorb(self, piece: memoryview) -> None:
@@ -330,8 +449,9 @@ class Session:
         stream = self._memory
         assert partial is not None and stream is not None and stream.sink is not None
         start = partial.offset + partial.got
-        stream.sink[start : start + len(piece)] = piece
-        stream.digest.update(piece)
+        target = stream.sink[start : start + len(piece)]
+        target[:] = piece
+        stream.hash(target, start, self.defer_memory_hash)
         partial.got += len(piece)
 
     @property
@@ -528,13 +648,26 @@ class Session:
             )
 
     def _read_memory(self, offset: int, data: memoryview) -> MemoryChunk:
-        self._advance(self.peer_role, MemoryChunk(offset=offset, data=data), local=False)
         stream = self._memory
-        assert stream is not None
-        if stream.sink is not None:
+        if (
+            stream is not None
+            and stream.sink is not None
+            and self.state is State.MEMORY
+            and offset == stream.offset
+            and len(data) == min(stream.chunk_size, stream.size - stream.offset)
+        ):
+            # The chunk the state expects: into the sink first, so the digest
+            # (deferred or not) reads it there rather than from the frame buffer.
             target = stream.sink[offset : offset + len(data)]
             target[:] = data
+            self._advance(self.peer_role, MemoryChunk(offset=offset, data=target), local=False)
             return MemoryChunk(offset=offset, data=target)
+        # The data is in the frame buffer, which is reused: hash it now.
+        self._frame_safe = False
+        try:
+            self._advance(self.peer_role, MemoryChunk(offset=offset, data=data), local=False)
+        finally:
+            self._frame_safe = True
         return MemoryChunk(offset=offset, data=bytes(data))
 
     def _check_version(self, obj: Any) -> None:
@@ -563,7 +696,7 @@ class Session:
                 raise error(f"{who} ({sender}) sent ERROR in state CLOSED, after BYE")
             self._fail(f"{sender} sent ERROR {message.code!r}: {message.message}")
             return
-        allowed = _TRANSITIONS.get((self.state, sender), {})
+        allowed = _TRANSITIONS_BY_VALUE.get((self.state._value_, sender), _NOTHING)
         following = allowed.get(type(message))
         if following is None:
             raise error(
@@ -598,7 +731,7 @@ class Session:
             following = self._advance_memory(message, error)
         elif isinstance(message, Commit):
             assert self._memory is not None
-            digest = self._memory.digest.digest()
+            digest = self._memory.finish()
             self._memory = None
             if message.digest != digest:
                 if local:
@@ -620,7 +753,7 @@ class Session:
             raise error(f"MEMORY chunk at offset {chunk.offset}, expected offset {stream.offset}")
         if size != due:
             raise error(f"MEMORY chunk at offset {chunk.offset} has {size} bytes, expected {due}")
-        stream.digest.update(chunk.data)
+        stream.hash(_byte_view(chunk.data), chunk.offset, self.defer_memory_hash and self._frame_safe)
         stream.offset += size
         return State.COMMIT if stream.offset == stream.size else State.MEMORY
 

@@ -10,6 +10,8 @@ sends the peer an ERROR saying so before raising, so both users see why.
 
 from __future__ import annotations
 
+import math
+import os
 import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -41,7 +43,7 @@ from ._messages import (
     Message,
     name_of,
 )
-from ._session import END_OF_STREAM, NEED_DATA, Session, _byte_view
+from ._session import END_OF_STREAM, NEED_DATA, Session, State, _byte_view
 
 __all__ = [
     "Channel",
@@ -54,6 +56,51 @@ __all__ = [
 ]
 
 _ERROR_SEND_TIMEOUT = 1.0
+
+#: Deferred memory hashing: the source builds (and hashes) up to this many
+#: bytes of chunks ahead of the one it writes; the destination starts a hash
+#: job once this many received bytes are pending (or the memory is complete).
+_HASH_AHEAD = 4 << 20
+_HASH_MIN = 256 << 10
+#: Socket buffers asked for while memory streams (the kernel caps them at
+#: net.core.wmem_max / rmem_max): fewer wake-ups per MiB on fast links.
+_STREAM_BUFFER = 4 << 20
+
+
+class _HashJob:
+    """A session's memory hash job running in a trio worker thread (hashlib releases the GIL).
+
+    `wait` is shielded from cancellation: the job reads guest memory, which
+    must not be unmapped under it, and it is short (at most a few MiB).
+    """
+
+    def __init__(self, session: Session, job: Callable[[], None]) -> None:
+        self._session = session
+        self._done = trio.Event()
+        self._outcome: Any = None
+        token = trio.lowlevel.current_trio_token()
+
+        def deliver(outcome: Any) -> None:
+            def finished() -> None:
+                self._outcome = outcome
+                self._done.set()
+
+            try:
+                token.run_sync_soon(finished)
+            except trio.RunFinishedError:  # pragma: no cover - the run ended first
+                pass
+
+        trio.lowlevel.start_thread_soon(job, deliver)
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    async def wait(self) -> None:
+        with trio.CancelScope(shield=True):
+            await self._done.wait()
+        self._session.memory_hash_done()
+        self._outcome.unwrap()
 
 
 class Channel:
@@ -82,6 +129,12 @@ class Channel:
         self.clock = clock
         self._frame_started: float | None = None
         self._broken: str | None = None
+        self._hash_job: _HashJob | None = None
+        self._rbuf: memoryview | None = None  # plain TCP: the one receive buffer
+        if session.role == "destination":
+            # Hash the memory received in worker threads beside the I/O (see _HashJob);
+            # the sink stays the session's until COMMIT anyway.
+            session.defer_memory_hash = True
 
     async def __aenter__(self) -> Channel:
         return self
@@ -100,16 +153,50 @@ class Channel:
         if self._broken is not None:
             raise LocalProtocolError(f"channel unusable: {self._broken}")
 
+    def _socket_fd(self) -> int | None:
+        """The fd of a plain TCP stream, for direct non-blocking I/O; None for other streams."""
+        stream = self.stream
+        if not isinstance(stream, trio.SocketStream):
+            return None
+        fd = stream.socket.fileno()
+        if fd < 0:
+            raise trio.ClosedResourceError("the stream is closed")
+        return fd
+
     async def _write(self, pieces: list[bytes | memoryview], message: Message) -> None:
         self._check_usable()
         # A frame cut short by cancellation or an error leaves the stream
         # unframed: nothing more may be written to it.
         self._broken = f"a {name_of(message)} frame was cut short"
         try:
-            # CancelScope(deadline=...) costs about half of move_on_after per message.
-            with trio.CancelScope(deadline=trio.current_time() + self.message_timeout) as scope:
-                for piece in pieces:
-                    await self.stream.send_all(piece)
+            fd = self._socket_fd()
+            if fd is not None:
+                # Plain TCP: one writev of the whole frame, straight away.  The
+                # kernel usually takes a small frame whole, and then the send
+                # costs no cancel scope and no trip through trio's scheduler.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                try:
+                    pieces = _unsent(pieces, _writev(fd, pieces))
+                except BlockingIOError:
+                    pass
+            if pieces:
+                with trio.CancelScope(deadline=trio.current_time() + self.message_timeout) as scope:
+                    if fd is None:
+                        for piece in pieces:
+                            await self.stream.send_all(piece)
+                    else:
+                        while pieces:
+                            await trio.lowlevel.wait_writable(fd)
+                            try:
+                                pieces = _unsent(pieces, _writev(fd, pieces))
+                            except BlockingIOError:
+                                pass
+                if scope.cancelled_caught:
+                    self.session._fail("send timeout")
+                    raise ProtocolTimeout(
+                        f"sending {name_of(message)} to the {self.session.peer_role} took over "
+                        f"{self.message_timeout} s"
+                    )
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             # The peer usually closed because it failed and said why first: an
             # ERROR already received is the error to report, not the broken pipe.
@@ -120,12 +207,6 @@ class Channel:
             raise ConnectionClosed(
                 f"stream to the {self.session.peer_role} broke while sending {name_of(message)}: {exc}"
             ) from exc
-        if scope.cancelled_caught:
-            self.session._fail("send timeout")
-            raise ProtocolTimeout(
-                f"sending {name_of(message)} to the {self.session.peer_role} took over "
-                f"{self.message_timeout} s"
-            )
         self._broken = None
 
     async def _pending_peer_error(self) -> ProtocolError | None:
@@ -152,25 +233,80 @@ class Channel:
         """Send ``memory`` (any contiguous buffer, e.g. guest RAM) as chunks after MIGRATE, then COMMIT.
 
         The chunk data goes to the stream straight from ``memory``: no copy of
-        the whole memory is made.  Returns the COMMIT sent.
+        the whole memory is made.  The COMMIT digest is computed in worker
+        threads while the chunks are written (chunks are framed up to
+        ``_HASH_AHEAD`` bytes ahead so the hashing keeps ahead of the writes).
+        Returns the COMMIT sent.
         """
         self._check_usable()
-        progress = self.session.memory_progress
+        session = self.session
+        progress = session.memory_progress
         if progress is None:
             raise LocalProtocolError(
-                f"send_memory needs a MIGRATE sent first (state {self.session.state.name})"
+                f"send_memory needs a MIGRATE sent first (state {session.state.name})"
             )
         offset, size, chunk_size = progress
         view = _byte_view(memory)
         if len(view) < size:
             raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {size}")
-        while offset < size:
-            chunk = MemoryChunk(offset=offset, data=view[offset : offset + chunk_size])
-            await self._write(self.session.send_iov(chunk), chunk)
-            offset += len(chunk.data)
-        commit = self.session.make_commit()
+        _grow_buffer(self.stream, "SO_SNDBUF")
+        queued: list[tuple[list[bytes | memoryview], MemoryChunk]] = []
+        ahead = 0
+        defer, session.defer_memory_hash = session.defer_memory_hash, True
+        completed = False
+        try:
+            while offset < size or queued:
+                # Frame chunks ahead of the writes, so the hash job has work beside them.
+                while offset < size and ahead < _HASH_AHEAD:
+                    chunk = MemoryChunk(offset=offset, data=view[offset : offset + chunk_size])
+                    queued.append((session.send_iov(chunk), chunk))
+                    offset += len(chunk.data)
+                    ahead += len(chunk.data)
+                await self._hash_step(start_only=True)
+                pieces, chunk = queued.pop(0)
+                ahead -= len(chunk.data)
+                await self._write(pieces, chunk)
+            await self._hash_rest()
+            completed = True
+        finally:
+            if self._hash_job is not None:
+                await self._hash_job.wait()
+                self._hash_job = None
+            session.defer_memory_hash = defer
+            if not completed:  # the caller may close its buffer now: no view of it stays here
+                session.abandon_memory_hash()
+        commit = session.make_commit()
         await self.send(commit)
         return commit
+
+    async def _hash_rest(self) -> None:
+        """Finish the digest: wait for the running job, then hash what is left right here.
+
+        The tail is short (less than ``_HASH_MIN`` or ``_HASH_AHEAD`` bytes), and
+        another job would cost a thread wake-up and a trio wake-up, which
+        take milliseconds on a loaded host.
+        """
+        if self._hash_job is not None:
+            job, self._hash_job = self._hash_job, None
+            await job.wait()
+        work = self.session.memory_hash_job()
+        if work is not None:
+            try:
+                work()
+            finally:
+                self.session.memory_hash_done()
+
+    async def _hash_step(self, *, start_only: bool) -> None:
+        """Start a hash job if none runs and bytes are pending; else (unless ``start_only``) wait for it."""
+        job = self._hash_job
+        if job is not None:
+            if start_only and not job.done:
+                return
+            self._hash_job = None
+            await job.wait()
+        work = self.session.memory_hash_job()
+        if work is not None:
+            self._hash_job = _HashJob(self.session, work)
 
     async def send_error(self, exc: BaseException) -> None:
         """Tell the peer why the session ends on this side; best effort, never raises."""
@@ -195,21 +331,26 @@ class Channel:
         An ERROR from the peer is raised: `VersionMismatch` or
         `AuthenticationFailed` for those codes, `PeerError` otherwise.
         """
-        while True:
-            try:
-                message = await self._receive_one()
-            except ProtocolTimeout:
-                raise  # the peer has been told already
-            except ProtocolError as exc:
-                await self.send_error(exc)  # tell the peer what it did wrong
-                raise
-            if isinstance(message, ClockSyncRequest) and self.session.role == "destination":
-                t2 = self.clock()
-                await self.send(ClockSyncReply(t1=message.t1, t2=t2, t3=self.clock()))
-                continue
-            if isinstance(message, Error):
-                raise _peer_error(self.session.peer_role, message)
-            return message
+        # One cancel scope for the whole call (a destination answering clock
+        # syncs stays in here): its deadline is set only while waiting.
+        with trio.CancelScope() as scope:
+            while True:
+                try:
+                    message = await self._receive_one(scope)
+                except ProtocolError as exc:
+                    scope.deadline = math.inf  # report this error, not a timeout
+                    if not isinstance(exc, ProtocolTimeout):
+                        await self.send_error(exc)  # tell the peer what it did wrong
+                    raise
+                if isinstance(message, ClockSyncRequest) and self.session.role == "destination":
+                    t2 = self.clock()
+                    scope.deadline = math.inf  # the reply has its own deadline
+                    await self.send(ClockSyncReply(t1=message.t1, t2=t2, t3=self.clock()))
+                    continue
+                if isinstance(message, Error):
+                    raise _peer_error(self.session.peer_role, message)
+                return message
+        raise await self._timed_out()
 
     async def receive_memory(self, into: Any) -> Commit:
         """After MIGRATE: receive every chunk straight into ``into`` (guest RAM), then COMMIT.
@@ -217,59 +358,137 @@ class Channel:
         The COMMIT's digest has been checked when this returns.
         """
         self.session.receive_memory_into(into)
-        while True:
-            message = await self.receive()
-            if isinstance(message, Commit):
-                return message
-            assert isinstance(message, MemoryChunk), message  # the session allows nothing else
+        _grow_buffer(self.stream, "SO_RCVBUF")
+        try:
+            while True:
+                message = await self.receive()
+                if isinstance(message, Commit):
+                    return message
+                assert isinstance(message, MemoryChunk), message  # the session allows nothing else
+        except BaseException:
+            if self._hash_job is not None:  # an error mid-stream: the job reads ``into``
+                await self._hash_job.wait()
+                self._hash_job = None
+            self.session.abandon_memory_hash()
+            raise
 
-    async def _receive_one(self) -> Message:
+    async def _receive_one(self, scope: trio.CancelScope) -> Message:
+        """The next event; waits under ``scope`` (the caller's), whose deadline this sets."""
+        if self._hash_job is not None or self.session.memory_hash_pending:
+            await self._hash_received()
         event: Message = self._next_event()
         if event is not NEED_DATA:
             return event
         session = self.session
-        idle_deadline = trio.current_time() + self.idle_timeout
-        # One cancel scope for the whole wait, its deadline moved as frames begin.
-        with trio.CancelScope() as scope:
-            while True:
-                if session.buffered:
-                    if self._frame_started is None:
-                        self._frame_started = trio.current_time()
-                    scope.deadline = self._frame_started + self.message_timeout
-                    waiting = f"the rest of a frame (message_timeout {self.message_timeout} s)"
-                else:
-                    scope.deadline = idle_deadline
-                    waiting = f"a message (idle_timeout {self.idle_timeout} s)"
-                try:
-                    await self._receive_some()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    session._fail("stream broke")
-                    raise ConnectionClosed(
-                        f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
-                    ) from exc
+        fd = self._stream_fd()
+        if fd is not None:
+            # Plain TCP: read what is already there without waiting; only a
+            # wait for more needs the deadline (and the scheduler).
+            await trio.lowlevel.checkpoint_if_cancelled()
+            while self._read_now(fd):
+                if self._hash_job is not None or session.memory_hash_pending:
+                    await self._hash_received()
                 event = self._next_event()
                 if event is not NEED_DATA:
                     return event
+        idle_deadline = trio.current_time() + self.idle_timeout
+        scope.deadline = idle_deadline
+        while True:
+            if session.buffered:
+                if self._frame_started is None:
+                    self._frame_started = trio.current_time()
+                scope.deadline = self._frame_started + self.message_timeout
+            elif scope.deadline != idle_deadline:
+                scope.deadline = idle_deadline
+            if fd is None:
+                await self._receive_some()
+            else:
+                await self._wait_readable(fd)
+                if not self._read_now(fd):
+                    continue
+            if self._hash_job is not None or session.memory_hash_pending:
+                await self._hash_received()
+            event = self._next_event()
+            if event is not NEED_DATA:
+                return event
+
+    async def _timed_out(self) -> ProtocolTimeout:
+        """The receive deadline passed: tell the peer, fail the session, return the error."""
+        session = self.session
+        if session.buffered:
+            waiting = f"the rest of a frame (message_timeout {self.message_timeout} s)"
+        else:
+            waiting = f"a message (idle_timeout {self.idle_timeout} s)"
         timeout = ProtocolTimeout(
             f"waited too long for {waiting} from the {session.peer_role} (state {session.state.name})"
         )
         await self.send_error(timeout)
         session._fail(str(timeout))
-        raise timeout
+        return timeout
+
+    def _stream_fd(self) -> int | None:
+        try:
+            return self._socket_fd()
+        except trio.ClosedResourceError as exc:
+            raise self._broke(exc) from exc
+
+    def _broke(self, exc: BaseException) -> ConnectionClosed:
+        session = self.session
+        session._fail("stream broke")
+        return ConnectionClosed(
+            f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
+        )
+
+    async def _wait_readable(self, fd: int) -> None:
+        try:
+            await trio.lowlevel.wait_readable(fd)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._broke(exc) from exc
+
+    def _read_now(self, fd: int) -> bool:
+        """Read what the socket holds without waiting: False if nothing was there.
+
+        Inside a MEMORY frame's data the bytes go from the kernel straight into
+        the caller's buffer (guest RAM), one copy in all; other bytes go through
+        one reusable buffer into the session.
+        """
+        session = self.session
+        try:
+            window = session.memory_window()
+            if window is not None:
+                count = os.readv(fd, [window])
+                if count:
+                    session.memory_received(count)
+                else:
+                    session.receive_data(b"")
+                return True
+            if self._rbuf is None:
+                self._rbuf = memoryview(bytearray(self.receive_size))
+            limit = session.memory_read_limit()
+            count = os.readv(fd, [self._rbuf if limit is None else self._rbuf[:limit]])
+            session.receive_data(self._rbuf[:count])
+            return True
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            broken = trio.BrokenResourceError(f"socket connection broken: {exc}")
+            broken.__cause__ = exc
+            raise self._broke(broken) from broken
 
     async def _receive_some(self) -> None:
+        try:
+            data = await self.stream.receive_some(self.receive_size)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            raise self._broke(exc) from exc
+        self.session.receive_data(data)
+
+    async def _hash_received(self) -> None:
+        """Destination: keep a hash job running over the memory received; finish it before COMMIT."""
         session = self.session
-        window = session.memory_window()
-        if window is not None and isinstance(self.stream, trio.SocketStream):
-            # Inside a MEMORY frame on plain TCP: from the kernel straight into
-            # the caller's buffer (guest RAM), one copy in all.
-            count = await self.stream.socket.recv_into(window)
-            if count:
-                session.memory_received(count)
-            else:
-                session.receive_data(b"")
-            return
-        session.receive_data(await self.stream.receive_some(self.receive_size))
+        if session.state is State.COMMIT:  # all memory is in: the digest is due with the COMMIT
+            await self._hash_rest()
+        elif session.memory_hash_pending >= _HASH_MIN or self._hash_job is not None:
+            await self._hash_step(start_only=True)
 
     def _next_event(self) -> Any:
         session = self.session
@@ -313,6 +532,38 @@ class Channel:
         try:
             await self.stream.aclose()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+def _writev(fd: int, pieces: list[bytes | memoryview]) -> int:
+    """os.writev, a broken connection raised as trio does (BrokenResourceError)."""
+    try:
+        return os.writev(fd, pieces)
+    except BlockingIOError:
+        raise
+    except OSError as exc:
+        raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
+
+
+def _unsent(pieces: list[bytes | memoryview], sent: int) -> list[bytes | memoryview]:
+    """What remains of ``pieces`` once their first ``sent`` bytes are written."""
+    for i, piece in enumerate(pieces):
+        size = len(piece)
+        if sent < size:
+            return [memoryview(piece)[sent:], *pieces[i + 1 :]]
+        sent -= size
+    return []
+
+
+def _grow_buffer(stream: trio.abc.Stream, option: str) -> None:
+    """Ask for a ``_STREAM_BUFFER``-byte socket buffer on a TCP stream; best effort."""
+    if isinstance(stream, trio.SocketStream):
+        import socket  # noqa: PLC0415
+
+        try:
+            if stream.socket.getsockopt(socket.SOL_SOCKET, getattr(socket, option)) < _STREAM_BUFFER:
+                stream.setsockopt(socket.SOL_SOCKET, getattr(socket, option), _STREAM_BUFFER)
+        except OSError:  # pragma: no cover - a platform without it
             pass
 
 
