@@ -58,7 +58,7 @@ def line(label: str, runs: int, dest: dict[str, int], source: dict[str, int]) ->
 
 def start_destination(log: Path) -> tuple[subprocess.Popen[bytes], int]:
     agent = Path(sys.executable).parent / "dest-agent"
-    argv = [str(agent)] if agent.exists() else [sys.executable, "-m", "dest_agent"]
+    argv = [str(agent)] if agent.exists() else [sys.executable, "-P", "-m", "dest_agent"]
     proc = subprocess.Popen([*argv, "serve", "--listen", "127.0.0.1:0"], stdin=subprocess.DEVNULL,
                             stdout=subprocess.DEVNULL, stderr=open(log, "wb"))
     deadline = time.monotonic() + 30

@@ -68,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                                 ("message", "30s", "a message must complete within")):
         serve.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
                            metavar="DURATION", help=f"{what} this (default {default})")
+    serve.add_argument("--max-run-time", type=argtype(seconds), default=seconds("10s"),
+                       metavar="DURATION",
+                       help="the restored guest must report within this, or its vCPU is "
+                            "stopped and the source gets ERROR restore_failed (default 10s)")
     serve.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate")
     serve.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     serve.add_argument("--tls-client-ca", metavar="PEM",
@@ -98,6 +102,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     if not 64 << 10 <= args.max_frame_size < 4 << 30:
         raise UsageError("--max-frame-size must be between 64KiB (a HELLO or a state must fit) "
                          "and 4GiB (the 32-bit length prefix)")
+    if not 0 < args.max_run_time <= 3600:
+        raise UsageError("--max-run-time must be between 0 and 1h")
     ssl_context = None
     if args.tls_cert or args.tls_key or args.tls_client_ca:
         if not (args.tls_cert and args.tls_key):
@@ -111,7 +117,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
                         max_memory=args.max_memory, max_frame_size=args.max_frame_size,
                         handshake_timeout=args.handshake_timeout,
                         idle_timeout=args.idle_timeout, message_timeout=args.message_timeout,
-                        ssl_context=ssl_context)
+                        max_run_time=args.max_run_time, ssl_context=ssl_context)
 
 
 async def serve(config: ServerConfig) -> None:

@@ -17,7 +17,7 @@ from functools import partial
 import trio
 
 import protocol
-from kvmcore import HostCapabilities, System
+from kvmcore import HostCapabilities, System, install_kick_handler
 
 from .session import Counters, SessionConfig, run_session
 
@@ -44,6 +44,7 @@ class ServerConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
     message_timeout: float = 30.0
+    max_run_time: float = 10.0         # the restored guest must report within this
     ssl_context: ssl.SSLContext | None = None
 
 
@@ -71,11 +72,15 @@ class DestinationServer:
         self._session_config = SessionConfig(
             psk=config.psk, limits=session_limits(config),
             agent_version=agent_version, handshake_timeout=config.handshake_timeout,
-            idle_timeout=config.idle_timeout, message_timeout=config.message_timeout)
+            idle_timeout=config.idle_timeout, message_timeout=config.message_timeout,
+            max_run_time=config.max_run_time)
 
     async def serve(self, *, task_status: trio.TaskStatus[tuple[str, int]]
                     = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report the bound address through ``task_status``, serve until cancelled."""
+        # A guest is code of the peer's choosing: its run has a time limit, enforced by
+        # kicking the vCPU thread with a signal that needs a handler (main thread only).
+        install_kick_handler()
         async with trio.open_nursery() as nursery:
             listeners = await nursery.start(partial(
                 trio.serve_tcp, self._handle, self.config.port, host=self.config.host))

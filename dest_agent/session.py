@@ -63,6 +63,7 @@ class SessionConfig:
     handshake_timeout: float = 10.0
     idle_timeout: float = 60.0
     message_timeout: float = 30.0
+    max_run_time: float = 10.0
 
 
 class SessionRefused(Exception):
@@ -89,7 +90,7 @@ async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabiliti
                 channel, agent_version=config.agent_version, capabilities=caps.to_plain(),
                 timeout=config.handshake_timeout)
             while isinstance(message := await channel.receive(), protocol.Migrate):
-                await _migration(channel, message, kvm, caps, counters)
+                await _migration(channel, message, kvm, caps, counters, config.max_run_time)
                 migrations += 1
             return f"done, {migrations} migration(s)"
         except SessionRefused as exc:
@@ -104,7 +105,7 @@ async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabiliti
 
 
 async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: System,
-                     caps: HostCapabilities, counters: Counters) -> None:
+                     caps: HostCapabilities, counters: Counters, max_run_time: float) -> None:
     """MIGRATE received: memory, COMMIT, validate, restore and run, REPORT."""
     t_migrate, rt_migrate = time.perf_counter_ns(), time.time_ns()
     memory = GuestMemory.allocate(migrate.memory_size)    # within Limits.max_memory_size
@@ -118,7 +119,7 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
         state, strategy = _validate(migrate, memory, caps)
         t_valid = time.perf_counter_ns()
         after, record, close_ns = await trio.to_thread.run_sync(
-            _restore_and_run, kvm, caps, state, strategy, counters)
+            _restore_and_run, kvm, caps, state, strategy, counters, max_run_time)
     finally:
         _close_memory(memory)
     counters.add("migrations")
@@ -152,7 +153,8 @@ def _validate(migrate: protocol.Migrate, memory: GuestMemory,
 
 
 def _restore_and_run(kvm: System, caps: HostCapabilities, state: VmState, strategy: Strategy,
-                     counters: Counters) -> tuple[Snapshot, RestoreRecord, int]:
+                     counters: Counters, max_run_time: float
+                     ) -> tuple[Snapshot, RestoreRecord, int]:
     """In one worker thread: the VM's whole life. KvmError becomes ERROR restore_failed."""
     try:
         guest = restore(kvm, state, strategy, caps)
@@ -161,7 +163,8 @@ def _restore_and_run(kvm: System, caps: HostCapabilities, state: VmState, strate
     counters.add("vms_created")
     counters.add("live_vms")
     try:
-        after = guest.run_until_snapshot()
+        # Bounded: a guest that never reports (code of the peer's choosing) is kicked out.
+        after = guest.run_until_snapshot(timeout=max_run_time)
     except KvmError as exc:
         raise SessionRefused("restore_failed", f"restored guest: {exc}") from None
     finally:

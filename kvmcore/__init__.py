@@ -30,7 +30,9 @@ from __future__ import annotations
 
 from .analysis import Analysis, Check, Measurement, analyse
 from .caps import HostCapabilities, probe
-from .errors import GuestError, KvmError, KvmIoctlError, StateError, Unsupported
+from .deadline import install_kick_handler
+from .errors import (GuestError, GuestTimeout, KvmError, KvmIoctlError, StateError,
+                     Unsupported)
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
 from .migrate import RestoreRecord, Strategy, capture, restore
@@ -41,8 +43,8 @@ from .vcpu import Vcpu
 from .vm import Vm
 
 __all__ = [
-    "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory",
+    "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestTimeout",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
     "RestoreRecord", "Snapshot", "StateError", "Strategy", "System", "Unsupported", "Vcpu",
-    "Vm", "VmState", "analyse", "capture", "probe", "restore",
+    "Vm", "VmState", "analyse", "capture", "install_kick_handler", "probe", "restore",
 ]

@@ -48,3 +48,7 @@ class StateError(KvmError):
 
 class GuestError(KvmError):
     """The guest did something other than report: an unexpected exit, a bad report page."""
+
+
+class GuestTimeout(GuestError):
+    """The guest did not report within the run's time limit; its vCPU was kicked out."""

@@ -8,6 +8,7 @@ tools/testing/selftests/kvm/lib/x86/processor.c; the guest program
 
 from __future__ import annotations
 
+import contextlib
 import struct
 import time
 from dataclasses import dataclass, field
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._kvm import lib
-from .errors import GuestError, Unsupported
+from .deadline import RunDeadline
+from .errors import GuestError, GuestTimeout, Unsupported
 from .memory import GuestMemory
 from .snapshot import Snapshot
 from .vcpu import EXIT_NAMES
@@ -157,9 +159,11 @@ class Guest:
     def report_page(self) -> Any:
         return self.memory.cast("struct kvmcore_report *", lib.KVMCORE_REPORT_GPA)
 
-    def run_until_snapshot(self) -> Snapshot:
+    def run_until_snapshot(self, timeout: float | None = None) -> Snapshot:
         """Run until the guest's next report and return it. The `out` stays pending until
-        the next KVM_RUN (or capture) completes it."""
+        the next KVM_RUN (or capture) completes it. With ``timeout`` (seconds), a guest
+        that has not reported by then is kicked out of KVM_RUN and GuestTimeout raised
+        (needs install_kick_handler(); see kvmcore.deadline)."""
         record = self.restore_record
         entry_realtime = time.clock_gettime_ns(time.CLOCK_REALTIME)
         first_entry = record is not None and record.first_entry_realtime_ns is None
@@ -167,17 +171,24 @@ class Guest:
             record.first_entry_realtime_ns = entry_realtime
         t0 = time.perf_counter_ns()
         vcpu = self.vcpu
-        while True:
-            reason = vcpu.run()
-            if reason == lib.KVM_EXIT_IO:
-                io = vcpu.io_exit()
-                if io.out and io.port == lib.KVMCORE_REPORT_PORT:
-                    break
-                raise GuestError(f"unexpected port I/O: {io}")
-            if reason != lib.KVM_EXIT_INTR:   # a signal: just re-enter
-                raise GuestError(
-                    f"unexpected exit {EXIT_NAMES.get(reason, reason)} at rip "
-                    f"{vcpu.get_regs().rip:#x}; exit data {vcpu.exit_detail().hex()}")
+        with contextlib.ExitStack() as stack:
+            deadline = (stack.enter_context(RunDeadline(vcpu.run_struct, timeout))
+                        if timeout is not None else None)
+            while True:
+                reason = vcpu.run()
+                if reason == lib.KVM_EXIT_IO:
+                    io = vcpu.io_exit()
+                    if io.out and io.port == lib.KVMCORE_REPORT_PORT:
+                        break
+                    raise GuestError(f"unexpected port I/O: {io}")
+                if reason != lib.KVM_EXIT_INTR:
+                    raise GuestError(
+                        f"unexpected exit {EXIT_NAMES.get(reason, reason)} at rip "
+                        f"{vcpu.get_regs().rip:#x}; exit data {vcpu.exit_detail().hex()}")
+                if deadline is not None and deadline.expired:
+                    raise GuestTimeout(f"the guest did not report within {timeout:g} s "
+                                       f"(rip {vcpu.get_regs().rip:#x})")
+                # Any other signal: just re-enter.
         realtime, monotonic = clocks_ns()
         elapsed = time.perf_counter_ns() - t0
         self.timings["run"] = elapsed

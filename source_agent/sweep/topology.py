@@ -48,7 +48,8 @@ class DestinationError(Exception):
 
 def agent_argv(listen: str, psk_file: str | None) -> list[str]:
     """``dest-agent serve`` with this interpreter, so the namespace runs the same install."""
-    argv = [sys.executable, "-m", "dest_agent", "serve", "--listen", listen]
+    # -P: the installed package, never a checkout in the working directory.
+    argv = [sys.executable, "-P", "-m", "dest_agent", "serve", "--listen", listen]
     return argv + (["--psk-file", psk_file] if psk_file else [])
 
 
