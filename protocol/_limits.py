@@ -29,6 +29,9 @@ class Limits:
 
     #: Largest frame (length prefix value, body and MAC) accepted.
     max_frame_size: int = 8 * MiB
+    #: Largest frame accepted before the peer has proved the key (its HELLO and AUTH): a
+    #: stranger who can reach the port must not make this side buffer and decode megabytes.
+    max_unauthenticated_frame_size: int = 64 * KiB
     #: Largest number of entries in any one array or map.
     max_container_entries: int = 65536
     #: Largest number of values (all containers and scalars) in one message.
@@ -52,6 +55,7 @@ class Limits:
     def __post_init__(self) -> None:
         for name in (
             "max_frame_size",
+            "max_unauthenticated_frame_size",
             "max_container_entries",
             "max_total_entries",
             "max_depth",

@@ -525,10 +525,16 @@ class Session:
                 + (" in the middle of a frame" if buf else "")
             )
         (length,) = LENGTH.unpack_from(buf)
-        if length > self.limits.max_frame_size:
+        if self._recv_mac is None:      # the peer has not proved the key yet
+            limit, limit_name = (min(self.limits.max_frame_size,
+                                     self.limits.max_unauthenticated_frame_size),
+                                 "max_unauthenticated_frame_size")
+        else:
+            limit, limit_name = self.limits.max_frame_size, "max_frame_size"
+        if length > limit:
             raise LimitExceeded(
-                f"frame of {length} bytes from the {self.peer_role} exceeds max_frame_size "
-                f"{self.limits.max_frame_size} (state {self.state.name})"
+                f"frame of {length} bytes from the {self.peer_role} exceeds {limit_name} "
+                f"{limit} (state {self.state.name})"
             )
         tag_size = TAG_SIZE if self._recv_mac is not None else 0
         if length <= tag_size:

@@ -215,14 +215,27 @@ def test_message_like_frames_after_auth_raise_only_protocol_errors(obj: dict[str
 
 
 def test_oversized_frame_is_refused_from_its_length_prefix_alone() -> None:
+    from protocol_helpers import authenticated
+
     limits = Limits()
-    destination = Session("destination", b"k" * 16)
+    _, destination = authenticated()
     destination.receive_data(LENGTH.pack(limits.max_frame_size + 1))
     with pytest.raises(LimitExceeded, match=f"exceeds max_frame_size {limits.max_frame_size}"):
         destination.next_event()
     # Control: a frame at the limit is simply waited for.
-    destination = Session("destination", b"k" * 16)
+    _, destination = authenticated()
     destination.receive_data(LENGTH.pack(limits.max_frame_size))
+    assert destination.next_event() is protocol.NEED_DATA
+
+
+def test_before_auth_the_length_prefix_is_held_to_the_unauthenticated_limit() -> None:
+    limits = Limits()
+    destination = Session("destination", b"k" * 16)
+    destination.receive_data(LENGTH.pack(limits.max_unauthenticated_frame_size + 1))
+    with pytest.raises(LimitExceeded, match="exceeds max_unauthenticated_frame_size"):
+        destination.next_event()
+    destination = Session("destination", b"k" * 16)
+    destination.receive_data(LENGTH.pack(limits.max_unauthenticated_frame_size))
     assert destination.next_event() is protocol.NEED_DATA
 
 
@@ -362,3 +375,22 @@ def test_memory_received_outside_the_window_is_refused() -> None:
     destination.next_event()
     with pytest.raises(protocol.LocalProtocolError, match="outside the memory window"):
         destination.memory_received(CHUNK_SIZE)
+
+
+def test_before_auth_a_frame_is_bounded_by_the_unauthenticated_limit():
+    """A stranger's HELLO cannot make the destination buffer megabytes (docs/security.md)."""
+    from protocol_helpers import authenticated, pair, transfer
+
+    big = {"blob": b"x" * (100 * protocol.KiB)}
+    source, destination = pair()
+    destination.receive_data(source.send(source.make_hello("t", big)))
+    with pytest.raises(protocol.LimitExceeded, match="max_unauthenticated_frame_size 65536"):
+        destination.next_event()
+    # Control: a HELLO within the limit passes, and after AUTH a frame of the same size does.
+    source, destination = pair()
+    assert isinstance(transfer(source, destination, source.make_hello("t", {"blob": b"x" * 1000})),
+                      protocol.Hello)
+    source, destination = authenticated()
+    migrate = transfer(source, destination, protocol.Migrate(big, "full", protocol.PAGE_SIZE,
+                                                             protocol.PAGE_SIZE))
+    assert isinstance(migrate, protocol.Migrate) and migrate.state == big
