@@ -31,7 +31,6 @@ from kvmcore import (
     VmState,
     restore,
 )
-from source_agent.options import strategy_from_wire
 
 
 @dataclass
@@ -140,7 +139,7 @@ def _validate(migrate: protocol.Migrate, memory: GuestMemory,
     except StateError as exc:
         raise SessionRefused("bad_state", str(exc)) from None
     try:
-        strategy = strategy_from_wire(migrate.strategy)
+        strategy = Strategy.parse_exact(migrate.strategy)
     except ValueError as exc:
         raise SessionRefused("bad_strategy", str(exc)) from None
     try:

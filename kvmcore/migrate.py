@@ -75,6 +75,15 @@ class Strategy:
         return cls(**parts)
 
     @classmethod
+    def parse_exact(cls, text: str) -> Strategy:
+        """Only the canonical form ``str()`` writes, all three parts in order (the wire's)."""
+        strategy = cls.parse(text)
+        if str(strategy) != text:
+            raise ValueError(f"strategy {text!r}: expected exactly "
+                             "'clock=CLOCK,tsc=TSC,runstate=RUNSTATE'")
+        return strategy
+
+    @classmethod
     def best(cls, caps: HostCapabilities, state: VmState | None = None) -> Strategy:
         """The most faithful strategy this host supports (for ``state``, if given)."""
         if caps.clock_guest and (state is None or state.clock_guest is not None):

@@ -38,7 +38,6 @@ from kvmcore import (
 from kvmcore.analysis import DEFAULT_SLACK_NS
 
 from . import AGENT_VERSION
-from .options import strategy_to_wire
 
 
 class PeerReportError(protocol.RemoteProtocolError):
@@ -142,7 +141,7 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
             if plan.gap_ns:
                 await trio.sleep(plan.gap_ns / 1e9)
             t_encode = time.perf_counter_ns()
-            message = protocol.Migrate(source.state.to_plain(), strategy_to_wire(plan.strategy),
+            message = protocol.Migrate(source.state.to_plain(), str(plan.strategy),
                                        plan.memory_size, plan.chunk_size)
             encode_ns = time.perf_counter_ns() - t_encode
             send_start, t_send = time.time_ns(), time.perf_counter_ns()

@@ -11,7 +11,6 @@ import argparse
 import re
 from collections.abc import Callable
 
-from kvmcore import Strategy
 
 #: Exit codes (documented in docs/agents.md).
 EXIT_PASSED = 0         # every verdict passed
@@ -79,18 +78,3 @@ def argtype(parse: Callable[[str], object]) -> Callable[[str], object]:
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = parse.__name__
     return convert
-
-
-
-def strategy_to_wire(strategy: Strategy) -> str:
-    """``clock=realtime,tsc=none,runstate=off`` travels as ``realtime.none.off``: MIGRATE's
-    strategy field is a token (``[A-Za-z0-9_.-]``), so the three parts go in a fixed order."""
-    return f"{strategy.clock}.{strategy.tsc}.{strategy.runstate}"
-
-
-def strategy_from_wire(token: str) -> Strategy:
-    """The inverse of strategy_to_wire; ValueError naming the token otherwise."""
-    parts = token.split(".")
-    if len(parts) != 3:
-        raise ValueError(f"strategy {token!r}: expected CLOCK.TSC.RUNSTATE")
-    return Strategy(*parts)

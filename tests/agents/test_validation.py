@@ -26,8 +26,6 @@ from source_agent.options import (
     parse_duration_ns,
     parse_host_port,
     parse_size,
-    strategy_from_wire,
-    strategy_to_wire,
 )
 
 
@@ -158,9 +156,11 @@ def test_host_port_forms():
     assert parse_host_port("example", default_port=7400) == ("example", 7400)
 
 
-def test_strategy_wire_token_round_trips_and_refuses():
+def test_strategy_on_the_wire_is_its_canonical_text_and_nothing_else():
     s = Strategy("plain", "adjust", "off")
-    assert strategy_from_wire(strategy_to_wire(s)) == s
-    for token in ("plain.adjust", "plain.adjust.off.x", "sundial.none.off"):
+    assert Strategy.parse_exact(str(s)) == s
+    for text in ("clock=plain,tsc=adjust", "tsc=adjust,clock=plain,runstate=off",
+                 "clock=plain,tsc=adjust,runstate=off,", "clock=sundial,tsc=none,runstate=off",
+                 "plain.adjust.off"):
         with pytest.raises(ValueError):
-            strategy_from_wire(token)
+            Strategy.parse_exact(text)

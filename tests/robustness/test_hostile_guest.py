@@ -33,7 +33,7 @@ async def send_guest(d, kvm, patch: bytes | None) -> protocol.Message | None:
             rip = source.state.regs["rip"]            # identity-mapped: the address is the offset
             if patch:
                 view[rip:rip + len(patch)] = patch
-            await channel.send(protocol.Migrate(source.state.to_plain(), "realtime.none.off",
+            await channel.send(protocol.Migrate(source.state.to_plain(), "clock=realtime,tsc=none,runstate=off",
                                                 memory.size, 1 << 20))
             await channel.send_memory(view)
         finally:
