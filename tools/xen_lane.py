@@ -246,6 +246,19 @@ def job_script(argv: Sequence[str], cwd: Path, env: Mapping[str, str]) -> str:
     )
 
 
+def tmp_binds(paths: Iterable[str | Path]) -> list[str]:
+    """The top-level directories of /tmp that ``paths`` live under. The lane gives the guest a
+    fresh writable /tmp; these (a checkout, a virtualenv, results: CI may clone under /tmp) are
+    bound back into it read-only, and nothing else of the host's /tmp is (a stale
+    /tmp/pytest-of-root would be read-only inside and break pytest's tmp_path)."""
+    names = []
+    for path in paths:
+        parts = Path(os.path.abspath(path)).parts
+        if len(parts) > 2 and parts[:2] == ("/", "tmp") and parts[2] not in names:
+            names.append(parts[2])
+    return names
+
+
 def default_command(python: str) -> list[str]:
     """The project's kernel-Xen tests. -P keeps the checkout off sys.path, so the installed package
     is tested (as ./dev test does); the root is read-only, hence no cache provider."""
@@ -623,8 +636,11 @@ def run(args: argparse.Namespace) -> int:
         pycache = cache_root() / "pycache"
         if not args.command:
             warm_bytecode(argv, pycache, deadline)
+        cwd = Path.cwd() if args.command else REPO
         (scratch / "path").write_text(f"{results}\n")
-        (scratch / "job.sh").write_text(job_script(argv, Path.cwd() if args.command else REPO,
+        (scratch / "tmp-binds").write_text(
+            "".join(f"{name}\n" for name in tmp_binds([cwd, argv[0], results])))
+        (scratch / "job.sh").write_text(job_script(argv, cwd,
                                                    lane_environment(os.environ, scratch, pycache)))
         qemu = qemu_command(kernel.image, initrd, results, qemu=args.qemu)
 

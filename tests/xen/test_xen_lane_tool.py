@@ -237,3 +237,10 @@ def test_console_scanner_without_markers(lane_tool) -> None:
     scanner = lane_tool.ConsoleScanner()
     assert scanner.feed("[ 1.0] Kernel panic - not syncing: VFS", 1.0) == (None, False)
     assert scanner.times() == (None, None, None)
+
+
+def test_tmp_binds_names_only_the_top_level_tmp_directories_the_job_needs(lane_tool):
+    assert lane_tool.tmp_binds(["/tmp/ci/repo", "/tmp/ci/repo/.venv/bin/python",
+                                "/tmp/ci/repo/results", "/work/x", "/tmp/other/y"]) == ["ci", "other"]
+    # Control: nothing under /tmp, nothing bound; /tmp itself is not a directory to bind.
+    assert lane_tool.tmp_binds(["/work/main", "/usr/bin/python3", "/tmp"]) == []

@@ -42,18 +42,16 @@ mount -o bind /sys /newroot/sys
 mkdir -p /dev/shm /dev/pts
 mount -o bind /dev /newroot/dev
 mount -t tmpfs shm /newroot/dev/shm
-# A writable /tmp that still shows the host's /tmp: a checkout or virtualenv under /tmp (CI clones
-# into any folder) must stay visible. Each top-level directory of the host's /tmp is bound back
-# (read-only, like the rest of the root) into the tmpfs.
+# A fresh writable /tmp. The host's /tmp directories the job needs (a checkout or virtualenv under
+# /tmp: CI clones into any folder) are bound back read-only; the host lists them in lane/tmp-binds.
 mkdir -p /hosttmp
 mount -o bind /newroot/tmp /hosttmp || fail "cannot bind the host's /tmp"
 mount -t tmpfs tmp /newroot/tmp || fail "cannot mount a tmpfs on /tmp"
-for entry in /hosttmp/* /hosttmp/.[!.]*; do
-    [ -d "$entry" ] && [ ! -L "$entry" ] || continue
-    name=${entry#/hosttmp/}
-    mkdir -p "/newroot/tmp/$name" && mount -o bind "$entry" "/newroot/tmp/$name" \
+while read -r name; do
+    [ -n "$name" ] || continue
+    mkdir -p "/newroot/tmp/$name" && mount -o bind "/hosttmp/$name" "/newroot/tmp/$name" \
         || fail "cannot bind /tmp/$name"
-done
+done < /results/lane/tmp-binds
 # /run (and /var/run, its symlink) writable: `ip netns add` keeps its namespaces under /run/netns.
 mount -t tmpfs run /newroot/run || fail "cannot mount a tmpfs on /run"
 # After the tmpfs, so a results directory under /tmp is not hidden by it (mkdir: only there can
