@@ -48,19 +48,26 @@ class GuestMemory:
     def allocate(cls, size: int) -> GuestMemory:
         return cls(size)
 
-    def view(self) -> memoryview:
-        """A writable memoryview of the whole memory (slice it; do not keep it past close)."""
+    def _open_map(self) -> mmap.mmap:
+        """The mapping, or ValueError once closed (a raw pointer into an unmapped region
+        would crash the process, not raise)."""
         if self._map is None:
             raise ValueError("guest memory is closed")
-        return memoryview(self._map)
+        return self._map
+
+    def view(self) -> memoryview:
+        """A writable memoryview of the whole memory (slice it; do not keep it past close)."""
+        return memoryview(self._open_map())
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        self._open_map()
         if offset < 0 or offset + len(data) > self.size:
             raise ValueError(f"write of {len(data)} bytes at {offset:#x} outside "
                              f"{self.size:#x} bytes of guest memory")
         ffi.memmove(self._ptr + offset, data, len(data))
 
     def read(self, offset: int, length: int) -> bytes:
+        self._open_map()
         if offset < 0 or offset + length > self.size:
             raise ValueError(f"read of {length} bytes at {offset:#x} outside "
                              f"{self.size:#x} bytes of guest memory")
@@ -68,6 +75,7 @@ class GuestMemory:
 
     def cast(self, ctype: str, offset: int) -> Any:
         """A typed cdata pointer into guest memory (e.g. the report page)."""
+        self._open_map()
         return ffi.cast(ctype, ffi.cast("char *", self._ptr) + offset)
 
     def close(self) -> None:

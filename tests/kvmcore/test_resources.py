@@ -7,7 +7,8 @@ import os
 import pytest
 from conftest import migrate, open_fds
 
-from kvmcore import (Guest, GuestConfig, KvmIoctlError, Strategy, System, capture, probe,
+from kvmcore import (Guest, GuestConfig, GuestMemory, KvmIoctlError, Strategy, System, capture,
+                     probe,
                      restore)
 
 
@@ -70,3 +71,14 @@ def test_memory_outlives_the_vm_and_refuses_to_close_under_a_view(kvm):
     view.release()
     g.memory.close()
     assert g.memory.closed
+
+
+def test_closed_guest_memory_raises_instead_of_touching_the_unmapped_region():
+    memory = GuestMemory.allocate(4096)
+    memory.write(0, b"x")                       # control: open memory works
+    assert memory.read(0, 1) == b"x"
+    memory.close()
+    for use in (lambda: memory.write(0, b"x"), lambda: memory.read(0, 1),
+                lambda: memory.cast("char *", 0), memory.view):
+        with pytest.raises(ValueError, match="guest memory is closed"):
+            use()
