@@ -67,10 +67,14 @@ class Strategy:
     def parse(cls, text: str, base: Strategy | None = None) -> Strategy:
         """``"clock=realtime,tsc=offset,runstate=off"``; parts left out come from ``base``."""
         parts = dataclasses.asdict(base or cls())
+        given: set[str] = set()
         for item in filter(None, (s.strip() for s in text.split(","))):
             key, sep, value = item.partition("=")
             if not sep or key not in parts:
                 raise ValueError(f"strategy item {item!r}: expected clock=, tsc= or runstate=")
+            if key in given:
+                raise ValueError(f"strategy {text!r}: {key}= given twice")
+            given.add(key)
             parts[key] = value
         return cls(**parts)
 
@@ -180,7 +184,7 @@ class RestoreRecord:
             if not isinstance(value, str):
                 raise StateError(where, f"expected a string, got {type(value).__name__}")
             try:
-                Strategy.parse(value)
+                Strategy.parse_exact(value)
             except ValueError as exc:
                 raise StateError(where, str(exc)) from None
 

@@ -279,7 +279,7 @@ ClockSyncRequest._CHECKS = {"t1": _timestamp}
 ClockSyncReply._CHECKS = {"t1": _timestamp, "t2": _timestamp, "t3": _timestamp}
 Migrate._CHECKS = {
     "state": _plain_map(allow_float=False),
-    "strategy": _text(64, r"[A-Za-z0-9_.,=\-]+"),
+    "strategy": _text(64, r"[A-Za-z0-9_,=\-]+"),
     "memory_size": _memory_size,
     "chunk_size": _chunk_size,
 }

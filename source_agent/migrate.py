@@ -30,6 +30,7 @@ from kvmcore import (
     Snapshot,
     StateError,
     Strategy,
+    Unsupported,
     System,
     VmState,
     analyse,
@@ -132,6 +133,13 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
             clock_rounds=plan.clock_rounds, timeout=plan.handshake_timeout)
         assert hs.clock is not None
         dest_caps = _peer_caps(hs.peer.capabilities)
+        # What the destination cannot do is refused now, not after the whole transfer.
+        try:
+            plan.strategy.check_host(dest_caps)
+        except Unsupported as exc:
+            await channel.bye()
+            raise protocol.PeerError("unsupported", f"unsupported on the destination host: "
+                                     f"{exc.what} (its HELLO capabilities)") from None
         config = GuestConfig(memory_size=plan.memory_size, xen=plan.strategy.runstate == "kernel")
         t_guest = time.perf_counter_ns()
         source = await trio.to_thread.run_sync(run_source_guest, kvm, config, plan.warmup_ns)
@@ -159,7 +167,8 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
         if not isinstance(report, protocol.Report):
             raise PeerReportError(f"expected REPORT from the destination, got {report!r:.80}")
         await channel.bye()
-    after, record, phases = _validate_report(report.report)
+    after, record, phases = _validate_report(report.report, str(plan.strategy),
+                                             source.state.capture_realtime_ns)
     offset = round(hs.clock.offset_ns)
     slack = DEFAULT_SLACK_NS + math.ceil(hs.clock.uncertainty_ns)
     analysis = analyse(source.before, after, source.state, record, clock_offset_ns=offset,
@@ -193,8 +202,10 @@ PHASE_KEYS = ("receive_ns", "validate_ns", "restore_ns", "first_entry_ns", "clos
               "migrate_realtime_ns", "commit_realtime_ns")
 
 
-def _validate_report(plain: Any) -> tuple[Snapshot, RestoreRecord, dict[str, int]]:
-    """The REPORT's fields, each validated before use (the peer may be faulty or hostile)."""
+def _validate_report(plain: Any, strategy: str, capture_realtime_ns: int
+                     ) -> tuple[Snapshot, RestoreRecord, dict[str, int]]:
+    """The REPORT's fields, each validated before use (the peer may be faulty or hostile);
+    the restore it describes must be the one asked for, of the state that was sent."""
     try:
         if not isinstance(plain, dict) or set(plain) != {"after", "restore_record", "phases",
                                                          "capabilities"}:
@@ -208,6 +219,12 @@ def _validate_report(plain: Any) -> tuple[Snapshot, RestoreRecord, dict[str, int
             raise StateError("report.phases", f"expected non-negative integers {PHASE_KEYS}")
         if record.first_entry_realtime_ns is None or record.first_entry_ns is None:
             raise StateError("report.restore_record.first_entry_ns", "the guest never ran")
+        if record.strategy != strategy:
+            raise StateError("report.restore_record.strategy",
+                             f"{record.strategy!r}, but {strategy!r} was asked for")
+        if record.source_capture_realtime_ns != capture_realtime_ns:
+            raise StateError("report.restore_record.source_capture_realtime_ns",
+                             "not the capture of the state that was sent")
     except StateError as exc:
         raise PeerReportError(f"the destination's REPORT: {exc.field}: {exc.reason}") from None
     return after, record, dict(phases)

@@ -217,3 +217,26 @@ async def test_idle_client_is_dropped_at_the_handshake_timeout(server):
     await stream.aclose()
     await settle(server)
     assert server.counters.live_sessions == 0
+
+
+async def test_a_strategy_the_destination_lacks_is_refused_before_any_guest(nursery, kvm, caps):
+    """The destination's HELLO says what it can do: a strategy it lacks fails right after the
+    handshake (exit 3 on the CLI), before the source creates a guest or sends anything."""
+    import dataclasses
+
+    from dest_agent import AGENT_VERSION, DestinationServer, ServerConfig
+
+    lacking = dataclasses.replace(caps, adjust_clock_flags=["TSC_STABLE", "HOST_TSC"])
+    srv = DestinationServer(kvm, lacking, ServerConfig(psk=PSK, port=0), AGENT_VERSION)
+    await nursery.start(srv.serve)
+    realtime = Strategy("realtime", "none", "off")
+    with pytest.raises(protocol.PeerError, match="unsupported on the destination host: "
+                                                 "KVM_CLOCK_REALTIME"):
+        await migrate(MigrationPlan(*srv.address, psk=PSK, warmup_ns=0, strategy=realtime),
+                      kvm, caps)
+    await settle(srv)
+    assert srv.counters.vms_created == 0 and srv.counters.migrations == 0
+    # Control: a strategy it has goes through.
+    await migrate(MigrationPlan(*srv.address, psk=PSK, warmup_ns=0,
+                                strategy=Strategy("plain", "none", "off")), kvm, caps)
+    assert srv.counters.vms_created == 1

@@ -89,12 +89,19 @@ def test_report_validation_names_the_field(migrated):
                             "close_ns", "migrate_realtime_ns", "commit_realtime_ns"), 1)
     good = {"after": after.to_plain(), "restore_record": record.to_plain(), "phases": phases,
             "capabilities": {}}
-    assert _validate_report(good)[0] == after                       # negative control
+    asked = (record.strategy, record.source_capture_realtime_ns)
+    assert _validate_report(good, *asked)[0] == after               # negative control
+    relabelled = {**good, "restore_record": {**record.to_plain(),
+                                             "strategy": "clock=plain,tsc=none,runstate=off"}}
     for bad, words in (({**good, "phases": {**phases, "restore_ns": -1}}, "report.phases"),
                        ({**good, "after": {}}, "report.after"),
-                       ({**good, "x": 1}, "exactly")):
+                       ({**good, "x": 1}, "exactly"),
+                       (relabelled, "but 'clock=realtime"),
+                       ({**good, "restore_record": {**record.to_plain(),
+                                                    "source_capture_realtime_ns": 1}},
+                        "not the capture")):
         with pytest.raises(PeerReportError) as info:
-            _validate_report(bad)
+            _validate_report(bad, *asked)
         assert words in str(info.value)
 
 
@@ -164,3 +171,9 @@ def test_strategy_on_the_wire_is_its_canonical_text_and_nothing_else():
                  "plain.adjust.off"):
         with pytest.raises(ValueError):
             Strategy.parse_exact(text)
+
+
+def test_a_strategy_part_given_twice_is_refused():
+    with pytest.raises(ValueError, match="clock= given twice"):
+        Strategy.parse("clock=none,clock=guest")
+    assert Strategy.parse("clock=none,tsc=none") == Strategy("none", "none", "off")   # control

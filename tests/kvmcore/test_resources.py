@@ -8,8 +8,7 @@ import pytest
 from conftest import migrate, open_fds
 
 from kvmcore import (Guest, GuestConfig, GuestMemory, KvmIoctlError, Strategy, System, capture,
-                     probe,
-                     restore)
+                     probe, restore)
 
 
 def test_open_fds_sees_a_leak():
