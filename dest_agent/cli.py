@@ -32,12 +32,13 @@ examples:
   dest-agent serve                                   # 127.0.0.1:7400, no key needed
   head -c 32 /dev/urandom | base64 > key && chmod 600 key
   dest-agent serve --listen 10.0.0.2:7400 --psk-file key --max-sessions 2 --max-memory 256MiB
-  dest-agent serve --max-frame-size 1MiB --handshake-timeout 5s --idle-timeout 30s
+  dest-agent serve --max-frame-size 2MiB --handshake-timeout 5s --idle-timeout 30s
 
 Each connection is one session: HELLO, AUTH (the pre-shared key), clock sync, then
 MIGRATE/memory/COMMIT -> restore -> REPORT. No VM and no guest memory exist before
 the source has proved the key. One line per session is logged to stderr.
-exit codes: 2 bad option or set-up (no /dev/kvm, key file refused, address in use)
+exit codes: 2 bad option or set-up (no /dev/kvm, key file refused, address in use),
+130 interrupted (Ctrl-C)
 """
 
 
@@ -132,13 +133,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         format="dest-agent: %(message)s")
     try:
         config = config_from_args(args)
-        trio.run(serve, config)
     except UsageError as exc:
         print(f"dest-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except (KvmError, OSError) as exc:
-        print(f"dest-agent: error: cannot serve: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    except KeyboardInterrupt:
-        return 0
+    try:
+        trio.run(serve, config)
+    except BaseException as raised:
+        # trio's nurseries wrap what ends the server in exception groups: unwrap the one cause.
+        exc = raised
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+            exc = exc.exceptions[0]
+        if isinstance(exc, KeyboardInterrupt):
+            print("dest-agent: interrupted, stopped serving", file=sys.stderr)
+            return 130
+        if isinstance(exc, (KvmError, OSError)):
+            print(f"dest-agent: error: cannot serve: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
     return 0

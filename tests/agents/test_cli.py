@@ -174,3 +174,14 @@ def test_help_explains_options_with_an_example(cli, tool, command):
     assert run.code == 0
     assert "examples:" in run.stdout and "exit codes" in run.stdout or command == "results"
     assert "examples:" in run.stdout
+
+
+def test_dest_agent_on_a_port_in_use_exits_2_with_a_message(cli):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        run = cli("dest-agent", "serve", "--listen", f"127.0.0.1:{port}", timeout=30)
+    assert run.code == 2, run
+    assert "cannot serve" in run.stderr and "Address already in use" in run.stderr
+    assert "Traceback" not in run.stderr
