@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import secrets
 import sys
 import time
@@ -36,7 +37,7 @@ from .options import (
     parse_size,
     seconds,
 )
-from .render import render
+from .render import ReportConsole, render
 from .sweep import cli as sweep_cli
 from .report import compose, error_report, iso, record_columns
 from .results import (
@@ -239,15 +240,18 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_results(args: argparse.Namespace) -> int:
+    path = args.db or default_db_path()
+    if not os.path.exists(path):       # reading must not create a database from a typo
+        print(f"source-agent: error: {path}: no results database there", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        runs = ResultsStore(args.db or default_db_path()).runs(limit=args.limit)
+        runs = ResultsStore(path).runs(limit=args.limit)
     except ResultsStoreError as exc:
         print(f"source-agent: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     if args.action == "export":
         sys.stdout.write(export_json(runs) if args.format == "json" else export_csv(runs))
         return 0
-    from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{len(runs)} run(s)", title_justify="left")
@@ -258,7 +262,7 @@ def cmd_results(args: argparse.Namespace) -> int:
         table.add_row(r["run_id"], r["started_at"], r["command"], r["outcome"],
                       r["destination"] or "-", r["strategy"] or "-", _ms(r["wall_gap_ns"]),
                       _ms(r["kvmclock_jump_ns"]), _ms(r["downtime_ns"]), r["error"] or "")
-    Console(file=sys.stdout, width=200).print(table)
+    ReportConsole(file=sys.stdout, width=200).print(table)
     return 0
 
 
@@ -267,6 +271,16 @@ def _ms(ns: int | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # stdout's reader left (`| head`): the run is recorded already; end quietly, as a
+        # process killed by SIGPIPE would, and keep the interpreter's final flush quiet too.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 128 + 13
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         stream=sys.stderr, format="%(name)s: %(message)s")

@@ -8,6 +8,14 @@ from rich.console import Console
 from rich.table import Table
 
 
+class ReportConsole(Console):
+    """rich's Console, except that a reader who left (`| head`) is left to the caller: rich's
+    own answer is SystemExit(1), and 1 means "a verdict failed" here."""
+
+    def on_broken_pipe(self) -> None:
+        raise BrokenPipeError
+
+
 def ms(ns: int | None) -> str:
     return "-" if ns is None else f"{ns / 1e6:.3f} ms"
 
@@ -17,7 +25,7 @@ def _verdict(ok: bool | None) -> str:
 
 
 def render(report: dict[str, Any], file: IO[str]) -> None:
-    console = Console(file=file, width=120, highlight=False)
+    console = ReportConsole(file=file, width=120, highlight=False)
     head = Table(show_header=False, box=None, pad_edge=False)
     head.add_row("run", f"{report['run_id']}  {report['started_at']}  ({report['command']})")
     head.add_row("topology", f"{report['topology']} -> {report.get('destination') or '-'}")

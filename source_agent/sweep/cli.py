@@ -24,6 +24,7 @@ import trio
 
 import protocol
 from source_agent.netem import NetemError
+from source_agent.options import UsageError, argtype, seconds
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
 from . import ktap
@@ -66,6 +67,13 @@ exit codes: 0 every run passed, 1 a run failed a verdict or errored, 2 usage or 
 """
 
 
+def _positive_seconds(text: str) -> float:
+    value = seconds(text)
+    if value <= 0:
+        raise UsageError(f"--point-timeout {text!r}: must be longer than 0")
+    return value
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sweep`` with its options on the ``source-agent`` subcommands."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -103,8 +111,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="summary on stdout (default table)")
     p.add_argument("--plot-dir", metavar="DIR", type=Path,
                    help="write NAME-accounting and NAME-downtime as PNG and SVG here")
-    p.add_argument("--point-timeout", type=float, default=300.0, metavar="SECONDS",
-                   help="give up on one point after this long (default 300)")
+    p.add_argument("--point-timeout", type=argtype(_positive_seconds), default=300.0,
+                   metavar="DURATION", help="give up on one point after this long (default 5m)")
     p.set_defaults(run=run)
     return p
 
@@ -264,8 +272,9 @@ def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[Point
     if fmt == "ktap":
         sys.stdout.write(ktap.render(plan.name, summaries))
         return
-    from rich.console import Console
     from rich.table import Table
+
+    from source_agent.render import ReportConsole
 
     used = "; ".join(f"{i['kind']} ({i['reason']})" for i in injectors(runs))
     title = (f"sweep {plan.name}: ran {outcome.ran}, skipped {outcome.skipped} (already done), "
@@ -280,7 +289,7 @@ def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[Point
                       *(_ms(s.accounting_error, f) for f in ("median", "p5", "p95")),
                       *(_ms(s.downtime, f) for f in ("median", "p5", "p95")),
                       _ms(s.rtt, "median"))
-    console = Console(file=sys.stdout, width=200)
+    console = ReportConsole(file=sys.stdout, width=200)
     console.print(table)
     console.print("times in ms; accounting error = " + "; ".join(
         f"{k}: {v}" for k, v in BASES.items()), highlight=False)
