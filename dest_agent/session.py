@@ -107,6 +107,7 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
                      caps: HostCapabilities, counters: Counters, max_run_time: float) -> None:
     """MIGRATE received: memory, COMMIT, validate, restore and run, REPORT."""
     t_migrate, rt_migrate = time.perf_counter_ns(), time.time_ns()
+    _strategy_for_host(migrate.strategy, caps)            # refused before any memory exists
     memory = GuestMemory.allocate(migrate.memory_size)    # within Limits.max_memory_size
     try:
         view = memory.view()
@@ -131,6 +132,19 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
         "capabilities": caps.to_plain()}))
 
 
+def _strategy_for_host(text: str, caps: HostCapabilities) -> Strategy:
+    """The MIGRATE's strategy, parsed and checked against this host (ERROR codes)."""
+    try:
+        strategy = Strategy.parse_exact(text)
+    except ValueError as exc:
+        raise SessionRefused("bad_strategy", str(exc)) from None
+    try:
+        strategy.check_host(caps)
+    except Unsupported as exc:
+        raise SessionRefused("unsupported", str(exc)) from None
+    return strategy
+
+
 def _validate(migrate: protocol.Migrate, memory: GuestMemory,
               caps: HostCapabilities) -> tuple[VmState, Strategy]:
     """kvmcore's own validation of the peer's state and strategy, mapped to ERROR codes."""
@@ -138,10 +152,7 @@ def _validate(migrate: protocol.Migrate, memory: GuestMemory,
         state = VmState.from_plain(dict(migrate.state), memory)
     except StateError as exc:
         raise SessionRefused("bad_state", str(exc)) from None
-    try:
-        strategy = Strategy.parse_exact(migrate.strategy)
-    except ValueError as exc:
-        raise SessionRefused("bad_strategy", str(exc)) from None
+    strategy = _strategy_for_host(migrate.strategy, caps)
     try:
         strategy.check(caps, state)
     except Unsupported as exc:

@@ -49,7 +49,7 @@ class RunDeadline:
         self.seconds = seconds
         self.expired = False
         self._run_struct = run_struct
-        self._thread = threading.get_ident()
+        self._thread = 0                # the thread that runs the vCPU: the one entering
         self._lock = threading.Lock()
         self._armed = True
         self._timer = threading.Timer(seconds, self._kick)
@@ -64,6 +64,7 @@ class RunDeadline:
             signal.pthread_kill(self._thread, KICK_SIGNAL)
 
     def __enter__(self) -> RunDeadline:
+        self._thread = threading.get_ident()
         self._timer.start()
         return self
 

@@ -166,9 +166,9 @@ class Guest:
         (needs install_kick_handler(); see kvmcore.deadline)."""
         record = self.restore_record
         entry_realtime = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        # Stamped into the record only once the run succeeded: a failed first run (say a
+        # GuestTimeout) must not leave a half-filled record behind.
         first_entry = record is not None and record.first_entry_realtime_ns is None
-        if first_entry:
-            record.first_entry_realtime_ns = entry_realtime
         t0 = time.perf_counter_ns()
         vcpu = self.vcpu
         with contextlib.ExitStack() as stack:
@@ -194,6 +194,7 @@ class Guest:
         self.timings["run"] = elapsed
         if first_entry:
             assert record is not None
+            record.first_entry_realtime_ns = entry_realtime
             record.first_entry_ns = elapsed
         report = self.report_page()
         if report.magic != lib.KVMCORE_REPORT_MAGIC:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._ioctl import ioctl, ioctl_int
-from ._kvm import ffi, lib
+from ._kvm import ffi
 from .vcpu import Vcpu
 
 if TYPE_CHECKING:

@@ -10,6 +10,7 @@ sends the peer an ERROR saying so before raising, so both users see why.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import ssl
@@ -280,15 +281,21 @@ class Channel:
         return commit
 
     async def _hash_rest(self) -> None:
-        """Finish the digest: wait for the running job, then hash what is left right here.
+        """Finish the digest: wait for the running job, then hash what is left.
 
-        The tail is short (less than ``_HASH_MIN`` or ``_HASH_AHEAD`` bytes), and
-        another job would cost a thread wake-up and a trio wake-up, which
-        take milliseconds on a loaded host.
+        A short tail (under ``_HASH_MIN``) is hashed right here: another job would
+        cost a thread wake-up and a trio wake-up, which take milliseconds on a
+        loaded host. A long one (the link outran the hash) goes to a thread too, so
+        the event loop -- every other session on this server -- is not held up.
         """
         if self._hash_job is not None:
             job, self._hash_job = self._hash_job, None
             await job.wait()
+        if self.session.memory_hash_pending >= _HASH_MIN:
+            work = self.session.memory_hash_job()
+            if work is not None:
+                await _HashJob(self.session, work).wait()
+            return
         work = self.session.memory_hash_job()
         if work is not None:
             try:
@@ -366,10 +373,13 @@ class Channel:
                     return message
                 assert isinstance(message, MemoryChunk), message  # the session allows nothing else
         except BaseException:
-            if self._hash_job is not None:  # an error mid-stream: the job reads ``into``
-                await self._hash_job.wait()
-                self._hash_job = None
-            self.session.abandon_memory_hash()
+            job, self._hash_job = self._hash_job, None
+            try:
+                if job is not None:  # an error mid-stream: the job reads ``into``; let it end
+                    with contextlib.suppress(Exception):  # the first error is the one to report
+                        await job.wait()
+            finally:
+                self.session.abandon_memory_hash()
             raise
 
     async def _receive_one(self, scope: trio.CancelScope) -> Message:

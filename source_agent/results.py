@@ -135,8 +135,8 @@ class ResultsStore:
             raise ResultsStoreError(f"{self.path}: {exc.strerror or exc}") from exc
 
     def _connect(self) -> sqlite3.Connection:
-        # isolation_level=None: we issue BEGIN/COMMIT ourselves (via `with con`
-        # after an explicit BEGIN), so each run is exactly one transaction.
+        # isolation_level=None: record() issues BEGIN IMMEDIATE / COMMIT itself, so each
+        # run is exactly one transaction.
         con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.execute("PRAGMA busy_timeout=30000")
         return con
