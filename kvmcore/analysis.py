@@ -138,10 +138,10 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     checks = {
         "sequence_continues": Check(after.sequence == before.sequence + 1,
                                     f"{before.sequence} -> {after.sequence}"),
-        "kvmclock_monotonic": Check(not backwards, "guest saw kvmclock go backwards by "
+        "never_backwards": Check(not backwards, "guest saw kvmclock go backwards by "
                                     f"{-step} ns" if step is not None else "never backwards"),
-        "kvmclock_follows_host": _within(kvmclock_jump, lo, hi, slack),
-        "tsc_follows_host": _within(tsc_jump, lo, hi, slack),
+        "kvmclock_follows_gap": _within(kvmclock_jump, lo, hi, slack),
+        "tsc_follows_gap": _within(tsc_jump, lo, hi, slack),
     }
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
                     kvmclock_jump, tsc_jump, steal, runnable, backwards, step, checks,
