@@ -115,7 +115,12 @@ def summarise(plan: SweepPlan, runs: Iterable[dict[str, Any]]) -> list[PointSumm
     errors: dict[str, list[tuple[str, int]]] = {key: [] for key in summaries}
     downtimes: dict[str, list[int]] = {key: [] for key in summaries}
     rtts: dict[str, list[int]] = {key: [] for key in summaries}
+    runs = list(runs)
+    # An errored run is retried on rerun: once its point completed, the error is history.
+    completed = {run.get("point") for run in runs if run["outcome"] != "error"} - {None}
     for run in runs:
+        if run["outcome"] == "error" and run.get("point") in completed:
+            continue
         combination = run.get("report", {}).get("sweep", {}).get("combination")
         summary = summaries.get(combination)
         if summary is None:

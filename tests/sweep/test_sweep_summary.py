@@ -69,3 +69,14 @@ def test_a_point_without_runs_or_figures_has_no_statistics():
     assert summary.runs == 1 and summary.basis is None and summary.accounting_error is None
     (empty,) = summarise(plan, [])
     assert empty.runs == 0 and empty.to_plain()["accounting_error"] is None
+
+
+def test_an_error_retried_to_completion_no_longer_counts():
+    plan = SweepPlan("s", Axes(latency=(0.0,)), 2)
+    p0, p1 = plan.points()[:2]
+    retried = [{**_run(p0, "error"), "point": p0.key}, {**_run(p0), "point": p0.key}]
+    (summary,) = summarise(plan, retried)
+    assert (summary.runs, summary.passed, summary.errors) == (1, 1, 0)
+    # Control: an error whose point never completed still counts.
+    (summary,) = summarise(plan, [*retried, {**_run(p1, "error"), "point": p1.key}])
+    assert (summary.runs, summary.passed, summary.errors) == (2, 1, 1)
