@@ -147,18 +147,22 @@ def _slice(plan: SweepPlan, runs: Sequence[dict[str, Any]], vary: str) -> tuple[
 
 
 def downtime_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
-    figure = _figure(11, 4.8)
-    by_latency, by_memory = figure.subplots(1, 2)
-    for ax, vary, label in ((by_latency, "latency", "one-way latency"),
-                            (by_memory, "memory", "guest memory")):
+    """Downtime by phase against latency and against guest size: a panel for each axis the
+    sweep varied (a single bar repeating the other panel would show nothing), latency if none."""
+    panels = [(vary, label) for vary, label in (("latency", "one-way latency"),
+                                                ("memory", "guest memory"))
+              if len(getattr(plan.axes, vary)) > 1] or [("latency", "one-way latency")]
+    figure = _figure(5.5 * len(panels), 4.8)
+    axes = figure.subplots(1, len(panels), squeeze=False)[0]
+    for ax, (vary, label) in zip(axes, panels):
         groups, held = _slice(plan, runs, vary)
         spell = _AXES[vary][1]
         _stacked(ax, [spell(v) for v in getattr(plan.axes, vary)], groups,
                  label + (f" (at {held})" if held else ""))
-    handles, labels = by_latency.get_legend_handles_labels()
+    handles, labels = axes[0].get_legend_handles_labels()
     if handles:
-        by_memory.legend(handles[::-1], labels[::-1], fontsize="small", title="phase",
-                         loc="upper left", bbox_to_anchor=(1.01, 1))
+        axes[-1].legend(handles[::-1], labels[::-1], fontsize="small", title="phase",
+                        loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.suptitle(f"{plan.name}: downtime by phase")
     return figure
 

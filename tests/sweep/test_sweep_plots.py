@@ -73,3 +73,12 @@ def test_plots_without_any_measurable_run_still_draw(tmp_path):
     runs[0]["wall_gap_ns"] = None
     write_plots(plan, runs, tmp_path)
     assert check_png(tmp_path / "s-accounting.png")
+
+
+def test_downtime_figure_has_a_panel_per_varied_axis():
+    from source_agent.sweep.plots import downtime_figure
+
+    both = SweepPlan("s", Axes(latency=(0.0, 0.005), memory=(2 << 20, 16 << 20)), 1)
+    latency_only = SweepPlan("s", Axes(latency=(0.0, 0.005)), 1)
+    assert len(downtime_figure(both, []).axes) == 2
+    assert len(downtime_figure(latency_only, []).axes) == 1
