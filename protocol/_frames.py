@@ -60,6 +60,13 @@ def pack(obj: dict[str, Any]) -> bytes:
     return packed
 
 
+def _unpack_options(limits: Limits) -> dict[str, Any]:
+    """The decoder settings every body is read with: str keys only, container bounds."""
+    return {"raw": False, "strict_map_key": True, "use_list": True,
+            "max_array_len": limits.max_container_entries,
+            "max_map_len": limits.max_container_entries}
+
+
 def _pairs_to_dict(pairs: list[tuple[Any, Any]]) -> dict[Any, Any]:
     # A map with a repeated key is ambiguous (which value wins?): refuse it
     # rather than silently keep one.
@@ -77,14 +84,7 @@ def unpack(body: bytes | memoryview, limits: Limits) -> Any:
             # decoded without the Python pairs hook, its repeated keys are
             # found by counting; only a map holding containers is decoded
             # again with the hook, which sees repeated keys at every depth.
-            obj = msgpack.unpackb(
-                body,
-                raw=False,
-                strict_map_key=True,
-                use_list=True,
-                max_array_len=limits.max_container_entries,
-                max_map_len=limits.max_container_entries,
-            )
+            obj = msgpack.unpackb(body, **_unpack_options(limits))
             if type(obj) is not dict:  # pragma: no cover - a fixmap header decodes to a dict
                 raise FieldError("not valid msgpack: expected a map")
             if len(obj) != body[0] & 0x0F:
@@ -94,15 +94,7 @@ def unpack(body: bytes | memoryview, limits: Limits) -> Any:
                     break
             else:
                 return obj
-        return msgpack.unpackb(
-            body,
-            raw=False,
-            strict_map_key=True,
-            use_list=True,
-            max_array_len=limits.max_container_entries,
-            max_map_len=limits.max_container_entries,
-            object_pairs_hook=_pairs_to_dict,
-        )
+        return msgpack.unpackb(body, **_unpack_options(limits), object_pairs_hook=_pairs_to_dict)
     except FieldError:
         raise
     except msgpack.StackError as exc:
