@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from kvmcore import Strategy, System  # noqa: E402
 from source_agent.migrate import MigrationPlan, migrate  # noqa: E402
-from source_agent.options import parse_size  # noqa: E402
+from agentcore.options import parse_size  # noqa: E402
 
 WARMUP_RUNS = 5
 

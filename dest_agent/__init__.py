@@ -7,12 +7,7 @@ restore -> REPORT, repeatable) under the server's nursery.  See docs/agents.md.
 
 from __future__ import annotations
 
-from importlib import metadata
-
-try:
-    AGENT_VERSION = metadata.version("kvm-migration-testbed")
-except metadata.PackageNotFoundError:   # running from a checkout that was never installed
-    AGENT_VERSION = "0.0.0+unknown"
+from agentcore import AGENT_VERSION
 
 from .server import Counters, DestinationServer, ServerConfig
 

@@ -15,7 +15,7 @@ import trio
 
 import protocol
 from kvmcore import KvmError, System
-from source_agent.options import (
+from agentcore.options import (
     EXIT_USAGE,
     UsageError,
     argtype,

@@ -6,6 +6,6 @@ coroutine a command or a sweep calls per migration. See docs/agents.md.
 
 from __future__ import annotations
 
-from dest_agent import AGENT_VERSION
+from agentcore import AGENT_VERSION
 
 __all__ = ["AGENT_VERSION"]

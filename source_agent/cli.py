@@ -27,7 +27,7 @@ from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
 
 from .loopback import loopback
 from .migrate import MigrationPlan, migrate
-from .options import (
+from agentcore.options import (
     EXIT_PEER,
     EXIT_USAGE,
     UsageError,

@@ -13,7 +13,8 @@ import secrets
 
 import trio
 
-from dest_agent import AGENT_VERSION, DestinationServer, ServerConfig
+from agentcore import AGENT_VERSION
+from dest_agent import DestinationServer, ServerConfig
 from kvmcore import HostCapabilities, System
 
 from .migrate import Migration, MigrationPlan, migrate

@@ -38,7 +38,7 @@ from kvmcore import (
 )
 from kvmcore.analysis import DEFAULT_SLACK_NS
 
-from . import AGENT_VERSION
+from agentcore import AGENT_VERSION
 
 
 class PeerReportError(protocol.RemoteProtocolError):

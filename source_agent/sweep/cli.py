@@ -24,7 +24,7 @@ import trio
 
 import protocol
 from source_agent.netem import NetemError
-from source_agent.options import UsageError, argtype, seconds
+from agentcore.options import UsageError, argtype, seconds
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
 from . import ktap

@@ -21,7 +21,7 @@ from kvmcore import (
     restore,
 )
 from source_agent.migrate import PeerReportError, _validate_report
-from source_agent.options import (
+from agentcore.options import (
     UsageError,
     parse_duration_ns,
     parse_host_port,

@@ -22,7 +22,7 @@ from dest_agent import AGENT_VERSION, DestinationServer
 from dest_agent.cli import build_parser, config_from_args
 from kvmcore import GuestMemory, Strategy
 from source_agent.migrate import MigrationPlan, migrate
-from source_agent.options import UsageError
+from agentcore.options import UsageError
 
 MiB = 1 << 20
 

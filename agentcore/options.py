@@ -1,4 +1,4 @@
-"""Human-friendly option values and the exit codes both agents share.
+"""Human-friendly option values and the exit codes both agents share (docs/agents.md).
 
 Durations ("10ms", "1.5s") and sizes ("2MiB") are parsed here once, with
 errors that quote the value and say what would have been accepted, because a
@@ -17,6 +17,7 @@ EXIT_PASSED = 0         # every verdict passed
 EXIT_FAILED = 1         # a verdict failed
 EXIT_USAGE = 2          # usage or set-up error on this host
 EXIT_PEER = 3           # the peer or the network failed
+EXIT_INTERNAL = 4       # a bug in the testbed: an unexpected exception (traceback logged)
 
 _DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
                    "m": 60_000_000_000, "min": 60_000_000_000}
