@@ -10,7 +10,7 @@ import sys
 import pytest
 from conftest import open_fds
 
-from kvmcore import HostCapabilities, StateError, System, probe
+from kvmcore import HostCapabilities, StateError, Strategy, System, probe
 
 KEYS = {
     "kernel_release", "kvm_modules", "api_version", "clocksource", "tsc_khz", "master_clock",
@@ -24,16 +24,20 @@ def test_probe_json_has_every_key():
     out = subprocess.run([sys.executable, "-P", "-m", "kvmcore", "probe", "--json"], check=True,
                          capture_output=True, text=True).stdout
     doc = json.loads(out)
-    assert set(doc) == KEYS
+    assert set(doc) == KEYS | {"default_strategy"}
     assert doc["api_version"] == 12
     assert doc["tsc_khz"] > 0
-    assert HostCapabilities.from_plain(doc).to_plain() == doc
+    strategy = doc.pop("default_strategy")
+    caps = HostCapabilities.from_plain(doc)
+    assert caps.to_plain() == doc
+    assert strategy == str(Strategy.best(caps))
 
 
 def test_probe_table_is_readable():
     out = subprocess.run([sys.executable, "-P", "-m", "kvmcore", "probe"], check=True,
                          capture_output=True, text=True).stdout
-    assert all(any(line.startswith(key) for line in out.splitlines()) for key in KEYS)
+    assert all(any(line.startswith(key) for line in out.splitlines())
+               for key in KEYS | {"default_strategy"})
 
 
 def test_probe_findings_are_consistent(caps):
