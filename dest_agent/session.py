@@ -26,6 +26,7 @@ from kvmcore import (
     Snapshot,
     StateError,
     Strategy,
+    StrategyError,
     System,
     Unsupported,
     VmState,
@@ -136,7 +137,7 @@ def _strategy_for_host(text: str, caps: HostCapabilities) -> Strategy:
     """The MIGRATE's strategy, parsed and checked against this host (ERROR codes)."""
     try:
         strategy = Strategy.parse_exact(text)
-    except ValueError as exc:
+    except StrategyError as exc:
         raise SessionRefused("bad_strategy", str(exc)) from None
     try:
         strategy.check_host(caps)

@@ -32,10 +32,11 @@ from .analysis import Analysis, Check, Measurement, analyse
 from .caps import HostCapabilities, probe
 from .deadline import install_kick_handler
 from .errors import (GuestError, GuestTimeout, KvmError, KvmIoctlError, StateError,
-                     Unsupported)
+                     StrategyError, Unsupported)
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
-from .migrate import RestoreRecord, Strategy, capture, restore
+from .migrate import RestoreRecord, capture, restore
+from .strategy import Strategy
 from .snapshot import Pvclock, Snapshot
 from .state import VmState
 from .system import System
@@ -45,6 +46,6 @@ from .vm import Vm
 __all__ = [
     "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestTimeout",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
-    "RestoreRecord", "Snapshot", "StateError", "Strategy", "System", "Unsupported", "Vcpu",
+    "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",
     "Vm", "VmState", "analyse", "capture", "install_kick_handler", "probe", "restore",
 ]

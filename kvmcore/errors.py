@@ -46,6 +46,10 @@ class StateError(KvmError):
         super().__init__(f"invalid VmState field {field!r}: {reason}")
 
 
+class StrategyError(KvmError):
+    """A strategy text or part that is not one of the choices (kvmcore.strategy)."""
+
+
 class GuestError(KvmError):
     """The guest did something other than report: an unexpected exit, a bad report page."""
 

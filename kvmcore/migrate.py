@@ -1,21 +1,6 @@
-"""capture() and restore(): one guest's migration, with a named Strategy for each part.
+"""capture() and restore(): one guest's migration, carried out by a named Strategy.
 
-Strategy parts (issue 2):
-
-- clock: ``guest``    KVM_SET_CLOCK_GUEST with the source's pvclock (kvmclock as a
-                      function of guest TSC; the unmerged series);
-         ``realtime`` KVM_SET_CLOCK with KVM_CLOCK_REALTIME: KVM advances the kvmclock by
-                      the CLOCK_REALTIME elapsed since the source's KVM_GET_CLOCK;
-         ``plain``    KVM_SET_CLOCK without it, as QEMU does: the gap is hidden;
-         ``none``     the new VM's own kvmclock (starts near 0: goes backwards).
-- tsc:   ``offset``   devices/vcpu.rst's KVM_VCPU_TSC_OFFSET algorithm: the guest TSC
-                      advances with the kvmclock as restored;
-         ``adjust``   the seed's MSR_IA32_TSC_ADJUST (a host-initiated write only stores the
-                      MSR, it does not move the TSC: kept to show exactly that);
-         ``none``     the new vCPU's TSC as KVM sets it.
-- runstate: ``kernel`` Xen RUNSTATE_DATA restored with the state forced to runnable (as
-                      the seed): KVM accounts the gap as runnable at the first vcpu_load;
-            ``off``   not restored (always, for a guest without Xen).
+What each strategy choice does and needs is kvmcore.strategy's; this module does it.
 """
 
 from __future__ import annotations
@@ -28,8 +13,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._kvm import lib
-from .errors import KvmIoctlError, StateError, Unsupported
+from .errors import KvmIoctlError, StateError, StrategyError
 from .guest import Guest, GuestConfig
+from .strategy import Strategy
 from .state import (
     CLOCK_SPEC, MSRS, RUNSTATE_SPEC, VmState, check_record, check_timings, check_u64, optional,
     plain_to_struct, struct_to_plain,
@@ -39,121 +25,7 @@ if TYPE_CHECKING:
     from .caps import HostCapabilities
     from .system import System
 
-CLOCK_CHOICES = ("guest", "realtime", "plain", "none")
-TSC_CHOICES = ("offset", "adjust", "none")
-RUNSTATE_CHOICES = ("kernel", "off")
 MASK64 = (1 << 64) - 1
-
-
-@dataclass(frozen=True)
-class Strategy:
-    """How restore() rebuilds each part of the guest's time (module docstring)."""
-
-    clock: str = "realtime"
-    tsc: str = "offset"
-    runstate: str = "off"
-
-    def __post_init__(self) -> None:
-        for part, choices in (("clock", CLOCK_CHOICES), ("tsc", TSC_CHOICES),
-                              ("runstate", RUNSTATE_CHOICES)):
-            if getattr(self, part) not in choices:
-                raise ValueError(f"strategy {part}={getattr(self, part)!r}: choose one of "
-                                 f"{', '.join(choices)}")
-
-    def __str__(self) -> str:
-        return f"clock={self.clock},tsc={self.tsc},runstate={self.runstate}"
-
-    @classmethod
-    def parse(cls, text: str, base: Strategy | None = None) -> Strategy:
-        """``"clock=realtime,tsc=offset,runstate=off"``; parts left out come from ``base``."""
-        parts = dataclasses.asdict(base or cls())
-        given: set[str] = set()
-        for item in filter(None, (s.strip() for s in text.split(","))):
-            key, sep, value = item.partition("=")
-            if not sep or key not in parts:
-                raise ValueError(f"strategy item {item!r}: expected clock=, tsc= or runstate=")
-            if key in given:
-                raise ValueError(f"strategy {text!r}: {key}= given twice")
-            given.add(key)
-            parts[key] = value
-        return cls(**parts)
-
-    @classmethod
-    def parse_exact(cls, text: str) -> Strategy:
-        """Only the canonical form ``str()`` writes, all three parts in order (the wire's)."""
-        strategy = cls.parse(text)
-        if str(strategy) != text:
-            raise ValueError(f"strategy {text!r}: expected exactly "
-                             "'clock=CLOCK,tsc=TSC,runstate=RUNSTATE'")
-        return strategy
-
-    @classmethod
-    def best(cls, caps: HostCapabilities, state: VmState | None = None) -> Strategy:
-        """The most faithful strategy this host supports (for ``state``, if given)."""
-        if caps.clock_guest and (state is None or state.clock_guest is not None):
-            clock = "guest"
-        elif "REALTIME" in caps.adjust_clock_flags:
-            clock = "realtime"
-        else:
-            clock = "plain"
-        tsc = "offset" if caps.tsc_offset_attr and caps.tsc_offset_applies else "none"
-        runstate = ("kernel" if caps.xen_runstate and (state is None or state.xen is not None)
-                    else "off")
-        return cls(clock, tsc, runstate)
-
-    def check_host(self, caps: HostCapabilities) -> None:
-        """Raise Unsupported for a part this host cannot do, whatever the state.
-
-        What a source agent asks before it creates a guest or connects, so that a
-        strategy the host lacks fails first, with nothing to undo; check() still runs
-        with the state at restore time."""
-        needs = {
-            ("clock", "guest"): (caps.clock_guest, "KVM_SET_CLOCK_GUEST"),
-            ("clock", "realtime"): ("REALTIME" in caps.adjust_clock_flags,
-                                    "KVM_CLOCK_REALTIME in KVM_SET_CLOCK"),
-            ("tsc", "offset"): (caps.tsc_offset_attr and caps.tsc_offset_applies,
-                                "KVM_VCPU_TSC_OFFSET applied to the guest TSC "
-                                f"({caps.tsc_offset_detail})"),
-            ("tsc", "adjust"): (caps.tsc_adjust_msr, "MSR_IA32_TSC_ADJUST"),
-            ("runstate", "kernel"): (caps.xen_runstate, "KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE"),
-        }
-        for part in ("clock", "tsc", "runstate"):
-            have, what = needs.get((part, getattr(self, part)), (True, ""))
-            if not have:
-                raise Unsupported(what)
-
-    def check(self, caps: HostCapabilities, state: VmState) -> None:
-        """Raise Unsupported (host) or StateError (state) for what cannot be done here."""
-        if self.clock == "guest":
-            if not caps.clock_guest:
-                raise Unsupported("KVM_SET_CLOCK_GUEST")
-            if state.clock_guest is None:
-                raise StateError("clock_guest", "clock=guest needs the source's "
-                                 "KVM_GET_CLOCK_GUEST record; the state has none")
-        if self.clock == "realtime":
-            if "REALTIME" not in caps.adjust_clock_flags:
-                raise Unsupported("KVM_CLOCK_REALTIME in KVM_SET_CLOCK")
-            if not state.clock["flags"] & lib.KVM_CLOCK_REALTIME:
-                raise StateError("clock.flags", "clock=realtime needs the source's "
-                                 "KVM_GET_CLOCK realtime (KVM_CLOCK_REALTIME not set)")
-        if self.tsc == "offset":
-            if not caps.tsc_offset_attr:
-                raise Unsupported("KVM_VCPU_TSC_OFFSET")
-            if not caps.tsc_offset_applies:
-                raise Unsupported("KVM_VCPU_TSC_OFFSET applied to the guest TSC "
-                                  f"({caps.tsc_offset_detail})")
-            if state.tsc_offset is None or state.clock["flags"] & lib.KVM_CLOCK_HOST_TSC == 0:
-                raise StateError("tsc_offset", "tsc=offset needs the source's TSC offset and "
-                                 "KVM_GET_CLOCK host_tsc")
-        if self.tsc == "adjust":
-            if not caps.tsc_adjust_msr:
-                raise Unsupported("MSR_IA32_TSC_ADJUST")
-            if "MSR_IA32_TSC_ADJUST" not in state.msrs:
-                raise StateError("msrs.MSR_IA32_TSC_ADJUST", "tsc=adjust needs it; missing")
-        if state.xen is not None and not caps.xen_runstate:
-            raise Unsupported("KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE")
-        if self.runstate == "kernel" and state.xen is None:
-            raise StateError("xen", "runstate=kernel needs a Xen-configured guest")
 
 
 @dataclass
@@ -185,7 +57,7 @@ class RestoreRecord:
                 raise StateError(where, f"expected a string, got {type(value).__name__}")
             try:
                 Strategy.parse_exact(value)
-            except ValueError as exc:
+            except StrategyError as exc:
                 raise StateError(where, str(exc)) from None
 
         u64 = optional(check_u64)

@@ -23,7 +23,7 @@ import trio
 
 import protocol
 from kvmcore import HostCapabilities, KvmError, Strategy, System, Unsupported
-from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
+from kvmcore.strategy import CHOICES, PARTS
 
 from .loopback import loopback
 from .migrate import MigrationPlan, migrate
@@ -70,10 +70,10 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     p.add_argument("--json", action="store_true", help="print the report as JSON (stable keys)")
     p.add_argument("--gap", type=argtype(parse_duration_ns), default=0, metavar="DURATION",
                    help="extra wait between capture and sending, e.g. 10ms (default 0)")
-    p.add_argument("--clock", choices=CLOCK_CHOICES,
+    p.add_argument("--clock", choices=CHOICES["clock"],
                    help="kvmclock restore (default: the best this host can do)")
-    p.add_argument("--tsc", choices=TSC_CHOICES, help="TSC restore (default: best)")
-    p.add_argument("--runstate", choices=RUNSTATE_CHOICES,
+    p.add_argument("--tsc", choices=CHOICES["tsc"], help="TSC restore (default: best)")
+    p.add_argument("--runstate", choices=CHOICES["runstate"],
                    help="Xen runstate restore (default: kernel where KVM has Xen, else off)")
     p.add_argument("--memory", type=argtype(parse_size), default=2 << 20, metavar="SIZE",
                    help="guest memory, a multiple of 2MiB up to 1GiB (default 2MiB)")
@@ -169,11 +169,8 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
 def resolve_strategy(args: argparse.Namespace, caps: HostCapabilities) -> Strategy:
     """This host's best, overridden part by part; Unsupported (exit 2) for a part the host
     cannot do, before any VM or connection."""
-    overrides = ",".join(f"{part}={getattr(args, part)}" for part in ("clock", "tsc", "runstate")
-                         if getattr(args, part) is not None)
-    strategy = Strategy.parse(overrides, Strategy.best(caps))
-    strategy.check_host(caps)
-    return strategy
+    return Strategy.resolve(",".join(f"{part}={getattr(args, part)}" for part in PARTS
+                                     if getattr(args, part) is not None), caps)
 
 
 class PeerFailure(Exception):

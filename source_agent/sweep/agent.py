@@ -27,14 +27,6 @@ from .plan import PointConfig
 from .runner import RunPoint, Target
 
 
-def strategy_for(text: str, caps: HostCapabilities) -> Strategy:
-    """``best`` -> the host's best; ``clock=plain,...`` -> those parts over the host's best."""
-    best = Strategy.best(caps)
-    strategy = best if text == "best" else Strategy.parse(text, best)
-    strategy.check_host(caps)
-    return strategy
-
-
 def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
     caps: list[HostCapabilities] = []
 
@@ -44,7 +36,7 @@ def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
             if not caps:
                 caps.append(await trio.to_thread.run_sync(kvm.capabilities))
             plan = MigrationPlan(host=target.host, port=target.port, psk=psk,
-                                 strategy=strategy_for(point.strategy, caps[0]),
+                                 strategy=Strategy.resolve(point.strategy, caps[0]),
                                  memory_size=point.memory_size, warmup_ns=warmup_ns,
                                  gap_ns=point.gap_ns, topology=target.topology)
             started = time.time_ns()

@@ -140,9 +140,7 @@ def parse_strategy(option: str, text: str) -> str:
     ``clock=plain,tsc=none``; checked against kvmcore's choices now, so a typo
     fails before the sweep starts rather than at its first point.
     """
-    from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
-
-    choices = dict(zip(STRATEGY_PARTS, (CLOCK_CHOICES, TSC_CHOICES, RUNSTATE_CHOICES)))
+    from kvmcore.strategy import CHOICES as choices
     if text.strip() == "best":
         return "best"
     parts: dict[str, str] = {}

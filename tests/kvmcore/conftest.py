@@ -31,14 +31,11 @@ def open_fds() -> int:
 
 
 def require(strategy: Strategy, caps: HostCapabilities) -> None:
-    """Skip, naming the capability, when this host cannot do ``strategy``."""
-    if strategy.clock == "guest" and not caps.clock_guest:
-        pytest.skip("unsupported on this host: KVM_SET_CLOCK_GUEST")
-    if strategy.tsc == "offset" and not (caps.tsc_offset_attr and caps.tsc_offset_applies):
-        pytest.skip("unsupported on this host: KVM_VCPU_TSC_OFFSET applied to the guest TSC "
-                    f"({caps.tsc_offset_detail})")
-    if strategy.runstate == "kernel" and not caps.xen_runstate:
-        pytest.skip("unsupported on this host: KVM_CAP_XEN_HVM")
+    """Skip, naming the capability, when this host cannot do ``strategy`` (kvmcore's
+    requirements table decides, as it does for the agents)."""
+    missing = strategy.missing(caps)
+    if missing:
+        pytest.skip(f"unsupported on this host: {missing[0]}")
 
 
 @dataclass
