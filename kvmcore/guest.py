@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._kvm import lib
+from ._layout import HUGE_PAGE, memory_size_problem
 from .deadline import RunDeadline
-from .errors import GuestError, GuestTimeout, Unsupported
+from .errors import GuestError, GuestTimeout, StateError, Unsupported
 from .memory import GuestMemory
 from .snapshot import Snapshot
 from .vcpu import EXIT_NAMES
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
     from .vm import Vm
 
 PAGE_PRESENT, PAGE_WRITE, PAGE_HUGE = 1 << 0, 1 << 1, 1 << 7
-HUGE_PAGE = 2 << 20
 CR0_PE, CR0_MP, CR0_ET, CR0_NE, CR0_WP, CR0_PG = 1, 1 << 1, 1 << 4, 1 << 5, 1 << 16, 1 << 31
 CR4_PAE = 1 << 5
 EFER_LME, EFER_LMA = 1 << 8, 1 << 10
@@ -38,7 +38,6 @@ GDT_CODE64 = 0x00AF9B000000FFFF   # present, DPL0, execute/read, L=1, G=1
 GDT_DATA = 0x00CF93000000FFFF     # present, DPL0, read/write, D/B=1, G=1
 SEL_CODE, SEL_DATA = 0x08, 0x10
 RFLAGS_RESERVED = 1 << 1
-MAX_MEMORY = 1 << 30              # one page directory of 2 MiB pages
 
 _image: bytes | None = None
 _boot_pages: bytes | None = None
@@ -83,10 +82,9 @@ class GuestConfig:
     xen: bool = False        # configure KVM Xen emulation (shared_info + runstate area)
 
     def __post_init__(self) -> None:
-        if self.memory_size % HUGE_PAGE or not lib.KVMCORE_MIN_MEMORY <= self.memory_size \
-                <= MAX_MEMORY:
-            raise ValueError(f"memory_size {self.memory_size:#x}: need a multiple of 2 MiB "
-                             f"between {lib.KVMCORE_MIN_MEMORY:#x} and {MAX_MEMORY:#x}")
+        problem = memory_size_problem(self.memory_size)
+        if problem:
+            raise StateError("memory_size", problem)
 
 
 @dataclass
@@ -98,6 +96,8 @@ class Guest:
     vcpu: Vcpu
     memory: GuestMemory
     config: GuestConfig
+    #: The MSRs KVM_GET/SET_MSRS handle on this host (what capture may read).
+    msr_indices: frozenset[int] = frozenset()
     timings: dict[str, int] = field(default_factory=dict)   # phase -> ns
     restore_record: RestoreRecord | None = None
     last_snapshot: Snapshot | None = None
@@ -134,7 +134,7 @@ class Guest:
         except BaseException:
             vm.close()
             raise
-        return cls(vm, vcpu, memory, config)
+        return cls(vm, vcpu, memory, config, msr_indices=kvm.msr_indices())
 
     def _load_program(self) -> None:
         self.memory.write(lib.KVMCORE_CODE_GPA, guest_image())

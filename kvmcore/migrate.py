@@ -16,10 +16,9 @@ from ._kvm import lib
 from .errors import KvmIoctlError, StateError, StrategyError
 from .guest import Guest, GuestConfig
 from .strategy import Strategy
-from .state import (
-    CLOCK_SPEC, MSRS, RUNSTATE_SPEC, VmState, check_record, check_timings, check_u64, optional,
-    plain_to_struct, struct_to_plain,
-)
+from ._schema import (check_record, check_timings, check_u64, optional, plain_to_struct,
+                      struct_to_plain)
+from .state import CLOCK_SPEC, MSRS, RUNSTATE_SPEC, VmState
 
 if TYPE_CHECKING:
     from .caps import HostCapabilities
@@ -92,7 +91,7 @@ def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
     t1 = time.perf_counter_ns()
     regs, sregs, fpu = vcpu.get_regs(), vcpu.get_sregs(), vcpu.get_fpu()
     wanted = {name: index for name, index in MSRS.items()
-              if index in vm.system.msr_indices()}
+              if index in guest.msr_indices}
     values = vcpu.get_msrs(list(wanted.values()))
     msrs = {name: values[index] for name, index in wanted.items()}
     tsc_khz = vcpu.get_tsc_khz()

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from ._schema import check_int, check_record, check_u64
 from .errors import StateError
 
 MASK64 = (1 << 64) - 1
@@ -56,8 +57,6 @@ class Pvclock:
     def from_plain(cls, plain: Any, path: str = "pvclock") -> Pvclock:
         """Validate the wire form exactly (each field in its C type's range); StateError
         names the field."""
-        from .state import check_int, check_record   # state imports guest, which imports us
-
         def ranged(lo: int, hi: int) -> Any:
             return lambda value, where: check_int(value, where, lo, hi)
 
@@ -108,8 +107,6 @@ class Snapshot:
     def from_plain(cls, plain: Any, path: str = "snapshot") -> Snapshot:
         """A snapshot from the wire (a destination's REPORT), validated exactly: every field
         present, no other, each an integer in its range; StateError names the field."""
-        from .state import check_int, check_record, check_u64
-
         def check_runstate(value: Any, where: str) -> None:
             if not isinstance(value, list) or len(value) != 6:
                 raise StateError(where, "expected a list of 6 integers")

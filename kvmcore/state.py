@@ -16,9 +16,11 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._kvm import ffi, lib
+from ._kvm import lib
+from ._layout import memory_size_problem
+from ._schema import (describe, check_int, check_record, check_timings, check_u64, check_bool,
+                      optional)
 from .errors import StateError
-from .guest import HUGE_PAGE, MAX_MEMORY
 from .memory import GuestMemory
 
 FORMAT_VERSION = 1
@@ -30,148 +32,11 @@ MSRS = {
     "MSR_KVM_STEAL_TIME": lib.MSR_KVM_STEAL_TIME,             # steal record + enable
     "MSR_IA32_TSC_ADJUST": MSR_IA32_TSC_ADJUST,               # for tsc=adjust (the seed)
 }
-U64 = (0, (1 << 64) - 1)
-
-
-# --- cdata <-> plain, driven by the cffi type ---
-
-_converters: dict[Any, Any] = {}
-
-
-def _converter(ctype: Any) -> Any:
-    """A function turning cdata of ``ctype`` into plain data, built once per type
-    (capture converts kvm_sregs and kvm_fpu every time: this keeps it cheap)."""
-    conv = _converters.get(ctype)
-    if conv is not None:
-        return conv
-    if ctype.kind == "struct":
-        fields = [(name, None if f.type.kind == "primitive" else _converter(f.type))
-                  for name, f in ctype.fields]
-
-        def conv(obj: Any) -> Any:
-            return {name: getattr(obj, name) if sub is None else sub(getattr(obj, name))
-                    for name, sub in fields}
-    elif ctype.kind == "array" and ctype.item.kind == "primitive" \
-            and ffi.sizeof(ctype.item) == 1:
-        def conv(obj: Any) -> Any:
-            return bytes(ffi.buffer(obj))
-    elif ctype.kind == "array":
-        item = None if ctype.item.kind == "primitive" else _converter(ctype.item)
-
-        def conv(obj: Any) -> Any:
-            return [x if item is None else item(x) for x in obj]
-    else:
-        raise TypeError(f"no plain form for {ctype.cname}")
-    _converters[ctype] = conv
-    return conv
-
-
-def cdata_to_plain(obj: Any) -> Any:
-    """Struct -> dict, byte array -> bytes, other array -> list, integers as they are."""
-    if not isinstance(obj, ffi.CData):
-        return obj  # cffi already returned an integer field as a Python int
-    return _converter(ffi.typeof(obj))(obj)
-
-
-def struct_to_plain(ptr: Any) -> dict[str, Any]:
-    """A ``struct X *`` from an ioctl, as a dict."""
-    return cdata_to_plain(ptr[0])
-
-
-def check_ctype(ctype: Any, plain: Any, path: str) -> None:
-    """Validate ``plain`` against a cffi struct/array/integer type."""
-    if isinstance(ctype, str):
-        ctype = ffi.typeof(ctype)
-    if ctype.kind == "struct":
-        check_record(plain, path, {name: f.type for name, f in ctype.fields})
-    elif ctype.kind == "array":
-        if ctype.item.kind == "primitive" and ffi.sizeof(ctype.item) == 1:
-            check_bytes(plain, path, ctype.length)
-            return
-        if not isinstance(plain, list) or len(plain) != ctype.length:
-            raise StateError(path, f"expected a list of {ctype.length}, got {_describe(plain)}")
-        for i, item in enumerate(plain):
-            check_ctype(ctype.item, item, f"{path}[{i}]")
-    else:
-        size = ffi.sizeof(ctype)
-        signed = int(ffi.cast(ctype, -1)) < 0
-        lo, hi = ((-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed
-                  else (0, (1 << (8 * size)) - 1))
-        check_int(plain, path, lo, hi)
-
-
-def plain_to_struct(ctype: str, plain: dict[str, Any]) -> Any:
-    """A new ``struct X *`` filled from a validated dict."""
-    return ffi.new(ctype + " *", plain)
-
-
-# --- the small schema language for the rest ---
-
-def _describe(value: Any) -> str:
-    return f"{type(value).__name__} {value!r}"[:80]
-
-
-def check_int(value: Any, path: str, lo: int = U64[0], hi: int = U64[1]) -> None:
-    # bool is an int subclass; a bool where a number belongs is a type error.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise StateError(path, f"expected an integer, got {_describe(value)}")
-    if not lo <= value <= hi:
-        raise StateError(path, f"{value} outside [{lo}, {hi}]")
-
-
-def check_bytes(value: Any, path: str, length: int) -> None:
-    if not isinstance(value, bytes):
-        raise StateError(path, f"expected bytes, got {_describe(value)}")
-    if len(value) != length:
-        raise StateError(path, f"expected {length} bytes, got {len(value)}")
-
-
-def check_record(value: Any, path: str, spec: dict[str, Any]) -> None:
-    """Exact keys; each value checked by its spec (a checker, a cffi type or a dict)."""
-    if not isinstance(value, dict):
-        raise StateError(path, f"expected a dict, got {_describe(value)}")
-    for key in spec:
-        if key not in value:
-            raise StateError(f"{path}.{key}", "missing")
-    for key in value:
-        if key not in spec:
-            raise StateError(f"{path}.{key}", "unexpected field")
-    for key, sub in spec.items():
-        where = f"{path}.{key}"
-        if isinstance(sub, dict):
-            check_record(value[key], where, sub)
-        elif callable(sub):
-            sub(value[key], where)
-        else:
-            check_ctype(sub, value[key], where)
-
-
-def optional(spec: Any) -> Any:
-    """``spec`` or None (a feature the source host lacked)."""
-    def check_optional(value: Any, path: str) -> None:
-        if value is None:
-            return
-        if isinstance(spec, dict):
-            check_record(value, path, spec)
-        elif callable(spec):
-            spec(value, path)
-        else:
-            check_ctype(spec, value, path)
-    return check_optional
-
-
-def check_u64(value: Any, path: str) -> None:
-    check_int(value, path)
-
-
-def check_bool(value: Any, path: str) -> None:
-    if not isinstance(value, bool):
-        raise StateError(path, f"expected a bool, got {_describe(value)}")
 
 
 def check_msrs(value: Any, path: str) -> None:
     if not isinstance(value, dict):
-        raise StateError(path, f"expected a dict, got {_describe(value)}")
+        raise StateError(path, f"expected a dict, got {describe(value)}")
     for key, data in value.items():
         if key not in MSRS:
             raise StateError(f"{path}.{key}", f"unknown MSR (known: {', '.join(MSRS)})")
@@ -179,15 +44,6 @@ def check_msrs(value: Any, path: str) -> None:
     for key in ("MSR_KVM_SYSTEM_TIME_NEW", "MSR_KVM_STEAL_TIME"):
         if key not in value:
             raise StateError(f"{path}.{key}", "missing")
-
-
-def check_timings(value: Any, path: str) -> None:
-    if not isinstance(value, dict):
-        raise StateError(path, f"expected a dict, got {_describe(value)}")
-    for key, ns in value.items():
-        if not isinstance(key, str):
-            raise StateError(path, f"key {key!r} is not a string")
-        check_int(ns, f"{path}.{key}")
 
 
 CLOCK_SPEC = {"clock": check_u64, "flags": check_u64, "realtime": check_u64,
@@ -248,7 +104,7 @@ class VmState:
         """Validate ``plain`` (from the wire) and pair it with ``memory``; StateError on
         the first problem, naming the field. Creates nothing in KVM."""
         if not isinstance(plain, dict):
-            raise StateError("<state>", f"expected a dict, got {_describe(plain)}")
+            raise StateError("<state>", f"expected a dict, got {describe(plain)}")
         # The version first: a future format may differ in every other field.
         if "format_version" not in plain:
             raise StateError("format_version", "missing")
@@ -258,9 +114,9 @@ class VmState:
                              f"supported version {FORMAT_VERSION}")
         check_record(plain, "state", cls.SPEC)
         size = plain["memory_size"]
-        if size % HUGE_PAGE or not lib.KVMCORE_MIN_MEMORY <= size <= MAX_MEMORY:
-            raise StateError("memory_size", f"{size:#x} is not a multiple of 2 MiB in "
-                             f"[{lib.KVMCORE_MIN_MEMORY:#x}, {MAX_MEMORY:#x}]")
+        problem = memory_size_problem(size)
+        if problem:
+            raise StateError("memory_size", problem)
         if memory.size != size:
             raise StateError("memory_size", f"{size:#x} but the memory given has "
                              f"{memory.size:#x} bytes")

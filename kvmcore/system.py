@@ -82,7 +82,7 @@ class System:
 
     def create_vm(self) -> Vm:
         """KVM_CREATE_VM (default machine type)."""
-        return Vm(self, ioctl_int(self.fd, "KVM_CREATE_VM", 0))
+        return Vm(ioctl_int(self.fd, "KVM_CREATE_VM", 0), vcpu_mmap_size=self.vcpu_mmap_size)
 
     def capabilities(self) -> HostCapabilities:
         """The host's capabilities, probed once per System (probing creates a VM)."""

@@ -6,15 +6,12 @@ import errno
 import mmap
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import xen
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
 from .errors import KvmIoctlError
-
-if TYPE_CHECKING:
-    from .vm import Vm
 
 EXIT_NAMES = {getattr(lib, n): n for n in (
     "KVM_EXIT_UNKNOWN", "KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN",
@@ -35,11 +32,10 @@ class IoExit:
 class Vcpu:
     """One vCPU, with its shared ``struct kvm_run`` mapped."""
 
-    def __init__(self, vm: Vm, fd: int, vcpu_id: int) -> None:
-        self.vm = vm
+    def __init__(self, fd: int, vcpu_id: int, *, run_size: int) -> None:
         self.fd = fd
         self.vcpu_id = vcpu_id
-        self._run_map = mmap.mmap(fd, vm.system.vcpu_mmap_size, mmap.MAP_SHARED,
+        self._run_map = mmap.mmap(fd, run_size, mmap.MAP_SHARED,
                                   mmap.PROT_READ | mmap.PROT_WRITE)
         self._run_buf = ffi.from_buffer(self._run_map)
         self.run_struct: Any = ffi.cast("struct kvm_run *", self._run_buf)

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from . import xen
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi
 from .vcpu import Vcpu
 
-if TYPE_CHECKING:
-    from .system import System
-
 
 class Vm:
-    """One VM. Closing it closes its vCPUs first (their fds pin the VM in the kernel)."""
+    """One VM. Closing it closes its vCPUs first (their fds pin the VM in the kernel).
 
-    def __init__(self, system: System, fd: int) -> None:
-        self.system = system
+    ``vcpu_mmap_size`` is /dev/kvm's KVM_GET_VCPU_MMAP_SIZE, handed down (as
+    kvm-ioctls does) rather than reached through a pointer back to the System."""
+
+    def __init__(self, fd: int, *, vcpu_mmap_size: int) -> None:
         self.fd = fd
+        self.vcpu_mmap_size = vcpu_mmap_size
         self.vcpus: list[Vcpu] = []
 
     def close(self) -> None:
@@ -50,7 +50,7 @@ class Vm:
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id)
         try:
-            vcpu = Vcpu(self, fd, vcpu_id)
+            vcpu = Vcpu(fd, vcpu_id, run_size=self.vcpu_mmap_size)
         except BaseException:
             os.close(fd)
             raise

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from kvmcore import Guest, GuestConfig, System
+from kvmcore import Guest, GuestConfig, StateError, System
 from kvmcore._kvm import lib
 from kvmcore.errors import GuestError
 
@@ -76,8 +76,8 @@ def test_report_magic_is_checked(kvm):
 
 
 def test_guest_config_rejects_bad_memory_size():
-    with pytest.raises(ValueError, match="memory_size"):
+    with pytest.raises(StateError, match="memory_size"):
         GuestConfig(memory_size=lib.KVMCORE_MIN_MEMORY + 4096)
-    with pytest.raises(ValueError, match="memory_size"):
+    with pytest.raises(StateError, match="memory_size"):
         GuestConfig(memory_size=0)
     assert dataclasses.replace(GuestConfig(), memory_size=4 << 20).memory_size == 4 << 20

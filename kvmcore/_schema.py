@@ -1,0 +1,163 @@
+"""The bottom of kvmcore's data layer: plain (msgpack-ready) values, checked exactly.
+
+Every document that crosses the wire -- VmState, Snapshot, RestoreRecord, a peer's
+HostCapabilities -- is validated with these few checkers, so each refusal names
+the field in the same words. Kernel structs are converted and checked by walking
+their cffi types: the wire form follows the compiler-checked layout with no
+hand-written field lists. Nothing here knows any document; every document's
+module builds on this one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ._kvm import ffi
+from .errors import StateError
+
+U64 = (0, (1 << 64) - 1)
+
+
+# --- cdata <-> plain, driven by the cffi type ---
+
+_converters: dict[Any, Any] = {}
+
+
+def _converter(ctype: Any) -> Any:
+    """A function turning cdata of ``ctype`` into plain data, built once per type
+    (capture converts kvm_sregs and kvm_fpu every time: this keeps it cheap)."""
+    conv = _converters.get(ctype)
+    if conv is not None:
+        return conv
+    if ctype.kind == "struct":
+        fields = [(name, None if f.type.kind == "primitive" else _converter(f.type))
+                  for name, f in ctype.fields]
+
+        def conv(obj: Any) -> Any:
+            return {name: getattr(obj, name) if sub is None else sub(getattr(obj, name))
+                    for name, sub in fields}
+    elif ctype.kind == "array" and ctype.item.kind == "primitive" \
+            and ffi.sizeof(ctype.item) == 1:
+        def conv(obj: Any) -> Any:
+            return bytes(ffi.buffer(obj))
+    elif ctype.kind == "array":
+        item = None if ctype.item.kind == "primitive" else _converter(ctype.item)
+
+        def conv(obj: Any) -> Any:
+            return [x if item is None else item(x) for x in obj]
+    else:
+        raise TypeError(f"no plain form for {ctype.cname}")
+    _converters[ctype] = conv
+    return conv
+
+
+def cdata_to_plain(obj: Any) -> Any:
+    """Struct -> dict, byte array -> bytes, other array -> list, integers as they are."""
+    if not isinstance(obj, ffi.CData):
+        return obj  # cffi already returned an integer field as a Python int
+    return _converter(ffi.typeof(obj))(obj)
+
+
+def struct_to_plain(ptr: Any) -> dict[str, Any]:
+    """A ``struct X *`` from an ioctl, as a dict."""
+    return cdata_to_plain(ptr[0])
+
+
+def check_ctype(ctype: Any, plain: Any, path: str) -> None:
+    """Validate ``plain`` against a cffi struct/array/integer type."""
+    if isinstance(ctype, str):
+        ctype = ffi.typeof(ctype)
+    if ctype.kind == "struct":
+        check_record(plain, path, {name: f.type for name, f in ctype.fields})
+    elif ctype.kind == "array":
+        if ctype.item.kind == "primitive" and ffi.sizeof(ctype.item) == 1:
+            check_bytes(plain, path, ctype.length)
+            return
+        if not isinstance(plain, list) or len(plain) != ctype.length:
+            raise StateError(path, f"expected a list of {ctype.length}, got {describe(plain)}")
+        for i, item in enumerate(plain):
+            check_ctype(ctype.item, item, f"{path}[{i}]")
+    else:
+        size = ffi.sizeof(ctype)
+        signed = int(ffi.cast(ctype, -1)) < 0
+        lo, hi = ((-(1 << (8 * size - 1)), (1 << (8 * size - 1)) - 1) if signed
+                  else (0, (1 << (8 * size)) - 1))
+        check_int(plain, path, lo, hi)
+
+
+def plain_to_struct(ctype: str, plain: dict[str, Any]) -> Any:
+    """A new ``struct X *`` filled from a validated dict."""
+    return ffi.new(ctype + " *", plain)
+
+
+# --- the small schema language for the rest ---
+
+def describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"[:80]
+
+
+def check_int(value: Any, path: str, lo: int = U64[0], hi: int = U64[1]) -> None:
+    # bool is an int subclass; a bool where a number belongs is a type error.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise StateError(path, f"expected an integer, got {describe(value)}")
+    if not lo <= value <= hi:
+        raise StateError(path, f"{value} outside [{lo}, {hi}]")
+
+
+def check_bytes(value: Any, path: str, length: int) -> None:
+    if not isinstance(value, bytes):
+        raise StateError(path, f"expected bytes, got {describe(value)}")
+    if len(value) != length:
+        raise StateError(path, f"expected {length} bytes, got {len(value)}")
+
+
+def check_record(value: Any, path: str, spec: dict[str, Any]) -> None:
+    """Exact keys; each value checked by its spec (a checker, a cffi type or a dict)."""
+    if not isinstance(value, dict):
+        raise StateError(path, f"expected a dict, got {describe(value)}")
+    for key in spec:
+        if key not in value:
+            raise StateError(f"{path}.{key}", "missing")
+    for key in value:
+        if key not in spec:
+            raise StateError(f"{path}.{key}", "unexpected field")
+    for key, sub in spec.items():
+        where = f"{path}.{key}"
+        if isinstance(sub, dict):
+            check_record(value[key], where, sub)
+        elif callable(sub):
+            sub(value[key], where)
+        else:
+            check_ctype(sub, value[key], where)
+
+
+def optional(spec: Any) -> Any:
+    """``spec`` or None (a feature the source host lacked)."""
+    def check_optional(value: Any, path: str) -> None:
+        if value is None:
+            return
+        if isinstance(spec, dict):
+            check_record(value, path, spec)
+        elif callable(spec):
+            spec(value, path)
+        else:
+            check_ctype(spec, value, path)
+    return check_optional
+
+
+def check_u64(value: Any, path: str) -> None:
+    check_int(value, path)
+
+
+def check_bool(value: Any, path: str) -> None:
+    if not isinstance(value, bool):
+        raise StateError(path, f"expected a bool, got {describe(value)}")
+
+
+def check_timings(value: Any, path: str) -> None:
+    if not isinstance(value, dict):
+        raise StateError(path, f"expected a dict, got {describe(value)}")
+    for key, ns in value.items():
+        if not isinstance(key, str):
+            raise StateError(path, f"key {key!r} is not a string")
+        check_int(ns, f"{path}.{key}")
