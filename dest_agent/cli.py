@@ -15,6 +15,7 @@ import trio
 
 import protocol
 from kvmcore import KvmError, System
+from agentcore.crash import internal_error
 from agentcore.options import (
     EXIT_USAGE,
     UsageError,
@@ -38,7 +39,7 @@ Each connection is one session: HELLO, AUTH (the pre-shared key), clock sync, th
 MIGRATE/memory/COMMIT -> restore -> REPORT. No VM and no guest memory exist before
 the source has proved the key. One line per session is logged to stderr.
 exit codes: 2 bad option or set-up (no /dev/kvm, key file refused, address in use),
-130 interrupted (Ctrl-C)
+4 internal error (a bug: one line names the file holding the traceback), 130 interrupted (Ctrl-C)
 """
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dest-agent", description="Destination agent of the KVM migration testbed.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {AGENT_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="serve migrations until interrupted",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -128,6 +130,13 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except Exception as exc:     # our bug, never a bare traceback: see agentcore.crash
+        return internal_error("dest-agent", exc)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="dest-agent: %(message)s")

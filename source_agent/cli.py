@@ -27,6 +27,8 @@ from kvmcore.migrate import CLOCK_CHOICES, RUNSTATE_CHOICES, TSC_CHOICES
 
 from .loopback import loopback
 from .migrate import MigrationPlan, migrate
+from agentcore import AGENT_VERSION
+from agentcore.crash import internal_error
 from agentcore.options import (
     EXIT_PEER,
     EXIT_USAGE,
@@ -60,7 +62,8 @@ examples:
 
 exit codes: 0 every verdict passed, 1 a verdict failed, 2 usage or set-up error
 (bad option, key file refused, strategy unsupported on this host, no /dev/kvm),
-3 peer or network error (refused, timeout, authentication, the destination's ERROR).
+3 peer or network error (refused, timeout, authentication, the destination's ERROR),
+4 internal error (a bug: one line names the file holding the traceback).
 """
 
 log = logging.getLogger("source_agent")
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="source-agent", formatter_class=raw, epilog=EPILOG,
         description="Source agent of the KVM migration testbed: migrate a guest, report what "
                     "it saw of the gap.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {AGENT_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _common(sub.add_parser("migrate", help="migrate a guest to a destination agent",
                            formatter_class=raw, epilog=EPILOG,
@@ -278,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # process killed by SIGPIPE would, and keep the interpreter's final flush quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
+    except Exception as exc:     # our bug, never exit 1 ("a verdict failed"): see agentcore.crash
+        return internal_error("source-agent", exc)
 
 
 def _main(argv: Sequence[str] | None) -> int:
