@@ -85,7 +85,7 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     p.add_argument("--chunk-size", type=argtype(parse_size), default=1 << 20, metavar="SIZE",
                    help="memory chunk size on the wire (default 1MiB)")
     p.add_argument("--clock-rounds", type=int, default=8, metavar="N",
-                   help="clock-sync exchanges; the minimum-RTT one is used (default 8)")
+                   help="clock-sync exchanges, 1..256; the minimum-RTT one is used (default 8)")
     for name, default in (("connect", "10s"), ("handshake", "30s"), ("message", "30s"),
                           ("idle", "60s")):
         p.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
@@ -145,8 +145,9 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
                          "and 1GiB")
     if args.chunk_size % protocol.PAGE_SIZE or not 0 < args.chunk_size <= 4 << 20:
         raise UsageError("--chunk-size: a multiple of 4KiB up to 4MiB")
-    if args.clock_rounds < 1:
-        raise UsageError("--clock-rounds must be at least 1")
+    most = protocol.Limits().max_clock_sync_rounds     # what a destination answers in a row
+    if not 1 <= args.clock_rounds <= most:
+        raise UsageError(f"--clock-rounds {args.clock_rounds}: must be between 1 and {most}")
     host, port = getattr(args, "to", ("127.0.0.1", 0))
     psk = b""
     ssl_context = None
@@ -203,6 +204,9 @@ async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: s
                 migration = await migrate(plan, kvm, caps)
         except (protocol.ProtocolError, OSError, trio.TooSlowError) as exc:
             what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            if isinstance(exc, protocol.AuthenticationFailed) and not plan.psk:
+                what += ("; this source has no key: give --psk-file with the destination's "
+                         "key file")
             where = "loopback" if args.command == "loopback" else plan.destination
             raise PeerFailure(f"{where}: {what or type(exc).__name__}") from None
     return compose(migration, run_id=run_id, started_ns=started, command=args.command)
