@@ -102,3 +102,17 @@ def test_dest_agent_internal_error_is_exit_4(tmp_path, monkeypatch, capsys):
 def test_version(cli, tool):
     run = cli(tool, "--version")
     assert run.code == 0 and run.stdout.strip() == f"{tool} {AGENT_VERSION}"
+
+
+def test_the_sweep_subcommand_internal_error_is_exit_4(tmp_path, monkeypatch, capsys):
+    import source_agent.cli as source_cli
+    import source_agent.sweep.cli as sweep_cli
+
+    def bug(args):
+        raise RuntimeError("a sweep bug")
+
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path))
+    monkeypatch.setattr(sweep_cli, "plan_from_args", bug)
+    assert source_cli.main(["sweep", "s", "--db", str(tmp_path / "runs.db")]) == 4
+    err = capsys.readouterr().err
+    assert "internal error" in err and "RuntimeError: a sweep bug" in err and "Traceback" not in err
