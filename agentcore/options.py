@@ -8,6 +8,7 @@ typo in an experiment's parameters should stop it before any VM exists.
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import re
 from collections.abc import Callable
 
@@ -53,16 +54,43 @@ def parse_size(text: str) -> int:
 
 
 def parse_host_port(text: str, *, default_port: int | None = None) -> tuple[str, int]:
-    """``HOST:PORT`` or ``[v6addr]:PORT`` (PORT optional when ``default_port`` is given)."""
-    host, sep, port = text.rpartition(":")
-    if not sep or (host.count(":") and not host.startswith("[")):
-        host, port = text, ""
-    host = host.strip("[]")
+    """``HOST:PORT`` or ``[v6addr]:PORT`` (PORT optional when ``default_port`` is given).
+
+    An IPv6 address needs its brackets: ``::1:7432`` could be ``[::1]:7432`` or the address
+    ``::1:7432``, so it is refused with the bracketed form to type, never guessed."""
+    if text.startswith("["):
+        host, closed, rest = text[1:].partition("]")
+        if not closed or (rest and not rest.startswith(":")):
+            raise UsageError(f"address {text!r}: expected [IPv6]:PORT, e.g. [::1]:7400")
+        port = rest[1:]
+    elif text.count(":") > 1:
+        raise UsageError(f"address {text!r}: an IPv6 address goes in brackets, e.g. "
+                         f"{' or '.join(_bracketed(text, default_port))}")
+    else:
+        host, _, port = text.partition(":")
     if not port and default_port is not None:
         port = str(default_port)
     if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         raise UsageError(f"address {text!r}: expected HOST:PORT with PORT in 0..65535")
     return host, int(port)
+
+
+def _bracketed(text: str, default_port: int | None) -> list[str]:
+    """What an unbracketed IPv6 ``text`` may have meant: [address]:PORT split at the last
+    colon, and the whole of it as the address."""
+    host, _, port = text.rpartition(":")
+    meant = [f"[{host}]:{port}"] if port.isdigit() and _is_ipv6(host) else []
+    if _is_ipv6(text):
+        meant.append(f"[{text}]:{default_port if default_port is not None else 'PORT'}")
+    return meant or ["[::1]:7400"]
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
 
 
 def seconds(text: str) -> float:

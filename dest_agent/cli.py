@@ -15,6 +15,7 @@ import trio
 
 import protocol
 from kvmcore import KvmError, System
+from agentcore.crash import internal_error
 from agentcore.options import (
     EXIT_USAGE,
     UsageError,
@@ -38,7 +39,7 @@ Each connection is one session: HELLO, AUTH (the pre-shared key), clock sync, th
 MIGRATE/memory/COMMIT -> restore -> REPORT. No VM and no guest memory exist before
 the source has proved the key. One line per session is logged to stderr.
 exit codes: 2 bad option or set-up (no /dev/kvm, key file refused, address in use),
-130 interrupted (Ctrl-C)
+4 internal error (a bug: one line names the file holding the traceback), 130 interrupted (Ctrl-C)
 """
 
 
@@ -46,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dest-agent", description="Destination agent of the KVM migration testbed.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {AGENT_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve = sub.add_parser("serve", help="serve migrations until interrupted",
                            formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
@@ -58,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="pre-shared key file (mode 600, >= 16 bytes); without it, loopback "
                             "only and the empty key")
     serve.add_argument("--max-sessions", type=int, default=4, metavar="N",
-                       help="concurrent sessions; more get ERROR busy (default 4)")
+                       help="concurrent sessions of sources that proved the key; more get "
+                            "ERROR busy (default 4)")
+    serve.add_argument("--max-unauthenticated", type=int, default=64, metavar="N",
+                       help="connections that have not proved the key yet, counted apart from "
+                            "sessions; more get ERROR busy (default 64)")
+    serve.add_argument("--max-unauthenticated-per-address", type=int, default=8, metavar="N",
+                       help="the same, from any one address (default 8)")
     serve.add_argument("--max-memory", type=argtype(parse_size), default=1 << 30,
                        metavar="SIZE", help="largest guest memory per session (default 1GiB)")
     serve.add_argument("--max-frame-size", type=argtype(parse_size), default=8 << 20,
@@ -86,17 +94,19 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     host, port = args.listen
     if args.psk_file is None:
         if not is_loopback_host(host):
-            raise UsageError(f"--listen {host}:{port} is not a loopback address: a pre-shared "
-                             "key is required there (--psk-file PATH), or anyone who can reach "
-                             "the port could make this host run VMs")
+            raise UsageError(f"--listen {host}:{port} is not a loopback address (not every "
+                             "address it resolves to is): a pre-shared key is required there "
+                             "(--psk-file PATH), or anyone who can reach the port could make "
+                             "this host run VMs")
         psk = b""
     else:
         try:
             psk = protocol.load_psk(args.psk_file)
         except protocol.KeyFileError as exc:
             raise UsageError(str(exc)) from None
-    if args.max_sessions < 1:
-        raise UsageError("--max-sessions must be at least 1")
+    for option in ("max_sessions", "max_unauthenticated", "max_unauthenticated_per_address"):
+        if getattr(args, option) < 1:
+            raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
     if args.max_memory < 2 << 20 or args.max_memory % (2 << 20):
         raise UsageError("--max-memory must be a positive multiple of 2MiB (guest memory is "
                          "mapped in 2 MiB pages)")
@@ -115,6 +125,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         except (OSError, ValueError) as exc:
             raise UsageError(f"TLS set-up: {exc}") from None
     return ServerConfig(psk=psk, host=host, port=port, max_sessions=args.max_sessions,
+                        max_unauthenticated=args.max_unauthenticated,
+                        max_unauthenticated_per_address=args.max_unauthenticated_per_address,
                         max_memory=args.max_memory, max_frame_size=args.max_frame_size,
                         handshake_timeout=args.handshake_timeout,
                         idle_timeout=args.idle_timeout, message_timeout=args.message_timeout,
@@ -128,6 +140,13 @@ async def serve(config: ServerConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except Exception as exc:     # our bug, never a bare traceback: see agentcore.crash
+        return internal_error("dest-agent", exc)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format="dest-agent: %(message)s")
@@ -146,7 +165,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, KeyboardInterrupt):
             print("dest-agent: interrupted, stopped serving", file=sys.stderr)
             return 130
-        if isinstance(exc, (KvmError, OSError)):
+        if isinstance(exc, (KvmError, OSError, UsageError)):
             print(f"dest-agent: error: cannot serve: {exc}", file=sys.stderr)
             return EXIT_USAGE
         raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -38,12 +39,14 @@ from kvmcore import (
 class Counters:
     """Live and total figures of a server, readable in-process (tests, soak runs)."""
 
-    live_sessions: int = 0
+    live_sessions: int = 0             # open connections, authenticated or not
+    live_unauthenticated: int = 0      # ... of which have not proved the key yet
     live_vms: int = 0
     sessions: int = 0
     migrations: int = 0
     vms_created: int = 0
-    refused_busy: int = 0
+    refused_busy: int = 0              # authenticated beyond --max-sessions
+    refused_unauthenticated: int = 0   # beyond --max-unauthenticated(-per-address)
     failed_sessions: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
@@ -75,8 +78,13 @@ class SessionRefused(Exception):
 
 
 async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabilities,
-                      config: SessionConfig, counters: Counters) -> str:
+                      config: SessionConfig, counters: Counters,
+                      admit: Callable[[], None]) -> str:
     """Serve one connection to its end; returns the outcome for the log line.
+
+    ``admit`` is called once the source has proved the key and raises SessionRefused
+    (``busy``) when there is no room: only key holders count against the session
+    limit, so strangers cannot keep them out.
 
     Raises only for this side's own bugs (after telling the peer "internal");
     everything the peer or the network can cause ends here as an outcome.
@@ -89,6 +97,7 @@ async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabiliti
             await protocol.destination_handshake(
                 channel, agent_version=config.agent_version, capabilities=caps.to_plain(),
                 timeout=config.handshake_timeout)
+            admit()
             while isinstance(message := await channel.receive(), protocol.Migrate):
                 await _migration(channel, message, kvm, caps, counters, config.max_run_time)
                 migrations += 1

@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._kvm import lib
-from .errors import KvmIoctlError, StateError
+from .errors import KvmIoctlError
 from .guest import Guest, GuestConfig
+from .state import check_record, dataclass_spec, list_of, one_of
 
 if TYPE_CHECKING:
     from .system import System
@@ -66,15 +67,14 @@ class HostCapabilities:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_plain(cls, plain: dict[str, Any]) -> HostCapabilities:
-        """For a peer's capabilities received over the wire; exact keys required."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        if not isinstance(plain, dict):
-            raise StateError("capabilities", f"expected a dict, got {type(plain).__name__}")
-        for key in names - plain.keys():
-            raise StateError(f"capabilities.{key}", "missing")
-        for key in plain.keys() - names:
-            raise StateError(f"capabilities.{key}", "unexpected field")
+    def from_plain(cls, plain: Any, path: str = "capabilities") -> HostCapabilities:
+        """For a peer's capabilities received over the wire: exact keys, each value of its
+        field's type (and a known flag name where the kernel defines the names); StateError
+        names the first bad field, before anything reads it."""
+        spec = dict(dataclass_spec(cls))
+        for name in ("get_clock_flags", "adjust_clock_flags"):
+            spec[name] = list_of(one_of(CLOCK_FLAG_NAMES))
+        check_record(plain, path, spec)
         return cls(**plain)
 
 

@@ -35,15 +35,16 @@ class Unsupported(KvmError):
 
 
 class StateError(KvmError):
-    """A VmState (usually from the wire) is malformed; names the field and the reason.
+    """A document from the wire is malformed: a VmState, a peer's HELLO capabilities, a
+    REPORT's parts. The one error for a bad wire value; names the field and the reason.
 
-    Raised by validation before any VM is created.
+    Raised by validation (kvmcore.state's checkers) before anything uses the value.
     """
 
     def __init__(self, field: str, reason: str) -> None:
         self.field = field
         self.reason = reason
-        super().__init__(f"invalid VmState field {field!r}: {reason}")
+        super().__init__(f"invalid field {field!r}: {reason}")
 
 
 class StrategyError(KvmError):

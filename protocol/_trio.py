@@ -29,6 +29,7 @@ from ._errors import (
     PeerError,
     ProtocolError,
     ProtocolTimeout,
+    RemoteProtocolError,
     VersionMismatch,
 )
 from ._limits import KiB
@@ -206,7 +207,8 @@ class Channel:
             if peer_error is not None:
                 raise peer_error from exc
             raise ConnectionClosed(
-                f"stream to the {self.session.peer_role} broke while sending {name_of(message)}: {exc}"
+                f"stream to the {self.session.peer_role} broke while sending {name_of(message)}: "
+                f"{_reason(exc)}"
             ) from exc
         self._broken = None
 
@@ -446,7 +448,7 @@ class Channel:
         session = self.session
         session._fail("stream broke")
         return ConnectionClosed(
-            f"stream from the {session.peer_role} broke (state {session.state.name}): {exc}"
+            f"stream from the {session.peer_role} broke (state {session.state.name}): {_reason(exc)}"
         )
 
     async def _wait_readable(self, fd: int) -> None:
@@ -577,6 +579,17 @@ def _grow_buffer(stream: trio.abc.Stream, option: str) -> None:
             pass
 
 
+def _reason(exc: BaseException) -> str:
+    """Why a stream broke: trio's BrokenResourceError often has no text of its own and carries
+    the reason (a TLS alert, a reset) as its cause, which would otherwise be lost."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if str(seen):
+            return str(seen) if seen is exc else f"{type(seen).__name__}: {seen}"
+        seen = seen.__cause__ or seen.__context__
+    return type(exc).__name__
+
+
 def _peer_error(peer: str, error: Error) -> ProtocolError:
     if error.code == VersionMismatch.error_code:
         return VersionMismatch(f"the {peer} refused the session: {error.message}")
@@ -609,7 +622,12 @@ async def source_handshake(
 
     async def steps() -> Handshake:
         await channel.send(session.make_hello(agent_version, dict(capabilities)))
-        peer = await channel.receive()
+        try:
+            peer = await channel.receive()
+        except RemoteProtocolError as exc:
+            # A web server's or an SSH banner's first bytes read as a huge frame length.
+            raise type(exc)(f"{exc} (no HELLO came back: is the peer a destination agent of "
+                            "this testbed, at this port?)") from exc
         assert isinstance(peer, Hello), peer
         await channel.send(session.make_auth())
         proof = await channel.receive()
@@ -660,11 +678,15 @@ async def _within(channel: Channel, timeout: float, steps: Callable[[], Awaitabl
 def tls_server_context(
     certfile: str, keyfile: str, *, client_ca_file: str | None = None
 ) -> ssl.SSLContext:
-    """TLS for the destination; with ``client_ca_file`` the source must present a certificate."""
+    """TLS for the destination; with ``client_ca_file`` the source must present a certificate.
+
+    OSError names the file that cannot be read; ValueError names the files that do not make
+    a certificate and its key (OpenSSL alone says "[SSL] PEM lib")."""
+    _readable(certfile, keyfile, client_ca_file)
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    context.load_cert_chain(certfile, keyfile)
+    _load_chain(context, certfile, keyfile)
     if client_ca_file is not None:
-        context.load_verify_locations(client_ca_file)
+        _load_ca(context, client_ca_file)
         context.verify_mode = ssl.CERT_REQUIRED
     return context
 
@@ -672,11 +694,42 @@ def tls_server_context(
 def tls_client_context(
     ca_file: str, *, certfile: str | None = None, keyfile: str | None = None
 ) -> ssl.SSLContext:
-    """TLS for the source, trusting ``ca_file``; ``certfile``/``keyfile`` for mutual TLS."""
-    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=ca_file)
+    """TLS for the source, trusting ``ca_file``; ``certfile``/``keyfile`` for mutual TLS.
+    Errors as for tls_server_context."""
+    _readable(ca_file, certfile, keyfile)
+    context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH)
+    _load_ca(context, ca_file)
     if certfile is not None:
-        context.load_cert_chain(certfile, keyfile)
+        _load_chain(context, certfile, keyfile)
     return context
+
+
+def _readable(*paths: str | None) -> None:
+    """Open each file once: the OSError then names it (ssl's own errors do not)."""
+    for path in paths:
+        if path is not None:
+            with open(path, "rb"):
+                pass
+
+
+def _load_chain(context: ssl.SSLContext, certfile: str, keyfile: str | None) -> None:
+    try:
+        context.load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as exc:
+        key = keyfile or certfile
+        with open(key, "rb") as f:
+            has_key = b"PRIVATE KEY-----" in f.read(1 << 20)
+        why = f"no PEM private key in {key}" if not has_key else exc.reason or str(exc)
+        raise ValueError(f"certificate {certfile} with key {key}: {why} (each must be PEM, the "
+                         "key the certificate's private key)") from None
+
+
+def _load_ca(context: ssl.SSLContext, ca_file: str) -> None:
+    try:
+        context.load_verify_locations(ca_file)
+    except ssl.SSLError as exc:
+        raise ValueError(f"CA certificates {ca_file}: {exc.reason or exc} (expected PEM "
+                         "certificates)") from None
 
 
 async def open_channel(

@@ -27,6 +27,8 @@ from kvmcore.strategy import CHOICES, PARTS
 
 from .loopback import loopback
 from .migrate import MigrationPlan, migrate
+from agentcore import AGENT_VERSION
+from agentcore.crash import internal_error
 from agentcore.options import (
     EXIT_PEER,
     EXIT_USAGE,
@@ -60,7 +62,8 @@ examples:
 
 exit codes: 0 every verdict passed, 1 a verdict failed, 2 usage or set-up error
 (bad option, key file refused, strategy unsupported on this host, no /dev/kvm),
-3 peer or network error (refused, timeout, authentication, the destination's ERROR).
+3 peer or network error (refused, timeout, authentication, the destination's ERROR),
+4 internal error (a bug: one line names the file holding the traceback).
 """
 
 log = logging.getLogger("source_agent")
@@ -82,7 +85,7 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     p.add_argument("--chunk-size", type=argtype(parse_size), default=1 << 20, metavar="SIZE",
                    help="memory chunk size on the wire (default 1MiB)")
     p.add_argument("--clock-rounds", type=int, default=8, metavar="N",
-                   help="clock-sync exchanges; the minimum-RTT one is used (default 8)")
+                   help="clock-sync exchanges, 1..256; the minimum-RTT one is used (default 8)")
     for name, default in (("connect", "10s"), ("handshake", "30s"), ("message", "30s"),
                           ("idle", "60s")):
         p.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
@@ -109,6 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="source-agent", formatter_class=raw, epilog=EPILOG,
         description="Source agent of the KVM migration testbed: migrate a guest, report what "
                     "it saw of the gap.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {AGENT_VERSION}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _common(sub.add_parser("migrate", help="migrate a guest to a destination agent",
                            formatter_class=raw, epilog=EPILOG,
@@ -141,8 +145,9 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
                          "and 1GiB")
     if args.chunk_size % protocol.PAGE_SIZE or not 0 < args.chunk_size <= 4 << 20:
         raise UsageError("--chunk-size: a multiple of 4KiB up to 4MiB")
-    if args.clock_rounds < 1:
-        raise UsageError("--clock-rounds must be at least 1")
+    most = protocol.Limits().max_clock_sync_rounds     # what a destination answers in a row
+    if not 1 <= args.clock_rounds <= most:
+        raise UsageError(f"--clock-rounds {args.clock_rounds}: must be between 1 and {most}")
     host, port = getattr(args, "to", ("127.0.0.1", 0))
     psk = b""
     ssl_context = None
@@ -196,6 +201,9 @@ async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: s
                 migration = await migrate(plan, kvm, caps)
         except (protocol.ProtocolError, OSError, trio.TooSlowError) as exc:
             what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+            if isinstance(exc, protocol.AuthenticationFailed) and not plan.psk:
+                what += ("; this source has no key: give --psk-file with the destination's "
+                         "key file")
             where = "loopback" if args.command == "loopback" else plan.destination
             raise PeerFailure(f"{where}: {what or type(exc).__name__}") from None
     return compose(migration, run_id=run_id, started_ns=started, command=args.command)
@@ -275,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         # process killed by SIGPIPE would, and keep the interpreter's final flush quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 128 + 13
+    except Exception as exc:     # our bug, never exit 1 ("a verdict failed"): see agentcore.crash
+        return internal_error("source-agent", exc)
 
 
 def _main(argv: Sequence[str] | None) -> int:

@@ -194,7 +194,7 @@ def _close_memory(memory: GuestMemory) -> None:
 def _peer_caps(plain: Any) -> HostCapabilities:
     try:
         return HostCapabilities.from_plain(dict(plain))
-    except (StateError, TypeError) as exc:
+    except StateError as exc:
         raise PeerReportError(f"the destination's HELLO capabilities: {exc}") from None
 
 
@@ -213,6 +213,7 @@ def _validate_report(plain: Any, strategy: str, capture_realtime_ns: int
                              "capabilities")
         after = Snapshot.from_plain(plain["after"], "report.after")
         record = RestoreRecord.from_plain(plain["restore_record"], "report.restore_record")
+        HostCapabilities.from_plain(plain["capabilities"], "report.capabilities")
         phases = plain["phases"]
         if not isinstance(phases, dict) or set(phases) != set(PHASE_KEYS) or not all(
                 type(v) is int and v >= 0 for v in phases.values()):

@@ -191,25 +191,6 @@ async def test_bad_state_or_strategy_gets_an_error_naming_the_field(server, kvm,
     assert err.code == code and words in err.message
 
 
-async def test_sessions_beyond_the_limit_get_error_busy(nursery, kvm, caps):
-    from dest_agent import AGENT_VERSION, DestinationServer, ServerConfig
-
-    server = DestinationServer(kvm, caps, ServerConfig(psk=PSK, port=0, max_sessions=1),
-                               AGENT_VERSION)
-    await nursery.start(server.serve)
-    idle = await trio.open_tcp_stream(*server.address)      # holds the one session
-    with trio.fail_after(5):
-        while server.counters.live_sessions < 1:
-            await trio.sleep(0.01)
-    with pytest.raises(protocol.PeerError) as info:
-        await migrate(plan_for(server), kvm, caps)
-    assert info.value.code == "busy" and "--max-sessions" in info.value.message
-    await idle.aclose()
-    await settle(server)
-    await migrate(plan_for(server), kvm, caps)               # and once free, it serves
-    assert server.counters.refused_busy == 1 and server.counters.vms_created == 1
-
-
 async def test_idle_client_is_dropped_at_the_handshake_timeout(server):
     stream = await trio.open_tcp_stream(*server.address)
     with trio.fail_after(15):

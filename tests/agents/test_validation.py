@@ -84,12 +84,12 @@ def test_restore_record_from_plain_refuses(migrated, field, value, words):
     assert words in str(info.value)
 
 
-def test_report_validation_names_the_field(migrated):
+def test_report_validation_names_the_field(migrated, caps):
     _, after, record = migrated
     phases = dict.fromkeys(("receive_ns", "validate_ns", "restore_ns", "first_entry_ns",
                             "close_ns", "migrate_realtime_ns", "commit_realtime_ns"), 1)
     good = {"after": after.to_plain(), "restore_record": record.to_plain(), "phases": phases,
-            "capabilities": {}}
+            "capabilities": caps.to_plain()}
     asked = (record.strategy, record.source_capture_realtime_ns)
     assert _validate_report(good, *asked)[0] == after               # negative control
     relabelled = {**good, "restore_record": {**record.to_plain(),
@@ -97,6 +97,8 @@ def test_report_validation_names_the_field(migrated):
     for bad, words in (({**good, "phases": {**phases, "restore_ns": -1}}, "report.phases"),
                        ({**good, "after": {}}, "report.after"),
                        ({**good, "x": 1}, "exactly"),
+                       ({**good, "capabilities": {**caps.to_plain(), "tsc_khz": "1"}},
+                        "report.capabilities.tsc_khz"),
                        (relabelled, "but 'clock=realtime"),
                        ({**good, "restore_record": {**record.to_plain(),
                                                     "source_capture_realtime_ns": 1}},

@@ -140,7 +140,8 @@ async def test_a_client_dripping_one_byte_per_second_is_dropped_at_the_timeout(w
 
 
 async def test_a_hundred_wrong_key_clients_get_no_vm_and_the_good_one_completes(dest, kvm, caps):
-    d = dest("--max-sessions", "128")
+    d = dest("--max-sessions", "128", "--max-unauthenticated", "128",
+             "--max-unauthenticated-per-address", "128")
     peak = 0
     outcomes: list[str] = []
     storm_started = trio.Event()
