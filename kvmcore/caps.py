@@ -18,7 +18,7 @@ from . import xen
 from ._kvm import lib
 from .errors import KvmIoctlError
 from .guest import Guest, GuestConfig
-from .state import check_record, dataclass_spec, list_of, one_of
+from ._schema import check_record, dataclass_spec, list_of, one_of
 
 if TYPE_CHECKING:
     from .system import System

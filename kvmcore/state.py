@@ -13,10 +13,6 @@ form follows the compiler-checked layout with no hand-written field lists.
 from __future__ import annotations
 
 import dataclasses
-import functools
-import types
-import typing
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -36,54 +32,6 @@ MSRS = {
     "MSR_KVM_STEAL_TIME": lib.MSR_KVM_STEAL_TIME,             # steal record + enable
     "MSR_IA32_TSC_ADJUST": MSR_IA32_TSC_ADJUST,               # for tsc=adjust (the seed)
 }
-
-
-def check_str(value: Any, path: str) -> None:
-    if not isinstance(value, str):
-        raise StateError(path, f"expected a string, got {_describe(value)}")
-
-
-def list_of(item: Callable[[Any, str], None]) -> Callable[[Any, str], None]:
-    """A list whose every element passes ``item``."""
-    def check_list(value: Any, path: str) -> None:
-        if not isinstance(value, list):
-            raise StateError(path, f"expected a list, got {_describe(value)}")
-        for i, element in enumerate(value):
-            item(element, f"{path}[{i}]")
-    return check_list
-
-
-def one_of(names: typing.Collection[str]) -> Callable[[Any, str], None]:
-    """A string that is one of ``names`` (a flag name the kernel defines)."""
-    def check_name(value: Any, path: str) -> None:
-        check_str(value, path)
-        if value not in names:
-            raise StateError(path, f"{value!r} is not one of {', '.join(sorted(names))}")
-    return check_name
-
-
-_CHECK_FOR_TYPE: dict[Any, Callable[[Any, str], None]] = {
-    bool: check_bool, int: check_u64, str: check_str}
-
-
-def _checker_for_hint(hint: Any, where: str) -> Callable[[Any, str], None]:
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if hint in _CHECK_FOR_TYPE:
-        return _CHECK_FOR_TYPE[hint]
-    if origin is list and len(args) == 1:
-        return list_of(_checker_for_hint(args[0], where))
-    if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
-        return optional(_checker_for_hint(next(a for a in args if a is not type(None)), where))
-    raise TypeError(f"{where}: no wire check for the type {hint!r}")
-
-
-@functools.cache
-def dataclass_spec(cls: type) -> dict[str, Callable[[Any, str], None]]:
-    """The checkers of a flat dataclass's fields, from its type hints (bool, int as u64, str,
-    list[X], X | None), so a document's fields and their wire checks cannot drift apart."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: _checker_for_hint(hints[f.name], f"{cls.__name__}.{f.name}")
-            for f in dataclasses.fields(cls)}
 
 
 def check_msrs(value: Any, path: str) -> None:
