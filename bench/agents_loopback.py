@@ -26,7 +26,7 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kvmcore_cycle
 
-from kvmcore import Strategy, System
+from kvmcore import Strategy, System, probe
 from source_agent.loopback import loopback
 from source_agent.migrate import MigrationPlan
 from source_agent.report import compose
@@ -37,7 +37,7 @@ PHASES = ["capture_ns", "destroy_ns", "encode_ns", "transfer_ns", "validate_ns",
 
 
 async def agent_runs(kvm: System, memory_size: int, runs: int) -> dict[str, list[int]]:
-    caps = kvm.capabilities()
+    caps = probe(kvm)
     plan = MigrationPlan(host="127.0.0.1", port=0, psk=b"", strategy=Strategy.best(caps),
                          memory_size=memory_size, warmup_ns=0, clock_rounds=8)
     samples: dict[str, list[int]] = {p: [] for p in [*PHASES, *SOURCE, "agent_path_ns"]}
@@ -89,7 +89,7 @@ def main() -> int:
     c = None if args.no_c else kvmcore_cycle.c_cycles(size, args.runs)
 
     med = {k: statistics.median(v) / 1e6 for k, v in samples.items()}
-    print(f"{args.memory_mib} MiB guest, strategy {Strategy.best(kvm.capabilities())}, "
+    print(f"{args.memory_mib} MiB guest, strategy {Strategy.best(probe(kvm))}, "
           f"{args.runs} runs, medians in ms; load average {load_before} at start, {load()} at end "
           f"({os.cpu_count()} CPUs, shared)\n")
     print("agents over TCP (downtime by phase)")

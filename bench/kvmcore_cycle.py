@@ -23,14 +23,15 @@ import tempfile
 import time
 from importlib import resources
 
-from kvmcore import Guest, GuestConfig, Strategy, System, capture, restore
+from kvmcore import Guest, GuestConfig, Strategy, System, capture, probe, restore
 
 PHASES = ["create", "setup", "run", "capture", "restore", "first_entry"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def python_cycles(kvm: System, memory_size: int, cycles: int) -> dict[str, int]:
-    strategy = Strategy.best(kvm.capabilities())
+    caps = probe(kvm)
+    strategy = Strategy.best(caps)
     samples: dict[str, list[int]] = {p: [] for p in PHASES}
     for _ in range(cycles + 1):                      # the first cycle warms caches
         g = Guest.create(kvm, GuestConfig(memory_size=memory_size))
@@ -39,10 +40,10 @@ def python_cycles(kvm: System, memory_size: int, cycles: int) -> dict[str, int]:
         state = capture(g)
         g.close()
         t_capture = time.perf_counter_ns() - t0
-        g2 = restore(kvm, state, strategy)
+        g2 = restore(kvm, strategy.check(caps, state), g.memory)
         g2.run_until_snapshot()
         g2.close()
-        state.memory.close()
+        g.memory.close()
         record = g2.restore_record
         assert record is not None and record.first_entry_ns is not None
         for phase, ns in (("create", g.timings["create"]), ("setup", g.timings["setup"]),
@@ -72,7 +73,7 @@ def main() -> int:
     args = parser.parse_args()
 
     with System() as kvm:
-        print(f"strategy {Strategy.best(kvm.capabilities())}, {args.cycles} cycles, "
+        print(f"strategy {Strategy.best(probe(kvm))}, {args.cycles} cycles, "
               "medians in ms")
         for mib in (int(s) for s in args.sizes.split(",")):
             size = mib << 20

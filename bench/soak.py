@@ -27,7 +27,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from kvmcore import Strategy, System  # noqa: E402
+from kvmcore import Strategy, System, probe  # noqa: E402
 from source_agent.migrate import MigrationPlan, migrate  # noqa: E402
 from agentcore.options import parse_size  # noqa: E402
 
@@ -92,7 +92,7 @@ async def soak(args: argparse.Namespace, dest_pid: int, port: int, log: Path) ->
                          topology="soak")
     failures: list[str] = []
     with System() as kvm:
-        caps = await trio.to_thread.run_sync(kvm.capabilities)
+        caps = await trio.to_thread.run_sync(probe, kvm)
 
         async def run(i: int) -> None:
             try:

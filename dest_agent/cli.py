@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import trio
 
 import protocol
-from kvmcore import KvmError, System
+from kvmcore import KvmError, System, probe
 from agentcore.crash import internal_error
 from agentcore.options import (
     EXIT_USAGE,
@@ -135,7 +135,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 async def serve(config: ServerConfig) -> None:
     with System() as kvm:
-        caps = await trio.to_thread.run_sync(kvm.capabilities)
+        caps = await trio.to_thread.run_sync(probe, kvm)
         await DestinationServer(kvm, caps, config, AGENT_VERSION).serve()
 
 

@@ -2,8 +2,8 @@
 
 Order matters for security: nothing is allocated and no VM exists until the
 source has proved the key (``protocol.destination_handshake``); guest memory is
-allocated only for a MIGRATE within ``Limits.max_memory_size``; the state and
-strategy are validated by kvmcore before any VM is created. The VM lives only
+allocated only for a MIGRATE within ``Limits.max_memory_size`` whose state and
+strategy kvmcore has checked against this host (the one check: restore() trusts it). The VM lives only
 inside one worker thread call (restore, run until the guest's first report,
 close), so every vCPU ioctl comes from one thread and no exit path -- error,
 disconnect, cancellation -- can leave it open: trio waits for the thread.
@@ -23,6 +23,7 @@ from kvmcore import (
     GuestMemory,
     HostCapabilities,
     KvmError,
+    RestorePlan,
     RestoreRecord,
     Snapshot,
     StateError,
@@ -115,9 +116,10 @@ async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabiliti
 
 async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: System,
                      caps: HostCapabilities, counters: Counters, max_run_time: float) -> None:
-    """MIGRATE received: memory, COMMIT, validate, restore and run, REPORT."""
+    """MIGRATE received: check it, then memory, COMMIT, restore and run, REPORT."""
     t_migrate, rt_migrate = time.perf_counter_ns(), time.time_ns()
-    _strategy_for_host(migrate.strategy, caps)            # refused before any memory exists
+    plan = _check(migrate, caps)                          # refused before any memory exists
+    t_checked = time.perf_counter_ns()
     memory = GuestMemory.allocate(migrate.memory_size)    # within Limits.max_memory_size
     try:
         view = memory.view()
@@ -126,14 +128,12 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
         finally:
             view.release()
         t_commit, rt_commit = time.perf_counter_ns(), time.time_ns()
-        state, strategy = _validate(migrate, memory, caps)
-        t_valid = time.perf_counter_ns()
         after, record, close_ns = await trio.to_thread.run_sync(
-            _restore_and_run, kvm, caps, state, strategy, counters, max_run_time)
+            _restore_and_run, kvm, plan, memory, counters, max_run_time)
     finally:
         _close_memory(memory)
     counters.add("migrations")
-    phases = {"receive_ns": t_commit - t_migrate, "validate_ns": t_valid - t_commit,
+    phases = {"receive_ns": t_commit - t_checked, "validate_ns": t_checked - t_migrate,
               "restore_ns": record.restore_ns, "first_entry_ns": record.first_entry_ns or 0,
               "close_ns": close_ns, "migrate_realtime_ns": rt_migrate,
               "commit_realtime_ns": rt_commit}
@@ -142,42 +142,31 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
         "capabilities": caps.to_plain()}))
 
 
-def _strategy_for_host(text: str, caps: HostCapabilities) -> Strategy:
-    """The MIGRATE's strategy, parsed and checked against this host (ERROR codes)."""
+def _check(migrate: protocol.Migrate, caps: HostCapabilities) -> RestorePlan:
+    """kvmcore's checks of the peer's state and strategy against this host, once, at
+    MIGRATE (before any guest memory exists), mapped to ERROR codes."""
     try:
-        strategy = Strategy.parse_exact(text)
+        strategy = Strategy.parse_exact(migrate.strategy)
     except StrategyError as exc:
         raise SessionRefused("bad_strategy", str(exc)) from None
     try:
         strategy.check_host(caps)
-    except Unsupported as exc:
-        raise SessionRefused("unsupported", str(exc)) from None
-    return strategy
-
-
-def _validate(migrate: protocol.Migrate, memory: GuestMemory,
-              caps: HostCapabilities) -> tuple[VmState, Strategy]:
-    """kvmcore's own validation of the peer's state and strategy, mapped to ERROR codes."""
-    try:
-        state = VmState.from_plain(dict(migrate.state), memory)
-    except StateError as exc:
-        raise SessionRefused("bad_state", str(exc)) from None
-    strategy = _strategy_for_host(migrate.strategy, caps)
-    try:
-        strategy.check(caps, state)
+        state = VmState.from_plain(dict(migrate.state))
+        if state.memory_size != migrate.memory_size:
+            raise StateError("memory_size", f"{state.memory_size:#x} but MIGRATE announces "
+                             f"{migrate.memory_size:#x} bytes of memory")
+        return strategy.check(caps, state)
     except Unsupported as exc:
         raise SessionRefused("unsupported", str(exc)) from None
     except StateError as exc:
         raise SessionRefused("bad_state", str(exc)) from None
-    return state, strategy
 
 
-def _restore_and_run(kvm: System, caps: HostCapabilities, state: VmState, strategy: Strategy,
-                     counters: Counters, max_run_time: float
-                     ) -> tuple[Snapshot, RestoreRecord, int]:
+def _restore_and_run(kvm: System, plan: RestorePlan, memory: GuestMemory, counters: Counters,
+                     max_run_time: float) -> tuple[Snapshot, RestoreRecord, int]:
     """In one worker thread: the VM's whole life. KvmError becomes ERROR restore_failed."""
     try:
-        guest = restore(kvm, state, strategy, caps)
+        guest = restore(kvm, plan, memory)
     except KvmError as exc:
         raise SessionRefused("restore_failed", str(exc)) from None
     counters.add("vms_created")

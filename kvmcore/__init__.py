@@ -10,13 +10,13 @@ The only code in the testbed that touches /dev/kvm. Public API::
         caps = probe(kvm)                      # HostCapabilities; caps.to_plain()
         with Guest.create(kvm, GuestConfig(memory_size=2 << 20, xen=False)) as g:
             before = g.run_until_snapshot()    # Snapshot
-            state = capture(g)                 # VmState; state.memory: GuestMemory, no copy
-        plain = state.to_plain()               # msgpack-ready, without memory
-        mem = GuestMemory.allocate(plain["memory_size"])
-        mem.write(0, state.memory.read(0, mem.size))        # or mem.view()[a:b] = chunk
-        state2 = VmState.from_plain(plain, mem)             # validates; StateError
-        strategy = Strategy.best(caps, state2)              # or Strategy.parse("clock=...")
-        with restore(kvm, state2, strategy) as g2:          # Guest, resumed (not restarted)
+            state = capture(g)                 # VmState (no memory: g.memory outlives g)
+        plain = state.to_plain()               # msgpack-ready; the memory travels apart
+        state2 = VmState.from_plain(plain)                  # validates; StateError
+        plan = Strategy.best(caps, state2).check(caps, state2)  # or Strategy.resolve(...)
+        mem = GuestMemory.allocate(state2.memory_size)      # only once the plan stands
+        mem.write(0, g.memory.read(0, mem.size))            # or mem.view()[a:b] = chunk
+        with restore(kvm, plan, mem) as g2:                 # Guest, resumed (not restarted)
             after = g2.run_until_snapshot()
             result = analyse(before, after, state2, g2.restore_record)
             result.to_plain()
@@ -36,7 +36,7 @@ from .errors import (GuestError, GuestTimeout, KvmError, KvmIoctlError, StateErr
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
 from .migrate import RestoreRecord, capture, restore
-from .strategy import Strategy
+from .strategy import RestorePlan, Strategy
 from .snapshot import Pvclock, Snapshot
 from .state import VmState
 from .system import System
@@ -46,6 +46,6 @@ from .vm import Vm
 __all__ = [
     "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestTimeout",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
-    "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",
+    "RestorePlan", "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",
     "Vm", "VmState", "analyse", "capture", "install_kick_handler", "probe", "restore",
 ]

@@ -15,13 +15,13 @@ from . import xen
 from ._kvm import lib
 from .errors import KvmIoctlError, StateError, StrategyError
 from .guest import Guest, GuestConfig
-from .strategy import Strategy
+from .memory import GuestMemory
+from .strategy import RestorePlan, Strategy
 from ._schema import (check_record, check_timings, check_u64, optional, plain_to_struct,
                       struct_to_plain)
 from .state import CLOCK_SPEC, MSRS, RUNSTATE_SPEC, VmState
 
 if TYPE_CHECKING:
-    from .caps import HostCapabilities
     from .system import System
 
 MASK64 = (1 << 64) - 1
@@ -73,7 +73,8 @@ class RestoreRecord:
 
 def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
     """Capture a stopped guest (after run_until_snapshot). The `out` it stopped on is
-    completed first, so the destination resumes after it. Memory is shared, not copied.
+    completed first, so the destination resumes after it. The memory is not copied: it is
+    ``guest.memory``, which outlives the VM.
 
     Xen guests: KVM switches the runstate to running at the first guest entry after a
     vcpu_load (KVM_REQ_STEAL_UPDATE) and to runnable only when the vCPU thread is
@@ -109,7 +110,7 @@ def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
                 else time.clock_gettime_ns(time.CLOCK_REALTIME))
     t2 = time.perf_counter_ns()
     return VmState(
-        memory=guest.memory, memory_size=guest.memory.size,
+        memory_size=guest.memory.size,
         regs=struct_to_plain(regs), sregs=struct_to_plain(sregs), fpu=struct_to_plain(fpu),
         msrs=msrs, tsc_khz=tsc_khz, tsc_offset=tsc_offset, guest_tsc=guest_tsc,
         clock={"clock": clock.clock, "flags": clock.flags, "realtime": clock.realtime,
@@ -136,27 +137,27 @@ def _capture_xen(guest: Guest) -> dict[str, Any]:
             "runstate": xen.Runstate.from_attr(attr).to_plain()}
 
 
-def restore(kvm: System, state: VmState, strategy: Strategy | None = None,
-            caps: HostCapabilities | None = None) -> Guest:
-    """A new VM resuming ``state``'s guest on ``state.memory`` (used as RAM, not copied).
+def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
+    """A new VM resuming ``plan.state``'s guest on ``memory`` (used as RAM, not copied).
 
-    The strategy is checked against the host and the state first: Unsupported or
-    StateError are raised before any VM exists. The returned guest's
-    ``restore_record`` says what was done; its first run_until_snapshot() fills in
-    the first-entry timestamps.
+    ``plan`` comes from Strategy.check, so nothing about the host or the state is
+    checked again; only ``memory`` is (StateError before any VM exists). The returned
+    guest's ``restore_record`` says what was done; its first run_until_snapshot() fills
+    in the first-entry timestamps.
     """
-    caps = caps or kvm.capabilities()
-    strategy = strategy or Strategy.best(caps, state)
-    strategy.check(caps, state)
-    if state.memory.closed:
+    state, strategy = plan.state, plan.strategy
+    if memory.closed:
         raise StateError("memory", "the guest memory is closed")
+    if memory.size != state.memory_size:
+        raise StateError("memory_size", f"{state.memory_size:#x} but the memory given has "
+                         f"{memory.size:#x} bytes")
 
     t0 = time.perf_counter_ns()
     record = RestoreRecord(strategy=str(strategy),
                            source_capture_realtime_ns=state.capture_realtime_ns,
                            tsc_khz_source=state.tsc_khz)
     config = GuestConfig(memory_size=state.memory_size, xen=state.xen is not None)
-    guest = Guest.with_memory(kvm, config, state.memory)
+    guest = Guest.with_memory(kvm, config, memory)
     try:
         t1 = time.perf_counter_ns()
         _restore_registers(guest, state, strategy)

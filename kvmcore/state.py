@@ -1,9 +1,11 @@
 """VmState: everything a destination needs to resume the guest, as plain msgpack-ready data.
 
-``to_plain()`` leaves guest memory out (it travels separately, in chunks);
-``from_plain(plain, memory)`` validates every field -- names, types, ranges,
-the format version and the memory size -- and raises StateError naming the
-field before anything touches KVM.
+Guest memory is not part of it: it stays the guest's (``Guest.memory``) on the
+source and travels separately, in chunks, into a GuestMemory the destination
+allocates only after it has checked this document -- ``from_plain(plain)``
+validates every field (names, types, ranges, the format version and the memory
+size) and raises StateError naming the field before anything is allocated or
+touches KVM.
 
 Kernel structs (kvm_regs, kvm_sregs, kvm_fpu, pvclock_vcpu_time_info) travel
 as dicts of their fields, converted by walking the cffi types, so the wire
@@ -21,7 +23,6 @@ from ._layout import memory_size_problem
 from ._schema import (describe, check_int, check_record, check_timings, check_u64, check_bool,
                       optional)
 from .errors import StateError
-from .memory import GuestMemory
 
 FORMAT_VERSION = 1
 
@@ -56,9 +57,8 @@ XEN_SPEC = {"hypercall_msr": check_u64, "long_mode": check_bool, "shared_info_gf
 
 @dataclass
 class VmState:
-    """A captured guest. ``memory`` is the source's GuestMemory itself (no copy)."""
+    """A captured guest: everything but its memory (module docstring)."""
 
-    memory: GuestMemory
     memory_size: int
     regs: dict[str, Any]                 # struct kvm_regs
     sregs: dict[str, Any]                # struct kvm_sregs
@@ -94,15 +94,13 @@ class VmState:
     }
 
     def to_plain(self) -> dict[str, Any]:
-        """Everything but the memory, as str-keyed dicts of ints, bytes, bools and None."""
-        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                 if f.name != "memory"}
-        return plain
+        """As str-keyed dicts of ints, bytes, bools and None (msgpack-ready)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     @classmethod
-    def from_plain(cls, plain: Any, memory: GuestMemory) -> VmState:
-        """Validate ``plain`` (from the wire) and pair it with ``memory``; StateError on
-        the first problem, naming the field. Creates nothing in KVM."""
+    def from_plain(cls, plain: Any) -> VmState:
+        """Validate ``plain`` (from the wire); StateError on the first problem, naming the
+        field. Allocates nothing and creates nothing in KVM."""
         if not isinstance(plain, dict):
             raise StateError("<state>", f"expected a dict, got {describe(plain)}")
         # The version first: a future format may differ in every other field.
@@ -117,7 +115,4 @@ class VmState:
         problem = memory_size_problem(size)
         if problem:
             raise StateError("memory_size", problem)
-        if memory.size != size:
-            raise StateError("memory_size", f"{size:#x} but the memory given has "
-                             f"{memory.size:#x} bytes")
-        return cls(memory=memory, **plain)
+        return cls(**plain)

@@ -172,8 +172,10 @@ class Strategy:
         if missing:
             raise Unsupported(missing[0])
 
-    def check(self, caps: HostCapabilities, state: VmState) -> None:
-        """Raise Unsupported (host) or StateError (state) for what cannot be done here."""
+    def check(self, caps: HostCapabilities, state: VmState) -> RestorePlan:
+        """The plan restore() carries out, once this host and ``state`` allow it: Unsupported
+        (host) or StateError (state) otherwise. A destination calls this at MIGRATE, before
+        it allocates or receives any guest memory, and restore() trusts the result."""
         self.check_host(caps)
         if state.xen is not None and not XEN_GUEST.host(caps):
             raise Unsupported(XEN_GUEST.capability(caps))
@@ -181,3 +183,13 @@ class Strategy:
             need = REQUIREMENTS.get(choice)
             if need is not None and not need.state(state):
                 raise StateError(need.state_field, need.state_reason)
+        return RestorePlan(self, state)
+
+
+@dataclass(frozen=True)
+class RestorePlan:
+    """A strategy checked against this host and a captured state (made by Strategy.check
+    only): what restore() carries out, with nothing left to check."""
+
+    strategy: Strategy
+    state: VmState

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import os
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
 from .errors import Unsupported
 from .vm import Vm
 
-if TYPE_CHECKING:
-    from .caps import HostCapabilities
 
 # Large enough for every CPUID leaf and MSR KVM reports; E2BIG tells us otherwise.
 _MAX_CPUID_ENTRIES = 256
@@ -31,7 +29,6 @@ class System:
         except BaseException:
             os.close(self.fd)
             raise
-        self._caps: HostCapabilities | None = None
         self._msr_indices: frozenset[int] | None = None
         self._cpuid: Any = None
 
@@ -83,11 +80,3 @@ class System:
     def create_vm(self) -> Vm:
         """KVM_CREATE_VM (default machine type)."""
         return Vm(ioctl_int(self.fd, "KVM_CREATE_VM", 0), vcpu_mmap_size=self.vcpu_mmap_size)
-
-    def capabilities(self) -> HostCapabilities:
-        """The host's capabilities, probed once per System (probing creates a VM)."""
-        if self._caps is None:
-            from .caps import probe
-
-            self._caps = probe(self)
-        return self._caps

@@ -22,7 +22,7 @@ from typing import Any
 import trio
 
 import protocol
-from kvmcore import HostCapabilities, KvmError, Strategy, System, Unsupported
+from kvmcore import HostCapabilities, KvmError, Strategy, System, Unsupported, probe
 from kvmcore.strategy import CHOICES, PARTS
 
 from .loopback import loopback
@@ -190,7 +190,7 @@ async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: s
     except OSError as exc:
         raise UsageError(f"cannot open /dev/kvm: {exc.strerror}") from None
     with kvm:
-        caps = await trio.to_thread.run_sync(kvm.capabilities)
+        caps = await trio.to_thread.run_sync(probe, kvm)
         plan = dataclasses.replace(plan, strategy=resolve_strategy(args, caps))
         log.info("migrating a %d MiB guest (%s) %s", plan.memory_size >> 20, plan.strategy,
                  "over loopback" if args.command == "loopback" else f"to {plan.destination}")

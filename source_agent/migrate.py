@@ -76,6 +76,7 @@ class SourceRun:
 
     before: Snapshot
     state: VmState
+    memory: GuestMemory       # the guest's, outliving its VM until sent
     warmup_reports: int
     capture_start_realtime_ns: int
     create_ns: int
@@ -114,8 +115,8 @@ def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> Source
         capture_start = time.time_ns()
         state = capture(guest)
         t1 = time.perf_counter_ns()
-    return SourceRun(before, state, reports, capture_start, guest.timings["create"],
-                     time.perf_counter_ns() - t1)
+    return SourceRun(before, state, guest.memory, reports, capture_start,
+                     guest.timings["create"], time.perf_counter_ns() - t1)
 
 
 async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> Migration:
@@ -143,7 +144,7 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
         config = GuestConfig(memory_size=plan.memory_size, xen=plan.strategy.runstate == "kernel")
         t_guest = time.perf_counter_ns()
         source = await trio.to_thread.run_sync(run_source_guest, kvm, config, plan.warmup_ns)
-        memory = source.state.memory
+        memory = source.memory
         try:
             t_gap = time.perf_counter_ns()
             if plan.gap_ns:

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 import protocol
-from kvmcore import HostCapabilities, Strategy, System
+from kvmcore import HostCapabilities, Strategy, System, probe
 
 from ..migrate import MigrationPlan, migrate
 from ..report import compose
@@ -34,7 +34,7 @@ def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
         psk = protocol.load_psk(target.psk_file) if target.psk_file else b""
         with System() as kvm:
             if not caps:
-                caps.append(await trio.to_thread.run_sync(kvm.capabilities))
+                caps.append(await trio.to_thread.run_sync(probe, kvm))
             plan = MigrationPlan(host=target.host, port=target.port, psk=psk,
                                  strategy=Strategy.resolve(point.strategy, caps[0]),
                                  memory_size=point.memory_size, warmup_ns=warmup_ns,

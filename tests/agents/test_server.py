@@ -67,7 +67,7 @@ class ScriptedSource:
                 return
             await channel.receive()
             source = await trio.to_thread.run_sync(run_source_guest, self.kvm, GuestConfig(), 0)
-            memory = source.state.memory
+            memory = source.memory
             view = memory.view()
             try:
                 await channel.send(protocol.Migrate(source.state.to_plain(),
@@ -146,7 +146,7 @@ async def refused(server, kvm, migrate_message) -> protocol.PeerError:
 
 async def source_state(kvm):
     source = await trio.to_thread.run_sync(run_source_guest, kvm, GuestConfig(), 0)
-    source.state.memory.close()
+    source.memory.close()
     return source.state.to_plain()
 
 
@@ -189,6 +189,36 @@ async def test_bad_state_or_strategy_gets_an_error_naming_the_field(server, kvm,
         plain[field] = value
     err = await refused(server, kvm, protocol.Migrate(plain, strategy, 2 * MiB, MiB))
     assert err.code == code and words in err.message
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("sequence", -1, "'state.sequence'"),
+    ("memory_size", 4 * MiB, "MIGRATE announces 0x200000 bytes"),
+])
+async def test_a_bad_state_is_refused_at_migrate_before_any_memory(server, kvm, field, value,
+                                                                   words):
+    """The destination checks the state and strategy once, at MIGRATE: the refusal comes
+    before the source sends a byte of memory (and before the destination allocates it)."""
+    plain = await source_state(kvm)
+    good = dict(plain)
+    plain[field] = value
+    for state, refusal in ((plain, words), (good, None)):
+        channel = await protocol.open_channel(*server.address, protocol.Session("source", PSK))
+        async with channel:
+            await protocol.source_handshake(channel, agent_version="test", capabilities={},
+                                            clock_rounds=1)
+            await channel.send(protocol.Migrate(state, "clock=realtime,tsc=none,runstate=off",
+                                                2 * MiB, MiB))
+            if refusal is None:       # control: a good MIGRATE waits for its memory
+                with trio.move_on_after(0.5) as waited:
+                    await channel.receive()
+                assert waited.cancelled_caught
+                continue
+            with trio.fail_after(5), pytest.raises(protocol.PeerError) as info:
+                await channel.receive()
+            assert info.value.code == "bad_state" and refusal in info.value.message
+    await settle(server)
+    assert server.counters.vms_created == 0
 
 
 async def test_idle_client_is_dropped_at_the_handshake_timeout(server):

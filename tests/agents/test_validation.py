@@ -31,15 +31,16 @@ from agentcore.options import (
 
 
 @pytest.fixture
-def migrated(kvm):
+def migrated(kvm, caps):
     """A real before/after/record triple from an in-process migration."""
     with Guest.create(kvm, GuestConfig()) as g:
         before = g.run_until_snapshot()
         state = capture(g)
-    with restore(kvm, state, Strategy("realtime", "none", "off")) as g2:
+    plan = Strategy("realtime", "none", "off").check(caps, state)
+    with restore(kvm, plan, g.memory) as g2:
         after = g2.run_until_snapshot()
         record = g2.restore_record
-    state.memory.close()
+    g.memory.close()
     return before, after, record
 
 

@@ -20,9 +20,8 @@ def caps() -> HostCapabilities:
 
 
 @pytest.fixture
-def kvm(caps):
+def kvm():
     with System() as system:
-        system._caps = caps          # probe once per session
         yield system
 
 
@@ -48,7 +47,8 @@ class Migration:
     memory_intact: bool
 
 
-def migrate(kvm: System, strategy: Strategy, gap_s: float, *, source_run_s: float = 0.0,
+def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, gap_s: float, *,
+            source_run_s: float = 0.0,
             config: GuestConfig = GuestConfig()) -> Migration:
     """An in-process migration through the wire form: capture, to_plain, a fresh
     GuestMemory filled by chunks, from_plain, ``gap_s`` of sleep, restore, run."""
@@ -58,21 +58,21 @@ def migrate(kvm: System, strategy: Strategy, gap_s: float, *, source_run_s: floa
             time.sleep(source_run_s)   # let the source kvmclock get ahead of a new VM's
         before = g.run_until_snapshot()
         state = capture(g)
-    plain = state.to_plain()
-    memory = GuestMemory.allocate(plain["memory_size"])
-    source = state.memory.view()
+    state2 = VmState.from_plain(state.to_plain())
+    plan = strategy.check(caps, state2)           # before the memory exists, as an agent
+    memory = GuestMemory.allocate(state2.memory_size)
+    source = g.memory.view()
     chunk = 256 << 10
     for off in range(0, memory.size, chunk):
         memory.view()[off:off + chunk] = source[off:off + chunk]
     # The code and page tables must arrive untouched; the report page is the guest's.
     code = memory.read(0x10000, 0x1000)
-    state2 = VmState.from_plain(plain, memory)
     time.sleep(gap_s)
-    with restore(kvm, state2, strategy) as g2:
+    with restore(kvm, plan, memory) as g2:
         after = g2.run_until_snapshot()
         record = g2.restore_record
         analysis = analyse(before, after, state2, record)
-        intact = memory.read(0x10000, 0x1000) == code == state.memory.read(0x10000, 0x1000)
+        intact = memory.read(0x10000, 0x1000) == code == g.memory.read(0x10000, 0x1000)
     del source
-    state.memory.close()
+    g.memory.close()
     return Migration(before, after, state2, analysis, record, intact)

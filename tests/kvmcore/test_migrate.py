@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import pytest
 from conftest import migrate, open_fds, require
@@ -26,7 +27,7 @@ def test_migration_carries_the_gap(kvm, caps, text, gap_ms):
     require(strategy, caps)
     if strategy.clock != "realtime":
         pytest.skip(f"best strategy here is {strategy}; this test is about clock=realtime")
-    m = migrate(kvm, strategy, gap_ms / 1000)
+    m = migrate(kvm, caps, strategy, gap_ms / 1000)
     a = m.analysis
     assert a.strategy == str(strategy)
     assert m.after.sequence == m.before.sequence + 1          # resumed, not restarted
@@ -47,7 +48,7 @@ def test_clock_none_guest_sees_backwards(kvm, caps):
     """Negative control: without restoring the kvmclock the new VM's clock (near 0) is
     behind the source's, and the guest's own check catches it."""
     strategy = Strategy.parse("clock=none", base=Strategy.best(caps))
-    m = migrate(kvm, strategy, 0.01, source_run_s=0.05)
+    m = migrate(kvm, caps, strategy, 0.01, source_run_s=0.05)
     a = m.analysis
     assert a.guest_saw_backwards
     assert m.after.backwards_count == m.before.backwards_count + 1
@@ -58,7 +59,7 @@ def test_clock_none_guest_sees_backwards(kvm, caps):
 
 def test_clock_plain_hides_the_gap(kvm, caps):
     """QEMU's way: kvmclock resumes where it was; the analysis sees it lag the host."""
-    m = migrate(kvm, Strategy.parse("clock=plain", base=Strategy.best(caps)), 0.05)
+    m = migrate(kvm, caps, Strategy.parse("clock=plain", base=Strategy.best(caps)), 0.05)
     a = m.analysis
     assert not a.guest_saw_backwards
     assert a.host_interval.value_ns - a.kvmclock_jump.value_ns >= 45_000_000
@@ -71,7 +72,7 @@ def test_tsc_none_loses_the_tsc(kvm, caps):
     if not caps.tsc_offset_applies:
         pytest.skip("unsupported on this host: TSC offsetting (a new vCPU's TSC is the "
                     f"host TSC, so tsc=none cannot lose it: {caps.tsc_offset_detail})")
-    m = migrate(kvm, Strategy.parse("tsc=none", base=Strategy.best(caps)), 0.05)
+    m = migrate(kvm, caps, Strategy.parse("tsc=none", base=Strategy.best(caps)), 0.05)
     assert m.analysis.checks["tsc_follows_gap"].ok is False
 
 
@@ -79,7 +80,7 @@ def test_analysis_detects_a_wrong_tsc(kvm, caps):
     """Negative control for the TSC check itself, on any host: the same migration with
     the after-report's TSC moved back by one second fails tsc_follows_gap."""
     strategy = Strategy.best(caps)
-    m = migrate(kvm, strategy, 0.01)
+    m = migrate(kvm, caps, strategy, 0.01)
     assert m.analysis.checks["tsc_follows_gap"].ok
     wrong = dataclasses.replace(m.after, tsc=m.after.tsc - m.state.tsc_khz * 1000)
     bad = analyse(m.before, wrong, m.state, m.record)
@@ -91,27 +92,34 @@ def test_tsc_adjust_is_what_the_seed_does(kvm, caps):
     """tsc=adjust restores MSR_IA32_TSC_ADJUST; the analysis names that mechanism."""
     if not caps.tsc_adjust_msr:
         pytest.skip("unsupported on this host: MSR_IA32_TSC_ADJUST")
-    m = migrate(kvm, Strategy.parse("tsc=adjust", base=Strategy.best(caps)), 0.01)
+    m = migrate(kvm, caps, Strategy.parse("tsc=adjust", base=Strategy.best(caps)), 0.01)
     assert "MSR_IA32_TSC_ADJUST" in m.analysis.tsc_jump.mechanism
     assert m.after.sequence == m.before.sequence + 1
 
 
 def test_unsupported_strategy_fails_before_a_vm_exists(kvm, caps):
+    """A strategy this host or this state cannot do is refused by Strategy.check, which
+    needs no VM and no memory: restore() only ever gets a plan that passed."""
     with Guest.create(kvm, GuestConfig()) as g:
         g.run_until_snapshot()
         state = capture(g)
-    wanted = [s for s in ("clock=guest", "tsc=offset", "runstate=kernel")]
-    seen = 0
-    for text in wanted:
+    g.memory.close()
+    fds = open_fds()
+    for text in ("clock=guest", "tsc=offset", "runstate=kernel"):
         strategy = Strategy.parse(text, base=Strategy.best(caps))
-        fds = open_fds()
-        try:
-            restore(kvm, state, strategy).close()
-        except Unsupported as e:
-            assert str(e).startswith("unsupported on this host: ")
-            seen += 1
-        except StateError as e:   # runstate=kernel on a guest without Xen
-            assert e.field == "xen"
-            seen += 1
-        assert open_fds() == fds
-    assert seen >= 1    # at least runstate=kernel is refused for a non-Xen guest
+        missing = strategy.missing(caps)
+        if missing:
+            with pytest.raises(Unsupported, match="^unsupported on this host: " + re.escape(missing[0])):
+                strategy.check(caps, state)
+        elif text == "runstate=kernel":      # a host with Xen, a guest without
+            with pytest.raises(StateError) as info:
+                strategy.check(caps, state)
+            assert info.value.field == "xen"
+        else:
+            assert strategy.check(caps, state).strategy == strategy
+    # runstate=kernel is refused on every host for this non-Xen guest (control: the
+    # best strategy for it passes).
+    with pytest.raises((Unsupported, StateError)):
+        Strategy.parse("runstate=kernel", base=Strategy.best(caps)).check(caps, state)
+    assert Strategy.best(caps, state).check(caps, state).state is state
+    assert open_fds() == fds

@@ -32,10 +32,10 @@ def test_create_destroy_cycles_leak_nothing(kvm):
 
 
 def test_migrations_and_probe_leak_nothing(kvm, caps):
-    migrate(kvm, Strategy.best(caps), 0)
+    migrate(kvm, caps, Strategy.best(caps), 0)
     before = open_fds()
     for _ in range(5):
-        migrate(kvm, Strategy.best(caps), 0)
+        migrate(kvm, caps, Strategy.best(caps), 0)
     with System() as other:
         probe(other)
     assert open_fds() == before
@@ -49,11 +49,12 @@ def test_restore_refused_by_the_kernel_leaks_nothing(kvm, caps):
         g.run_until_snapshot()
         state = capture(g)
     state.sregs["cr0"] = 1 << 31
+    plan = Strategy.best(caps, state).check(caps, state)
     before = open_fds()
     with pytest.raises(KvmIoctlError, match="KVM_SET_SREGS"):
-        restore(kvm, state, Strategy.best(caps, state))
+        restore(kvm, plan, g.memory)
     assert open_fds() == before
-    state.memory.close()
+    g.memory.close()
 
 
 def test_memory_outlives_the_vm_and_refuses_to_close_under_a_view(kvm):

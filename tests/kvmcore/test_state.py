@@ -21,8 +21,8 @@ def captured():
         g.run_until_snapshot()
         state = capture(g)
     wire = msgpack.packb(state.to_plain())
-    image = state.memory.read(0, state.memory.size)
-    state.memory.close()
+    image = g.memory.read(0, g.memory.size)
+    g.memory.close()
     return wire, image
 
 
@@ -36,7 +36,7 @@ def fresh(captured):
 
 def test_plain_form_is_msgpack_ready_and_round_trips(captured):
     plain, memory = fresh(captured)
-    state = VmState.from_plain(plain, memory)
+    state = VmState.from_plain(plain)
     assert state.to_plain() == plain
     assert state.format_version == FORMAT_VERSION
     assert "memory" not in plain and plain["memory_size"] == memory.size
@@ -45,8 +45,8 @@ def test_plain_form_is_msgpack_ready_and_round_trips(captured):
 
 def test_valid_state_restores_and_resumes(kvm, caps, captured):
     plain, memory = fresh(captured)
-    state = VmState.from_plain(plain, memory)
-    with restore(kvm, state, Strategy.best(caps, state)) as g:
+    state = VmState.from_plain(plain)
+    with restore(kvm, Strategy.best(caps, state).check(caps, state), memory) as g:
         assert g.run_until_snapshot().sequence == plain["sequence"] + 1
 
 
@@ -80,7 +80,7 @@ CASES = [
     ("unknown MSR", dict(path="msrs.MSR_MADE_UP", value=0), "state.msrs.MSR_MADE_UP"),
     ("missing MSR", dict(path="msrs.MSR_KVM_SYSTEM_TIME_NEW", delete=True),
      "state.msrs.MSR_KVM_SYSTEM_TIME_NEW"),
-    ("wrong memory size", dict(path="memory_size", value=4 << 20), "memory_size"),
+    ("memory size beyond the guest maximum", dict(path="memory_size", value=2 << 30), "memory_size"),
     ("unaligned memory size", dict(path="memory_size", value=(2 << 20) + 4096),
      "memory_size"),
 ]
@@ -91,7 +91,7 @@ def test_bad_state_is_refused_before_a_vm_exists(captured, what, change, field):
     plain, memory = fresh(captured)
     fds = open_fds()
     with pytest.raises(StateError) as info:
-        VmState.from_plain(corrupt(plain, **change), memory)
+        VmState.from_plain(corrupt(plain, **change))
     assert info.value.field == field, str(info.value)
     assert field.split(".")[-1].split("[")[0] in str(info.value)
     assert open_fds() == fds   # no VM, no vCPU: nothing was opened
@@ -101,16 +101,22 @@ def test_truncated_plain_is_refused(captured):
     plain, memory = fresh(captured)
     truncated = dict(list(plain.items())[: len(plain) // 2])
     with pytest.raises(StateError, match="missing"):
-        VmState.from_plain(truncated, memory)
+        VmState.from_plain(truncated)
     with pytest.raises(StateError):
-        VmState.from_plain([1, 2, 3], memory)
+        VmState.from_plain([1, 2, 3])
 
 
-def test_memory_of_another_size_is_refused(captured):
-    plain, _ = fresh(captured)
+def test_memory_of_another_size_is_refused_before_a_vm_exists(kvm, caps, captured):
+    plain, memory = fresh(captured)
+    state = VmState.from_plain(plain)
+    plan = Strategy.best(caps, state).check(caps, state)
+    fds = open_fds()
     with GuestMemory.allocate(4 << 20) as other:
         with pytest.raises(StateError, match="memory_size"):
-            VmState.from_plain(plain, other)
+            restore(kvm, plan, other)
+    assert open_fds() == fds
+    with restore(kvm, plan, memory):                    # control: the right size restores
+        pass
 
 
 def test_negative_control_the_unchanged_state_passes(captured):
@@ -124,4 +130,4 @@ def test_negative_control_the_unchanged_state_passes(captured):
         node = plain
         for key in path.split("."):
             node = node[key]
-        VmState.from_plain(corrupt(plain, path, node), memory)
+        VmState.from_plain(corrupt(plain, path, node))

@@ -46,8 +46,8 @@ def captured_state():
     with System() as kvm, Guest.create(kvm, GuestConfig()) as g:
         g.run_until_snapshot()
         state = capture(g)
-    yield state
-    state.memory.close()
+    g.memory.close()
+    return state
 
 
 def single(choice: str) -> Strategy:

@@ -24,9 +24,8 @@ def caps() -> HostCapabilities:
 
 
 @pytest.fixture
-def kvm(caps: HostCapabilities) -> Iterator[System]:
+def kvm() -> Iterator[System]:
     with System() as system:
-        system._caps = caps          # probe once per test session
         yield system
 
 

@@ -27,7 +27,7 @@ async def send_guest(d, kvm, patch: bytes | None) -> protocol.Message | None:
         await protocol.source_handshake(channel, agent_version="hostile", capabilities={},
                                         clock_rounds=1)
         source = await trio.to_thread.run_sync(run_source_guest, kvm, GuestConfig(), 0)
-        memory = source.state.memory
+        memory = source.memory
         view = memory.view()
         try:
             rip = source.state.regs["rip"]            # identity-mapped: the address is the offset

@@ -67,7 +67,7 @@ def test_seed_flow_in_process() -> None:
         assert captured["state"] == xen.RUNSTATE_RUNNABLE      # closed at capture
         assert 0 <= open_ns < OPEN_LIMIT_NS
         time.sleep(GAP_S)
-        with restore(kvm, state, HEADLINE, caps) as g2:
+        with restore(kvm, HEADLINE.check(caps, state), g.memory) as g2:
             after = g2.run_until_snapshot()
         record = g2.restore_record
     assert record is not None and record.first_entry_ns is not None

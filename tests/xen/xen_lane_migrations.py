@@ -92,7 +92,7 @@ def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, *, gap_s: f
     row.open_ns = state.clock["clock"] - rs["state_entry_time"]
     time.sleep(gap_s)
     try:
-        g2 = restore(kvm, state, strategy, caps)
+        g2 = restore(kvm, strategy.check(caps, state), g.memory)
     except KvmIoctlError as exc:
         row.outcome = f"refused: {exc}"
         return row
