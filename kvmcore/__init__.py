@@ -31,8 +31,8 @@ from __future__ import annotations
 from .analysis import Analysis, Check, Measurement, analyse
 from .caps import HostCapabilities, probe
 from .deadline import install_kick_handler
-from .errors import (GuestError, GuestTimeout, KvmError, KvmIoctlError, StateError,
-                     StrategyError, Unsupported)
+from .errors import (GuestError, GuestMemoryError, GuestTimeout, KvmError, KvmIoctlError,
+                     ShortMsrAccess, StateError, StrategyError, Unsupported)
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
 from .migrate import RestoreRecord, capture, restore
@@ -44,7 +44,8 @@ from .vcpu import Vcpu
 from .vm import Vm
 
 __all__ = [
-    "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestTimeout",
+    "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
+    "GuestTimeout", "ShortMsrAccess",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
     "RestorePlan", "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",
     "Vm", "VmState", "analyse", "capture", "install_kick_handler", "probe", "restore",

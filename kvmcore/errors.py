@@ -47,6 +47,19 @@ class StateError(KvmError):
         super().__init__(f"invalid field {field!r}: {reason}")
 
 
+class ShortMsrAccess(KvmError):
+    """KVM_GET_MSRS or KVM_SET_MSRS handled only some of the MSRs: the ioctl itself
+    succeeded (it returns the count done), so this is no errno; names the first MSR left."""
+
+    def __init__(self, ioctl: str, index: int, done: int, asked: int) -> None:
+        self.ioctl, self.index, self.done, self.asked = ioctl, index, done, asked
+        super().__init__(f"{ioctl} stopped at MSR {index:#x} ({done} of {asked} done)")
+
+
+class GuestMemoryError(KvmError):
+    """Guest memory misused: a size it cannot have, an access outside it, or use once closed."""
+
+
 class StrategyError(KvmError):
     """A strategy text or part that is not one of the choices (kvmcore.strategy)."""
 

@@ -10,6 +10,7 @@ import mmap
 from typing import Any
 
 from ._kvm import ffi
+from .errors import GuestMemoryError
 
 
 def _advise_hugepages(mapping: mmap.mmap) -> None:
@@ -35,7 +36,7 @@ class GuestMemory:
 
     def __init__(self, size: int) -> None:
         if size <= 0 or size % mmap.PAGESIZE:
-            raise ValueError(f"guest memory size {size} is not a positive multiple of "
+            raise GuestMemoryError(f"guest memory size {size} is not a positive multiple of "
                              f"the page size {mmap.PAGESIZE}")
         self.size = size
         self._map: mmap.mmap | None = mmap.mmap(-1, size, mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
@@ -49,10 +50,10 @@ class GuestMemory:
         return cls(size)
 
     def _open_map(self) -> mmap.mmap:
-        """The mapping, or ValueError once closed (a raw pointer into an unmapped region
+        """The mapping, or GuestMemoryError once closed (a raw pointer into an unmapped region
         would crash the process, not raise)."""
         if self._map is None:
-            raise ValueError("guest memory is closed")
+            raise GuestMemoryError("guest memory is closed")
         return self._map
 
     def view(self) -> memoryview:
@@ -62,14 +63,14 @@ class GuestMemory:
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         self._open_map()
         if offset < 0 or offset + len(data) > self.size:
-            raise ValueError(f"write of {len(data)} bytes at {offset:#x} outside "
+            raise GuestMemoryError(f"write of {len(data)} bytes at {offset:#x} outside "
                              f"{self.size:#x} bytes of guest memory")
         ffi.memmove(self._ptr + offset, data, len(data))
 
     def read(self, offset: int, length: int) -> bytes:
         self._open_map()
         if offset < 0 or offset + length > self.size:
-            raise ValueError(f"read of {length} bytes at {offset:#x} outside "
+            raise GuestMemoryError(f"read of {length} bytes at {offset:#x} outside "
                              f"{self.size:#x} bytes of guest memory")
         return ffi.unpack(ffi.cast("char *", self._ptr) + offset, length)
 

@@ -102,8 +102,6 @@ def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
     clock = vm.get_clock()
     has_offset = vcpu.has_device_attr(lib.KVM_VCPU_TSC_CTRL, lib.KVM_VCPU_TSC_OFFSET)
     tsc_offset = vcpu.get_tsc_offset() if has_offset else None
-    guest_tsc = ((clock.host_tsc + tsc_offset) & MASK64
-                 if tsc_offset is not None and clock.flags & lib.KVM_CLOCK_HOST_TSC else None)
     clock_guest = _get_clock_guest(guest)
     xen_state = _capture_xen(guest) if guest.config.xen else None
     realtime = (clock.realtime if clock.flags & lib.KVM_CLOCK_REALTIME
@@ -112,7 +110,7 @@ def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
     return VmState(
         memory_size=guest.memory.size,
         regs=struct_to_plain(regs), sregs=struct_to_plain(sregs), fpu=struct_to_plain(fpu),
-        msrs=msrs, tsc_khz=tsc_khz, tsc_offset=tsc_offset, guest_tsc=guest_tsc,
+        msrs=msrs, tsc_khz=tsc_khz, tsc_offset=tsc_offset,
         clock={"clock": clock.clock, "flags": clock.flags, "realtime": clock.realtime,
                "host_tsc": clock.host_tsc},
         clock_guest=clock_guest, xen=xen_state, capture_realtime_ns=realtime,
@@ -131,10 +129,7 @@ def _get_clock_guest(guest: Guest) -> dict[str, Any] | None:
 
 def _capture_xen(guest: Guest) -> dict[str, Any]:
     attr = guest.vcpu.xen_get_attr(lib.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA)
-    return {"hypercall_msr": lib.KVMCORE_XEN_HYPERCALL_MSR, "long_mode": True,
-            "shared_info_gfn": lib.KVMCORE_SHINFO_GPA >> 12,
-            "runstate_gpa": lib.KVMCORE_RUNSTATE_GPA,
-            "runstate": xen.Runstate.from_attr(attr).to_plain()}
+    return {"runstate": xen.Runstate.from_attr(attr).to_plain()}
 
 
 def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:

@@ -20,11 +20,13 @@ from typing import Any
 
 from ._kvm import lib
 from ._layout import memory_size_problem
-from ._schema import (describe, check_int, check_record, check_timings, check_u64, check_bool,
+from ._schema import (describe, check_int, check_record, check_timings, check_u64,
                       optional)
 from .errors import StateError
 
-FORMAT_VERSION = 1
+#: 2: no guest_tsc (derivable from tsc_offset and clock.host_tsc, and never read) and no Xen
+#: layout fields (the guest program's ABI fixes them; restore never read the carried ones).
+FORMAT_VERSION = 2
 
 MSR_IA32_TSC_ADJUST = 0x3B
 # The MSRs a VmState may carry, by the names the wire uses.
@@ -51,8 +53,10 @@ CLOCK_SPEC = {"clock": check_u64, "flags": check_u64, "realtime": check_u64,
               "host_tsc": check_u64}
 RUNSTATE_SPEC = {k: check_u64 for k in ("state", "state_entry_time", "time_running",
                                         "time_runnable", "time_blocked", "time_offline")}
-XEN_SPEC = {"hypercall_msr": check_u64, "long_mode": check_bool, "shared_info_gfn": check_u64,
-            "runstate_gpa": check_u64, "runstate": RUNSTATE_SPEC}
+#: Only what the source's KVM knows and the guest's memory does not: its RUNSTATE_DATA. The
+#: Xen layout (hypercall MSR, shared_info and runstate GPAs, 64-bit mode) is the guest
+#: program's ABI (abi.h), the same at both ends.
+XEN_SPEC = {"runstate": RUNSTATE_SPEC}
 
 
 @dataclass
@@ -66,7 +70,6 @@ class VmState:
     msrs: dict[str, int]                 # by name, see MSRS
     tsc_khz: int                         # KVM_GET_TSC_KHZ at the source
     tsc_offset: int | None               # KVM_VCPU_TSC_OFFSET (None: no such attribute)
-    guest_tsc: int | None                # guest TSC at clock.host_tsc (host_tsc + offset)
     clock: dict[str, int]                # KVM_GET_CLOCK: clock, flags, realtime, host_tsc
     clock_guest: dict[str, Any] | None   # KVM_GET_CLOCK_GUEST's pvclock, where present
     xen: dict[str, Any] | None           # Xen config and RUNSTATE_DATA, Xen guests only
@@ -84,7 +87,6 @@ class VmState:
         "msrs": check_msrs,
         "tsc_khz": check_u64,
         "tsc_offset": optional(check_u64),
-        "guest_tsc": optional(check_u64),
         "clock": CLOCK_SPEC,
         "clock_guest": optional("struct pvclock_vcpu_time_info"),
         "xen": optional(XEN_SPEC),

@@ -11,7 +11,7 @@ from typing import Any
 from . import xen
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi, lib
-from .errors import KvmIoctlError
+from .errors import GuestError, KvmIoctlError, ShortMsrAccess
 
 EXIT_NAMES = {getattr(lib, n): n for n in (
     "KVM_EXIT_UNKNOWN", "KVM_EXIT_IO", "KVM_EXIT_HLT", "KVM_EXIT_MMIO", "KVM_EXIT_SHUTDOWN",
@@ -71,8 +71,8 @@ class Vcpu:
         finally:
             self.run_struct.immediate_exit = 0
         if reason != lib.KVM_EXIT_INTR:
-            raise KvmIoctlError("KVM_RUN", errno.EINVAL,
-                                f"immediate_exit returned exit {EXIT_NAMES.get(reason, reason)}")
+            raise GuestError(f"KVM_RUN with immediate_exit returned exit "
+                             f"{EXIT_NAMES.get(reason, reason)} instead of completing the I/O")
 
     def io_exit(self) -> IoExit:
         """Decode the exit union as KVM_EXIT_IO (valid only right after such an exit)."""
@@ -120,8 +120,7 @@ class Vcpu:
                                               "entries": [{"index": i} for i in indices]})
         done = ioctl(self.fd, "KVM_GET_MSRS", msrs)
         if done != len(indices):
-            raise KvmIoctlError("KVM_GET_MSRS", errno.EINVAL,
-                                f"MSR {indices[done]:#x} not readable")
+            raise ShortMsrAccess("KVM_GET_MSRS", indices[done], done, len(indices))
         return {e.index: e.data for e in msrs.entries[0:len(indices)]}
 
     def set_msrs(self, values: dict[int, int]) -> None:
@@ -130,8 +129,7 @@ class Vcpu:
             "entries": [{"index": i, "data": v} for i, v in values.items()]})
         done = ioctl(self.fd, "KVM_SET_MSRS", msrs)
         if done != len(values):
-            raise KvmIoctlError("KVM_SET_MSRS", errno.EINVAL,
-                                f"MSR {msrs.entries[done].index:#x} refused")
+            raise ShortMsrAccess("KVM_SET_MSRS", msrs.entries[done].index, done, len(values))
 
     def set_cpuid2(self, cpuid: Any) -> None:
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid)

@@ -140,3 +140,23 @@ def test_xen_flag_names():
     assert xen.hvm_flag_names(0b1000) == ["RUNSTATE"]
     assert xen.hvm_flag_names(1 << 12) == ["BIT12"]
     assert xen.hvm_flag_names(0) == []
+
+
+def test_a_partial_msr_access_is_its_own_error_not_an_errno(kvm):
+    """KVM_[GS]ET_MSRS succeed with the count done; a short count is no errno the kernel
+    returned, so it is ShortMsrAccess naming the MSR it stopped at."""
+    from kvmcore import ShortMsrAccess
+
+    with kvm.create_vm() as vm:
+        vcpu = vm.create_vcpu(0)
+        vcpu.set_cpuid2(kvm.cpuid())
+        tsc_adjust = 0x3B
+        assert set(vcpu.get_msrs([tsc_adjust])) == {tsc_adjust}          # control
+        vcpu.set_msrs({tsc_adjust: 0})                                     # control
+        for call in (lambda: vcpu.get_msrs([tsc_adjust, 0xDEAD0000]),
+                     lambda: vcpu.set_msrs({tsc_adjust: 0, 0xDEAD0000: 1})):
+            with pytest.raises(ShortMsrAccess) as info:
+                call()
+            assert (info.value.index, info.value.done, info.value.asked) == (0xDEAD0000, 1, 2)
+            assert "MSR 0xdead0000 (1 of 2 done)" in str(info.value)
+            assert not isinstance(info.value, KvmIoctlError)

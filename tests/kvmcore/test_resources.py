@@ -7,8 +7,8 @@ import os
 import pytest
 from conftest import migrate, open_fds
 
-from kvmcore import (Guest, GuestConfig, GuestMemory, KvmIoctlError, Strategy, System, capture,
-                     probe, restore)
+from kvmcore import (Guest, GuestConfig, GuestMemory, GuestMemoryError, KvmIoctlError, Strategy,
+                     System, capture, probe, restore)
 
 
 def test_open_fds_sees_a_leak():
@@ -80,5 +80,5 @@ def test_closed_guest_memory_raises_instead_of_touching_the_unmapped_region():
     memory.close()
     for use in (lambda: memory.write(0, b"x"), lambda: memory.read(0, 1),
                 lambda: memory.cast("char *", 0), memory.view):
-        with pytest.raises(ValueError, match="guest memory is closed"):
+        with pytest.raises(GuestMemoryError, match="guest memory is closed"):
             use()
