@@ -189,14 +189,20 @@ class ResultsStore:
         The first call for a name stores ``config`` and returns it; later calls
         return the stored one unchanged, so the caller can refuse a rerun whose
         axes differ (mixing two experiments' points under one name would make
-        every summary of it wrong). The table is created on first use, so
-        databases written before sweeps existed stay valid.
+        every summary of it wrong). A name with no run stored is not an
+        experiment yet (its sweep stopped before the first point): its config is
+        replaced, so a corrected rerun is not refused. The table is created on
+        first use, so databases written before sweeps existed stay valid.
         """
         with closing(self._connect()) as con:
             con.execute("BEGIN IMMEDIATE")
             try:
                 con.execute(_SWEEPS_SCHEMA)
                 row = con.execute("SELECT config FROM sweeps WHERE name = ?", (name,)).fetchone()
+                if row is not None and con.execute("SELECT 1 FROM runs WHERE sweep = ? LIMIT 1",
+                                                   (name,)).fetchone() is None:
+                    con.execute("DELETE FROM sweeps WHERE name = ?", (name,))
+                    row = None
                 if row is None:
                     con.execute("INSERT INTO sweeps (name, created_at, config) VALUES (?, ?, ?)",
                                 (name, created_at, json.dumps(config, sort_keys=True)))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -151,6 +152,19 @@ class SetupError(Exception):
     """Something on this host prevents the sweep from starting (exit 2)."""
 
 
+def check_plot_dir(path: Path) -> None:
+    """SetupError unless ``path`` is a writable directory or can be made one; creates nothing."""
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise SetupError(f"--plot-dir {path}: exists and is not a directory")
+    if not existing.is_dir():
+        raise SetupError(f"--plot-dir {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(f"--plot-dir {path}: cannot write in {existing}")
+
+
 def _error(message: str) -> None:
     print(f"source-agent sweep: error: {message}", file=sys.stderr)
 
@@ -196,10 +210,12 @@ async def run(args: argparse.Namespace, *, run_point: RunPoint | None = None,
     """
     try:
         plan = plan_from_args(args)
-        store = ResultsStore(args.db or default_db_path())
-        if args.psk_file:  # checked now, not at the first point
+        if args.plot_dir is not None:  # checked now, not after the last point
+            check_plot_dir(args.plot_dir)
+        if args.psk_file:
             protocol.load_psk(args.psk_file)
         run_point = run_point or default_run_point()
+        store = ResultsStore(args.db or default_db_path())  # last: a refused sweep writes nothing
     except (AxisError, ResultsStoreError, SetupError, protocol.KeyFileError) as exc:
         _error(str(exc))
         return EXIT_USAGE

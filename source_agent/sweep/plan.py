@@ -46,6 +46,15 @@ _SIZE_UNITS: dict[str, float] = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 
                "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
 
 
+def injector_conflict(injector: str, topology: str) -> str | None:
+    """Why ``injector`` cannot work on ``topology`` on any host, or None (the host's own lack of
+    ``sch_netem`` is found by probing, in `injector.choose_injector`)."""
+    if injector == "tc" and topology != "netns":
+        return (f"--injector tc needs --topology netns: on {topology} it would shape an "
+                "interface of the host")
+    return None
+
+
 class AxisError(ValueError):
     """A sweep option is malformed or out of range; the message names the option and the value."""
 
@@ -258,6 +267,9 @@ class SweepPlan:
             raise AxisError("--to HOST:PORT is required with --topology remote, and only there")
         if self.injector not in INJECTORS:
             raise AxisError(f"--injector: {self.injector!r}: choose one of {', '.join(INJECTORS)}")
+        conflict = injector_conflict(self.injector, self.topology)
+        if conflict:
+            raise AxisError(conflict)
 
     def points(self) -> list[PointConfig]:
         """Every point, repeat-major: all combinations once, then all again.

@@ -82,15 +82,30 @@ def utc(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
 
 
-def claim(store: ResultsStore, plan: SweepPlan) -> None:
-    """Register the sweep's config, or check it against the stored one (SweepConfigError)."""
-    stored = store.register_sweep(plan.name, plan.config(), utc(time.time_ns()))
-    differences = config_mismatch(stored, plan.config())
+def _refuse_other_settings(store: ResultsStore, plan: SweepPlan, stored: dict[str, Any] | None) -> None:
+    differences = [] if stored is None else config_mismatch(stored, plan.config())
     if differences:
         raise SweepConfigError(
             f"sweep {plan.name!r} is already in {store.path} with other settings "
             f"({'; '.join(differences)}); rerun with the stored settings to resume it, or use "
             "a new name (or another --db) for a new experiment")
+
+
+def check_settings(store: ResultsStore, plan: SweepPlan) -> None:
+    """SweepConfigError if the name is stored with other settings; reads only, stores nothing."""
+    _refuse_other_settings(store, plan, store.sweep_config(plan.name))
+
+
+def claim(store: ResultsStore, plan: SweepPlan) -> None:
+    """Register the sweep's config, or check it against the stored one (SweepConfigError).
+
+    Called only once everything that can refuse the sweep at set-up (the
+    injector, the destination) has accepted it, right before the first point:
+    a sweep refused before it ran anything leaves no settings behind to refuse
+    its corrected rerun with.
+    """
+    _refuse_other_settings(store, plan, store.register_sweep(plan.name, plan.config(),
+                                                             utc(time.time_ns())))
 
 
 def _value(report: dict[str, Any], name: str) -> Any:
@@ -148,7 +163,7 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
     ``endpoint()`` opens the destination for the whole sweep (it is not even
     started when every point is done); ``choose(topology)`` picks the injector.
     """
-    claim(store, plan)
+    check_settings(store, plan)
     done = store.points_done(plan.name)
     todo = [p for p in plan.points() if p.key not in done]
     outcome = SweepOutcome(planned=len(plan.points()), skipped=len(plan.points()) - len(todo))
@@ -158,6 +173,7 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
     outcome.injector = await choose(plan.topology)
     consecutive = 0
     async with endpoint() as dest:
+        claim(store, plan)
         for index, point in enumerate(todo):
             progress.point_started(index, point)
             async with inject(outcome.injector, dest, point) as injection:
