@@ -40,12 +40,17 @@ POINT_TIMEOUT = 300.0
 
 @dataclass(frozen=True)
 class Target:
-    """Where ``run_point`` migrates to: the injector's address, the key, and the topology label."""
+    """Where ``run_point`` migrates to: the injector's address, the key, and the topology label.
+
+    ``destination`` is the destination agent's own ``HOST:PORT`` (``--to`` for
+    remote), which is what a run records; ``host``/``port`` may be a relay's.
+    """
 
     host: str
     port: int
     psk_file: str | None
     topology: str
+    destination: str = ""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -53,6 +58,11 @@ class Target:
 
 
 RunPoint = Callable[[PointConfig, Target], Awaitable[dict[str, Any]]]
+
+
+class SweepStop(Exception):
+    """Raised by a ``run_point`` for a failure every later point would repeat (the destination
+    refused the key, or speaks another protocol version): the run is recorded, the sweep stops."""
 
 
 class SweepConfigError(Exception):
@@ -129,19 +139,25 @@ def columns(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_report(point: PointConfig, target: Target, error: str) -> dict[str, Any]:
-    return {"outcome": "error", "exit_code": 3, "error": error, "topology": target.topology,
-            "destination": f"{target.host}:{target.port}", "memory_size": point.memory_size,
+    return {"command": "sweep", "outcome": "error", "exit_code": 3, "error": error,
+            "topology": target.topology, "memory_size": point.memory_size,
             "strategy": point.strategy}
 
 
 def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report: dict[str, Any],
-               injection: dict[str, Any], started_ns: int) -> str:
-    """Store one run (a single transaction); returns its run id. Synchronous on purpose: no checkpoint."""
+               injection: dict[str, Any], started_ns: int, target: Target) -> str:
+    """Store one run (a single transaction); returns its run id. Synchronous on purpose: no checkpoint.
+
+    The run's ``destination`` is the destination agent's address, not the relay's
+    ephemeral port the migration connected to (that one is kept as ``sweep.via``).
+    """
     run_id = f"{plan.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_ns / 1e9))}-" \
              f"{secrets.token_hex(4)}"
-    report = {**report, "run_id": run_id, "sweep": {"name": plan.name, "point": point.key,
-                                  "combination": point.combination, "repeat": point.repeat,
-                                  "config": point.to_plain(), "injector": injection}}
+    report = {"started_at": utc(started_ns), **report, "run_id": run_id,
+              "destination": target.destination or f"{target.host}:{target.port}",
+              "sweep": {"name": plan.name, "point": point.key, "combination": point.combination,
+                        "repeat": point.repeat, "config": point.to_plain(), "injector": injection,
+                        "via": f"{target.host}:{target.port}"}}
     exit_code = report.get("exit_code")
     store.record(RunRecord(
         run_id=run_id, started_at=utc(started_ns), finished_at=utc(time.time_ns()),
@@ -177,11 +193,16 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
         for index, point in enumerate(todo):
             progress.point_started(index, point)
             async with inject(outcome.injector, dest, point) as injection:
-                target = Target(*injection.address, dest.psk_file, plan.topology)
+                target = Target(*injection.address, dest.psk_file, plan.topology,
+                                destination=dest.destination)
                 started = time.time_ns()
+                stop = None
                 with trio.move_on_after(point_timeout) as timer:
                     try:
                         report = await run_point(point, target)
+                    except SweepStop as exc:
+                        stop = str(exc)
+                        report = _error_report(point, target, stop)
                     except Exception as exc:  # noqa: BLE001 - the agent layer's failure is this run's result
                         report = _error_report(point, target, f"{type(exc).__name__}: {exc}")
                 if timer.cancelled_caught:
@@ -192,9 +213,13 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
                 # Recorded and reported before the next checkpoint (leaving the injector is one),
                 # so a cancellation cannot fall between a stored run and its progress line.
                 outcome.run_ids.append(record_run(store, plan, point, report, injection.describe(),
-                                                  started))
+                                                  started, target))
                 outcome.ran += 1
                 progress.point_finished(index, point, report)
+            if stop is not None:
+                outcome.errors += 1
+                outcome.stopped = stop
+                break
             if report.get("outcome") == "error":
                 await dest.check()
                 outcome.errors += 1

@@ -6,7 +6,7 @@ import os
 from functools import partial
 from typing import Any
 
-from fakes import fake_dest_argv
+from fakes import FAKE_DEST, fake_dest_argv
 
 from source_agent.results import ResultsStore
 from source_agent.sweep.injector import choose_injector
@@ -21,12 +21,13 @@ def small_plan(name: str = "s", *, latency=(0.0, 0.001, 0.005), repeat: int = 2,
 
 
 def dest_pids() -> set[int]:
-    """Processes running the fake destination (children of this test process)."""
+    """Processes running this checkout's fake destination (other checkouts' tests may run at once)."""
+    mine = str(FAKE_DEST).encode()
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if b"fake_dest.py" in f.read():
+                if mine in f.read():
                     found.add(int(pid))
         except OSError:
             pass

@@ -179,3 +179,24 @@ async def test_a_sweep_whose_destination_never_started_does_not_bind_its_name(tm
     monkeypatch.delenv("FAKE_DEST_REFUSE")
     outcome = await sweep(small_plan(latency=(0.0, 0.002), repeat=1), store, FakeAgent())
     assert outcome.ran == 2 and store.sweep_config("s")["axes"]["latency"] == ["0ms", "2ms"]
+
+
+async def test_a_point_that_says_every_later_one_would_fail_stops_the_sweep(tmp_path):
+    """SweepStop (the agents raise it for a refused key): one error run, then the sweep stops."""
+    from source_agent.sweep.runner import SweepStop
+
+    class Refused(FakeAgent):
+        async def __call__(self, point, target):
+            self.calls.append((point.key, target.address))
+            raise SweepStop(f"{target.destination}: the destination refused the authentication")
+
+    store = ResultsStore(tmp_path / "r.db")
+    agent = Refused()
+    outcome = await sweep(small_plan(repeat=1), store, agent)
+    assert len(agent.calls) == 1 and outcome.errors == 1
+    [run] = store.runs(sweep="s")
+    assert outcome.stopped == run["error"] and "refused the authentication" in run["error"]
+    assert run["destination"] == run["report"]["destination"] != run["report"]["sweep"]["via"]
+    # Negative control: an ordinary error does not stop the sweep.
+    outcome = await sweep(small_plan(repeat=1), store, FakeAgent(raise_on={"none"}))
+    assert outcome.stopped is None and outcome.ran == 3
