@@ -20,7 +20,8 @@ EXIT_PEER = 3           # the peer or the network failed
 EXIT_INTERNAL = 4       # a bug in the testbed: an unexpected exception (traceback logged)
 
 _DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_000_000_000,
-                   "m": 60_000_000_000, "min": 60_000_000_000}
+                   "m": 60_000_000_000, "min": 60_000_000_000, "h": 3_600_000_000_000,
+                   "d": 86_400_000_000_000}
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 _NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ]*)\s*")

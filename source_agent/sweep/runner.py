@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from source_agent.results import ResultsStore, RunRecord
+from source_agent.results import ResultsStore, RunRecord, timestamp
 
 from .injector import Injector, inject
 from .plan import PointConfig, SweepPlan, config_mismatch
@@ -88,10 +88,6 @@ class SweepOutcome:
     run_ids: list[str] = field(default_factory=list)
 
 
-def utc(ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
-
-
 def _refuse_other_settings(store: ResultsStore, plan: SweepPlan, stored: dict[str, Any] | None) -> None:
     differences = [] if stored is None else config_mismatch(stored, plan.config())
     if differences:
@@ -115,7 +111,7 @@ def claim(store: ResultsStore, plan: SweepPlan) -> None:
     its corrected rerun with.
     """
     _refuse_other_settings(store, plan, store.register_sweep(plan.name, plan.config(),
-                                                             utc(time.time_ns())))
+                                                             timestamp(time.time_ns())))
 
 
 def _value(report: dict[str, Any], name: str) -> Any:
@@ -153,14 +149,14 @@ def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report:
     """
     run_id = f"{plan.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_ns / 1e9))}-" \
              f"{secrets.token_hex(4)}"
-    report = {"started_at": utc(started_ns), **report, "run_id": run_id,
+    report = {"started_at": timestamp(started_ns), **report, "run_id": run_id,
               "destination": target.destination or f"{target.host}:{target.port}",
               "sweep": {"name": plan.name, "point": point.key, "combination": point.combination,
                         "repeat": point.repeat, "config": point.to_plain(), "injector": injection,
                         "via": f"{target.host}:{target.port}"}}
     exit_code = report.get("exit_code")
     store.record(RunRecord(
-        run_id=run_id, started_at=utc(started_ns), finished_at=utc(time.time_ns()),
+        run_id=run_id, started_at=timestamp(started_ns), finished_at=timestamp(time.time_ns()),
         command="sweep", outcome=report["outcome"],
         exit_code=exit_code if isinstance(exit_code, int) else {"passed": 0, "failed": 1}.get(
             report["outcome"], 3),
