@@ -32,8 +32,10 @@ from agentcore.options import (
     UsageError,
     argtype,
     parse_duration_ns,
+    parse_guest_memory,
     parse_host_port,
     parse_size,
+    parse_timeout,
     seconds,
 )
 from . import results_cli
@@ -74,7 +76,7 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     p.add_argument("--tsc", choices=TSC_CHOICES, help="TSC restore (default: best)")
     p.add_argument("--runstate", choices=RUNSTATE_CHOICES,
                    help="Xen runstate restore (default: kernel where KVM has Xen, else off)")
-    p.add_argument("--memory", type=argtype(parse_size), default=2 << 20, metavar="SIZE",
+    p.add_argument("--memory", type=argtype(parse_guest_memory), default=2 << 20, metavar="SIZE",
                    help="guest memory, a multiple of 2MiB up to 1GiB (default 2MiB)")
     p.add_argument("--warmup", type=argtype(parse_duration_ns), default=10_000_000,
                    metavar="DURATION", help="run the guest this long before capture (default 10ms)")
@@ -84,7 +86,7 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
                    help="clock-sync exchanges; the minimum-RTT one is used (default 8)")
     for name, default in (("connect", "10s"), ("handshake", "30s"), ("message", "30s"),
                           ("idle", "60s")):
-        p.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
+        p.add_argument(f"--{name}-timeout", type=argtype(parse_timeout), default=seconds(default),
                        metavar="DURATION", help=f"{name} timeout (default {default})")
     if remote:
         p.add_argument("--to", required=True, metavar="HOST:PORT",
@@ -127,9 +129,6 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
 
     The strategy is left as the options give it (see resolve_strategy): the host's
     best needs the probe, which is part of the run."""
-    if args.memory % (2 << 20) or not 2 << 20 <= args.memory <= 1 << 30:
-        raise UsageError(f"--memory {args.memory}: must be a multiple of 2MiB between 2MiB "
-                         "and 1GiB")
     if args.chunk_size % protocol.PAGE_SIZE or not 0 < args.chunk_size <= 4 << 20:
         raise UsageError("--chunk-size: a multiple of 4KiB up to 4MiB")
     if args.clock_rounds < 1:

@@ -25,7 +25,7 @@ import trio
 
 import protocol
 from source_agent.netem import NetemError
-from agentcore.options import UsageError, argtype, seconds
+from agentcore.options import argtype, parse_timeout
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
 from . import ktap
@@ -68,13 +68,6 @@ exit codes: 0 every run passed, 1 a run failed a verdict or errored, 2 usage or 
 """
 
 
-def _positive_seconds(text: str) -> float:
-    value = seconds(text)
-    if value <= 0:
-        raise UsageError(f"--point-timeout {text!r}: must be longer than 0")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sweep`` with its options on the ``source-agent`` subcommands."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -112,7 +105,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="summary on stdout (default table)")
     p.add_argument("--plot-dir", metavar="DIR", type=Path,
                    help="write NAME-accounting and NAME-downtime as PNG and SVG here")
-    p.add_argument("--point-timeout", type=argtype(_positive_seconds), default=300.0,
+    p.add_argument("--point-timeout", type=argtype(parse_timeout), default=300.0,
                    metavar="DURATION", help="give up on one point after this long (default 5m)")
     p.set_defaults(run=run)
     return p

@@ -84,7 +84,10 @@ async def test_rerun_says_how_many_points_were_skipped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--latency", "0,1,5"), "--latency: '0' has no unit (expected e.g. '5ms')"),
+    (("--latency", "0,1,5"), "--latency: '1' has no unit (expected e.g. '5ms')"),
+    (("--bandwidth", "0mbit"), "--bandwidth: '0mbit' must be more than 0 (write 'unlimited' for "
+                               "no cap)"),
+    (("--latency", "1ms", "--jitter", "5ms"), "--jitter 5ms is more than --latency 1ms"),
     (("--memory", "3MiB"), "--memory: '3MiB' must be a multiple of 2MiB"),
     (("--topology", "remote"), "--to HOST:PORT is required"),
     (("--topology", "remote", "--to", "nowhere"), "--to: 'nowhere' is not HOST:PORT"),
