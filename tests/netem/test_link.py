@@ -86,4 +86,4 @@ def test_netem_imports_on_its_own_with_only_the_neutral_agentcore():
             "or m.startswith('source_agent.') and not m.startswith('source_agent.netem')))")
     out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
                          check=True).stdout
-    assert set(eval(out)) == {"agentcore"}   # noqa: S307 - our own subprocess's repr of a list
+    assert set(eval(out)) <= {"agentcore"}   # noqa: S307 - our own subprocess's repr of a list

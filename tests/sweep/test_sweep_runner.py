@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sqlite3
 
 import pytest
@@ -10,6 +11,7 @@ from fakes import FakeAgent
 from sweep_helpers import Recorder, dest_pids, small_plan, sweep
 
 from source_agent.results import ResultsStore
+from source_agent.results_cli import print_report
 from source_agent.sweep.runner import SweepConfigError, run_sweep
 from source_agent.sweep.topology import DestinationError
 
@@ -197,6 +199,9 @@ async def test_a_point_that_says_every_later_one_would_fail_stops_the_sweep(tmp_
     [run] = store.runs(sweep="s")
     assert outcome.stopped == run["error"] and "refused the authentication" in run["error"]
     assert run["destination"] == run["report"]["destination"] != run["report"]["sweep"]["via"]
+    shown = io.StringIO()               # `results show` can print an errored sweep run too
+    print_report(run["report"], as_json=False, file=shown)
+    assert run["run_id"] in shown.getvalue() and "refused the authentication" in shown.getvalue()
     # Negative control: an ordinary error does not stop the sweep.
     outcome = await sweep(small_plan(repeat=1), store, FakeAgent(raise_on={"none"}))
     assert outcome.stopped is None and outcome.ran == 3
