@@ -20,8 +20,10 @@ from agentcore.options import (
     EXIT_USAGE,
     UsageError,
     argtype,
+    parse_guest_memory,
     parse_host_port,
     parse_size,
+    parse_timeout,
     seconds,
 )
 
@@ -67,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "sessions; more get ERROR busy (default 64)")
     serve.add_argument("--max-unauthenticated-per-address", type=int, default=8, metavar="N",
                        help="the same, from any one address (default 8)")
-    serve.add_argument("--max-memory", type=argtype(parse_size), default=1 << 30,
+    serve.add_argument("--max-memory", type=argtype(parse_guest_memory), default=1 << 30,
                        metavar="SIZE", help="largest guest memory per session (default 1GiB)")
     serve.add_argument("--max-frame-size", type=argtype(parse_size), default=8 << 20,
                        metavar="SIZE", help="largest protocol frame accepted, 64KiB..4GiB; MEMORY "
@@ -75,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, default, what in (("handshake", "10s", "HELLO+AUTH must complete within"),
                                 ("idle", "60s", "a message must begin within"),
                                 ("message", "30s", "a message must complete within")):
-        serve.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
+        serve.add_argument(f"--{name}-timeout", type=argtype(parse_timeout), default=seconds(default),
                            metavar="DURATION", help=f"{what} this (default {default})")
     serve.add_argument("--max-run-time", type=argtype(seconds), default=seconds("10s"),
                        metavar="DURATION",
@@ -107,9 +109,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     for option in ("max_sessions", "max_unauthenticated", "max_unauthenticated_per_address"):
         if getattr(args, option) < 1:
             raise UsageError(f"--{option.replace('_', '-')} must be at least 1")
-    if args.max_memory < 2 << 20 or args.max_memory % (2 << 20):
-        raise UsageError("--max-memory must be a positive multiple of 2MiB (guest memory is "
-                         "mapped in 2 MiB pages)")
     if not 64 << 10 <= args.max_frame_size < 4 << 30:
         raise UsageError("--max-frame-size must be between 64KiB (a HELLO or a state must fit) "
                          "and 4GiB (the 32-bit length prefix)")

@@ -28,6 +28,7 @@ RestoreRecord.timings / restore_ns / first_entry_ns. See docs/kvmcore.md.
 
 from __future__ import annotations
 
+from ._layout import HUGE_PAGE, MAX_MEMORY, MIN_MEMORY, memory_size_problem
 from .analysis import Analysis, Check, Measurement, analyse
 from .caps import HostCapabilities, probe
 from .deadline import install_kick_handler
@@ -44,6 +45,7 @@ from .vcpu import Vcpu
 from .vm import Vm
 
 __all__ = [
+    "HUGE_PAGE", "MAX_MEMORY", "MIN_MEMORY", "memory_size_problem",
     "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
     "GuestTimeout", "ShortMsrAccess",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",

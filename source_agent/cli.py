@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 import os
 import secrets
@@ -35,11 +34,14 @@ from agentcore.options import (
     UsageError,
     argtype,
     parse_duration_ns,
+    parse_guest_memory,
     parse_host_port,
     parse_size,
+    parse_timeout,
     seconds,
 )
-from .render import ReportConsole, render
+from . import results_cli
+from .results_cli import print_report
 from .sweep import cli as sweep_cli
 from .report import compose, error_report, iso, record_columns
 from .results import (
@@ -47,8 +49,6 @@ from .results import (
     ResultsStoreError,
     RunRecord,
     default_db_path,
-    export_csv,
-    export_json,
 )
 
 EPILOG = """\
@@ -58,6 +58,7 @@ examples:
   source-agent loopback --clock plain            # negative control: kvmclock hides the gap (exit 1)
   source-agent migrate --to 10.0.0.2:7400 --psk-file key --gap 50ms
   source-agent results list --limit 20
+  source-agent results show RUN_ID               # a stored report, as its run printed it
   source-agent results export --format csv > runs.csv
 
 exit codes: 0 every verdict passed, 1 a verdict failed, 2 usage or set-up error
@@ -78,7 +79,7 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
     p.add_argument("--tsc", choices=CHOICES["tsc"], help="TSC restore (default: best)")
     p.add_argument("--runstate", choices=CHOICES["runstate"],
                    help="Xen runstate restore (default: kernel where KVM has Xen, else off)")
-    p.add_argument("--memory", type=argtype(parse_size), default=2 << 20, metavar="SIZE",
+    p.add_argument("--memory", type=argtype(parse_guest_memory), default=2 << 20, metavar="SIZE",
                    help="guest memory, a multiple of 2MiB up to 1GiB (default 2MiB)")
     p.add_argument("--warmup", type=argtype(parse_duration_ns), default=10_000_000,
                    metavar="DURATION", help="run the guest this long before capture (default 10ms)")
@@ -88,7 +89,7 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
                    help="clock-sync exchanges, 1..256; the minimum-RTT one is used (default 8)")
     for name, default in (("connect", "10s"), ("handshake", "30s"), ("message", "30s"),
                           ("idle", "60s")):
-        p.add_argument(f"--{name}-timeout", type=argtype(seconds), default=seconds(default),
+        p.add_argument(f"--{name}-timeout", type=argtype(parse_timeout), default=seconds(default),
                        metavar="DURATION", help=f"{name} timeout (default {default})")
     if remote:
         p.add_argument("--to", required=True, metavar="HOST:PORT",
@@ -122,15 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
                            description="Both agents in one process over TCP on 127.0.0.1 "
                                        "(random in-memory key): the one-command experiment."),
             remote=False)
-    results = sub.add_parser("results", help="list or export recorded runs", formatter_class=raw,
-                             epilog="examples:\n  source-agent results list --limit 5\n"
-                                    "  source-agent results export --format json | jq '.[].outcome'\n",
-                             description="Runs recorded in the SQLite results store.")
-    results.add_argument("action", nargs="?", choices=("list", "export"), default="list")
-    results.add_argument("--db", metavar="PATH", help=f"default {default_db_path()}")
-    results.add_argument("--format", choices=("json", "csv"), default="json",
-                         help="export format (default json)")
-    results.add_argument("--limit", type=int, metavar="N", help="only the N latest runs")
+    results_cli.add_parser(sub)
     sweep_cli.add_parser(sub)
     return parser
 
@@ -140,9 +133,6 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
 
     The strategy is left as the options give it (see resolve_strategy): the host's
     best needs the probe, which is part of the run."""
-    if args.memory % (2 << 20) or not 2 << 20 <= args.memory <= 1 << 30:
-        raise UsageError(f"--memory {args.memory}: must be a multiple of 2MiB between 2MiB "
-                         "and 1GiB")
     if args.chunk_size % protocol.PAGE_SIZE or not 0 < args.chunk_size <= 4 << 20:
         raise UsageError("--chunk-size: a multiple of 4KiB up to 4MiB")
     most = protocol.Limits().max_clock_sync_rounds     # what a destination answers in a row
@@ -237,42 +227,8 @@ def cmd_run(args: argparse.Namespace) -> int:
             run_id=run_id, started_at=report["started_at"], finished_at=iso(time.time_ns()),
             command=args.command, outcome=report["outcome"], exit_code=report["exit_code"],
             error=report["error"], report=report, **record_columns(report)))
-    if args.json:
-        sys.stdout.write(json.dumps(report, indent=2, sort_keys=False) + "\n")
-    else:
-        render(report, sys.stdout)
+    print_report(report, as_json=args.json)
     return int(report["exit_code"])
-
-
-def cmd_results(args: argparse.Namespace) -> int:
-    path = args.db or default_db_path()
-    if not os.path.exists(path):       # reading must not create a database from a typo
-        print(f"source-agent: error: {path}: no results database there", file=sys.stderr)
-        return EXIT_USAGE
-    try:
-        runs = ResultsStore(path).runs(limit=args.limit)
-    except ResultsStoreError as exc:
-        print(f"source-agent: error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    if args.action == "export":
-        sys.stdout.write(export_json(runs) if args.format == "json" else export_csv(runs))
-        return 0
-    from rich.table import Table
-
-    table = Table(title=f"{len(runs)} run(s)", title_justify="left")
-    for col in ("run", "started", "command", "outcome", "destination", "strategy", "wall gap",
-                "kvmclock jump", "downtime", "error"):
-        table.add_column(col)
-    for r in runs:
-        table.add_row(r["run_id"], r["started_at"], r["command"], r["outcome"],
-                      r["destination"] or "-", r["strategy"] or "-", _ms(r["wall_gap_ns"]),
-                      _ms(r["kvmclock_jump_ns"]), _ms(r["downtime_ns"]), r["error"] or "")
-    ReportConsole(file=sys.stdout, width=200).print(table)
-    return 0
-
-
-def _ms(ns: int | None) -> str:
-    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -292,7 +248,7 @@ def _main(argv: Sequence[str] | None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         stream=sys.stderr, format="%(name)s: %(message)s")
     if args.command == "results":
-        return cmd_results(args)
+        return results_cli.run(args)
     if args.command == "sweep":
         return trio.run(args.run, args)
     return cmd_run(args)

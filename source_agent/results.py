@@ -18,6 +18,8 @@ import io
 import json
 import os
 import sqlite3
+import time
+import urllib.parse
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -104,8 +106,37 @@ class RunRecord:
 
     def row(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in COLUMNS}
-        values["report"] = json.dumps(self.report, sort_keys=True)
+        # In the report's own key order, so `results show --json` prints what the run printed.
+        values["report"] = json.dumps(self.report)
         return values
+
+
+def timestamp(ns: int) -> str:
+    """The store's time format, ``2026-11-27T12:52:25.151Z``: UTC, milliseconds, so that text
+    order is time order (``--since`` compares it as text)."""
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
+
+
+def _identify(con: sqlite3.Connection, path: Path) -> bool:
+    """True if the database holds the testbed's runs, False if it is empty; ResultsStoreError for
+    anyone else's database (so neither a reader nor a writer ever adds our tables to it)."""
+    tables = [row[0] for row in con.execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
+    if "runs" not in tables:
+        if tables:
+            raise ResultsStoreError(f"{path}: not a testbed results database (it has tables "
+                                    f"{', '.join(tables)} and no 'runs'); left untouched")
+        return False
+    columns = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+    missing = [name for name in COLUMNS if name not in columns]
+    if missing:
+        raise ResultsStoreError(f"{path}: not a testbed results database (its 'runs' table lacks "
+                                f"{', '.join(missing)}); left untouched")
+    version = con.execute("PRAGMA user_version").fetchone()[0]
+    if version != SCHEMA_VERSION:
+        raise ResultsStoreError(f"{path}: results schema version {version}, this tool reads and "
+                                f"writes {SCHEMA_VERSION}")
+    return True
 
 
 class ResultsStore:
@@ -113,33 +144,55 @@ class ResultsStore:
 
     Each :meth:`record` is its own transaction on its own connection, so a
     crash between runs loses nothing and a crash during one loses only that one.
+
+    ``read_only=True`` (the ``results`` commands) never creates or changes
+    anything: the file must exist and be the testbed's, and every connection is
+    opened read-only by SQLite itself.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
+        self.read_only = read_only
         try:
+            if read_only:
+                self._open_read_only()
+                return
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            with closing(self._connect()) as con, con:
-                con.execute("PRAGMA journal_mode=WAL")
-                con.executescript(_SCHEMA)
-                version = con.execute("PRAGMA user_version").fetchone()[0]
-                if version == 0:
-                    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-                elif version != SCHEMA_VERSION:
-                    raise ResultsStoreError(
-                        f"{self.path}: results schema version {version}, this tool writes {SCHEMA_VERSION}"
-                    )
+            with closing(self._connect()) as con:
+                if not _identify(con, self.path):
+                    con.execute("PRAGMA journal_mode=WAL")
+                    # Tables and version in one transaction: a reader opening the file
+                    # meanwhile sees either an empty database or the whole schema, never
+                    # tables at "version 0".
+                    con.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
+                                      f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
         except sqlite3.DatabaseError as exc:
             raise ResultsStoreError(f"{self.path}: cannot use as a results database: {exc}") from exc
         except OSError as exc:
             raise ResultsStoreError(f"{self.path}: {exc.strerror or exc}") from exc
 
+    def _open_read_only(self) -> None:
+        if not self.path.is_file():     # reading must not create a database from a typo
+            raise ResultsStoreError(f"{self.path}: no results database there")
+        with closing(self._connect()) as con:
+            if not _identify(con, self.path):
+                raise ResultsStoreError(f"{self.path}: an empty database, no testbed results in it")
+
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: record() issues BEGIN IMMEDIATE / COMMIT itself, so each
         # run is exactly one transaction.
-        con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        if self.read_only:
+            con = sqlite3.connect(self._read_only_uri(), uri=True, timeout=30, isolation_level=None)
+        else:
+            con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.execute("PRAGMA busy_timeout=30000")
         return con
+
+    def _read_only_uri(self) -> str:
+        """``mode=ro``; and ``immutable=1`` when no write-ahead log exists (no writer is open), since
+        a read-only open of a WAL database otherwise leaves ``-wal``/``-shm`` files beside it."""
+        uri = f"file:{urllib.parse.quote(str(self.path.resolve()))}?mode=ro"
+        return uri if os.path.exists(f"{self.path}-wal") else uri + "&immutable=1"
 
     def record(self, run: RunRecord) -> None:
         """Store one run atomically; a run id already present is an error, not an overwrite."""
@@ -154,13 +207,21 @@ class ResultsStore:
                 raise
             con.execute("COMMIT")
 
-    def runs(self, *, sweep: str | None = None, limit: int | None = None) -> list[dict[str, Any]]:
-        """Stored runs, oldest first, as dicts (``report`` decoded)."""
+    def runs(self, *, sweep: str | None = None, outcome: str | None = None, since: str | None = None,
+             limit: int | None = None) -> list[dict[str, Any]]:
+        """Stored runs, oldest first, as dicts (``report`` decoded).
+
+        ``since`` is a `timestamp` (runs started at or after it); ``limit`` keeps the latest.
+        """
         query = f"SELECT {', '.join(COLUMNS)} FROM runs"
-        args: list[Any] = []
-        if sweep is not None:
-            query += " WHERE sweep = ?"
-            args.append(sweep)
+        where, args = [], []
+        for clause, value in (("sweep = ?", sweep), ("outcome = ?", outcome),
+                              ("started_at >= ?", since)):
+            if value is not None:
+                where.append(clause)
+                args.append(value)
+        if where:
+            query += " WHERE " + " AND ".join(where)
         # Newest first so LIMIT keeps the latest runs; reversed below.
         query += " ORDER BY started_at DESC, run_id DESC"
         if limit is not None:
@@ -170,6 +231,20 @@ class ResultsStore:
             rows = con.execute(query, args).fetchall()
         rows.reverse()
         return [_decode(dict(zip(COLUMNS, row))) for row in rows]
+
+    def run(self, run_id: str) -> dict[str, Any]:
+        """The run with this id, or the only one whose id starts with it; ResultsStoreError else."""
+        pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+        with closing(self._connect()) as con:
+            rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE run_id = ? OR run_id "
+                               "LIKE ? ESCAPE '\\' ORDER BY run_id LIMIT 3", (run_id, pattern)).fetchall()
+        exact = [row for row in rows if row[0] == run_id]
+        if exact or len(rows) == 1:
+            return _decode(dict(zip(COLUMNS, (exact or rows)[0])))
+        if not rows:
+            raise ResultsStoreError(f"{self.path}: no run {run_id!r}")
+        raise ResultsStoreError(f"{self.path}: {run_id!r} is the start of several run ids "
+                                f"({', '.join(row[0] for row in rows[:2])}, ...): give more of it")
 
     def points_done(self, sweep: str) -> set[str]:
         """Sweep points that already have a successful or failed (not errored) run."""
@@ -189,14 +264,20 @@ class ResultsStore:
         The first call for a name stores ``config`` and returns it; later calls
         return the stored one unchanged, so the caller can refuse a rerun whose
         axes differ (mixing two experiments' points under one name would make
-        every summary of it wrong). The table is created on first use, so
-        databases written before sweeps existed stay valid.
+        every summary of it wrong). A name with no run stored is not an
+        experiment yet (its sweep stopped before the first point): its config is
+        replaced, so a corrected rerun is not refused. The table is created on
+        first use, so databases written before sweeps existed stay valid.
         """
         with closing(self._connect()) as con:
             con.execute("BEGIN IMMEDIATE")
             try:
                 con.execute(_SWEEPS_SCHEMA)
                 row = con.execute("SELECT config FROM sweeps WHERE name = ?", (name,)).fetchone()
+                if row is not None and con.execute("SELECT 1 FROM runs WHERE sweep = ? LIMIT 1",
+                                                   (name,)).fetchone() is None:
+                    con.execute("DELETE FROM sweeps WHERE name = ?", (name,))
+                    row = None
                 if row is None:
                     con.execute("INSERT INTO sweeps (name, created_at, config) VALUES (?, ?, ?)",
                                 (name, created_at, json.dumps(config, sort_keys=True)))

@@ -1,31 +1,25 @@
 """`Link`: what one direction of a network path does to bytes (delay, jitter, rate).
 
 Values are kept in SI base units (seconds, bytes per second) so the relay's hot
-path does no conversion; the human forms (``"5ms"``, ``"100mbit"``) follow
-``tc``'s vocabulary so one sweep option means the same thing to the userspace
-relay and to ``tc netem``. Note ``tc``'s ``bps`` is *bytes* per second; we
-keep that meaning rather than invent a second one.
+path does no conversion; the human forms (``"5ms"``, ``"100mbit"``) are the
+testbed's one unit grammar (`agentcore.options`, tc's vocabulary for rates), so
+one sweep option means the same thing to the userspace relay, to ``tc netem``
+and to every command. Note ``tc``'s ``bps`` is *bytes* per second.
 """
 
 from __future__ import annotations
 
 import math
 import random
-import re
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from agentcore import options
+from agentcore.options import UsageError, format_duration, format_rate
 
 from ._errors import ImpairmentError
 
-_DURATION_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0}
-
-# Bytes per second for one unit. Bits are divided by 8; IEC prefixes are 1024-based.
-_RATE_UNITS: dict[str, float] = {}
-for _prefix, _factor in {"": 1, "k": 1e3, "m": 1e6, "g": 1e9, "t": 1e12,
-                         "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}.items():
-    _RATE_UNITS[f"{_prefix}bit"] = _factor / 8
-    _RATE_UNITS[f"{_prefix}bps"] = _factor
-
-_QUANTITY = re.compile(r"\s*([0-9]*\.?[0-9]+(?:e[+-]?[0-9]+)?)\s*([a-zµ]*)\s*", re.IGNORECASE)
+__all__ = ["Link", "format_duration", "format_rate", "parse_duration", "parse_rate"]
 
 Number = int | float
 
@@ -39,24 +33,18 @@ def _number(field: str, value: object) -> float:
     return float(value)
 
 
-def _quantity(field: str, text: str, units: dict[str, float], hint: str) -> float:
-    match = _QUANTITY.fullmatch(text)
-    if match is None:
-        raise ImpairmentError(f"{field}: cannot parse {text!r} (expected e.g. {hint})")
-    number, unit = match.groups()
-    if not unit:
-        raise ImpairmentError(f"{field}: {text!r} has no unit (expected e.g. {hint})")
-    factor = units.get(unit.lower())
-    if factor is None:
-        raise ImpairmentError(
-            f"{field}: unknown unit {unit!r} in {text!r} (known: {', '.join(units)})")
-    return _number(field, float(number) * factor)
+def _parsed(field: str, parse: Callable[[str], float], text: str) -> float:
+    """The testbed's one unit grammar (agentcore.options), its error as this layer's, with the field."""
+    try:
+        return parse(text)
+    except UsageError as exc:
+        raise ImpairmentError(f"{field}: {exc}") from None
 
 
 def parse_duration(value: str | Number, field: str = "duration") -> float:
     """Seconds from ``"5ms"``, ``"250us"``, ``"1.5s"`` or a number of seconds."""
     if isinstance(value, str):
-        return _quantity(field, value, _DURATION_UNITS, "'5ms'")
+        return _parsed(field, options.seconds, value)
     return _number(field, value)
 
 
@@ -68,29 +56,11 @@ def parse_rate(value: str | Number | None, field: str = "rate") -> float | None:
     """
     if value is None:
         return None
-    rate = (_quantity(field, value, _RATE_UNITS, "'100mbit'") if isinstance(value, str)
-            else _number(field, value))
-    if rate == 0:
+    if isinstance(value, str):
+        return _parsed(field, options.parse_rate, value)
+    if _number(field, value) == 0:
         raise ImpairmentError(f"{field}: must be > 0 (use None for unlimited, partition() for none)")
-    return rate
-
-
-def format_duration(seconds: float) -> str:
-    """The shortest exact-enough tc-style spelling: ``0.005`` -> ``"5ms"``."""
-    if seconds >= 1:
-        return f"{seconds:g}s"
-    if seconds >= 1e-3 or seconds == 0:
-        return f"{seconds * 1e3:g}ms"
-    return f"{seconds * 1e6:g}us"
-
-
-def format_rate(bytes_per_second: float) -> str:
-    """tc-style bits per second: ``12.5e6`` -> ``"100mbit"``."""
-    bits = bytes_per_second * 8
-    for prefix, factor in (("g", 1e9), ("m", 1e6), ("k", 1e3)):
-        if bits >= factor:
-            return f"{bits / factor:g}{prefix}bit"
-    return f"{bits:g}bit"
+    return float(value)
 
 
 @dataclass(frozen=True)

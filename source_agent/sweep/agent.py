@@ -24,7 +24,7 @@ from kvmcore import HostCapabilities, Strategy, System, probe
 from ..migrate import MigrationPlan, migrate
 from ..report import compose
 from .plan import PointConfig
-from .runner import RunPoint, Target
+from .runner import RunPoint, SweepStop, Target
 
 
 def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
@@ -40,7 +40,11 @@ def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
                                  memory_size=point.memory_size, warmup_ns=warmup_ns,
                                  gap_ns=point.gap_ns, topology=target.topology)
             started = time.time_ns()
-            migration = await migrate(plan, kvm, caps[0])
+            try:
+                migration = await migrate(plan, kvm, caps[0])
+            except (protocol.AuthenticationFailed, protocol.VersionMismatch) as exc:
+                # Every later point would fail the same way: stop, as migrate's exit 3 would.
+                raise SweepStop(f"{target.destination}: {exc}") from None
         return compose(migration, run_id=f"sweep-{secrets.token_hex(4)}", started_ns=started,
                        command="sweep")
 

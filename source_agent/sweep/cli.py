@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -24,7 +25,7 @@ import trio
 
 import protocol
 from source_agent.netem import NetemError
-from agentcore.options import UsageError, argtype, seconds
+from agentcore.options import argtype, parse_timeout
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
 from . import ktap
@@ -67,13 +68,6 @@ exit codes: 0 every run passed, 1 a run failed a verdict or errored, 2 usage or 
 """
 
 
-def _positive_seconds(text: str) -> float:
-    value = seconds(text)
-    if value <= 0:
-        raise UsageError(f"--point-timeout {text!r}: must be longer than 0")
-    return value
-
-
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``sweep`` with its options on the ``source-agent`` subcommands."""
     p: argparse.ArgumentParser = subparsers.add_parser(
@@ -111,7 +105,7 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                    help="summary on stdout (default table)")
     p.add_argument("--plot-dir", metavar="DIR", type=Path,
                    help="write NAME-accounting and NAME-downtime as PNG and SVG here")
-    p.add_argument("--point-timeout", type=argtype(_positive_seconds), default=300.0,
+    p.add_argument("--point-timeout", type=argtype(parse_timeout), default=300.0,
                    metavar="DURATION", help="give up on one point after this long (default 5m)")
     p.set_defaults(run=run)
     return p
@@ -149,6 +143,19 @@ def default_run_point() -> RunPoint:
 
 class SetupError(Exception):
     """Something on this host prevents the sweep from starting (exit 2)."""
+
+
+def check_plot_dir(path: Path) -> None:
+    """SetupError unless ``path`` is a writable directory or can be made one; creates nothing."""
+    existing = path
+    while not os.path.lexists(existing) and existing.parent != existing:
+        existing = existing.parent
+    if existing == path and not path.is_dir():
+        raise SetupError(f"--plot-dir {path}: exists and is not a directory")
+    if not existing.is_dir():
+        raise SetupError(f"--plot-dir {path}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise SetupError(f"--plot-dir {path}: cannot write in {existing}")
 
 
 def _error(message: str) -> None:
@@ -196,10 +203,12 @@ async def run(args: argparse.Namespace, *, run_point: RunPoint | None = None,
     """
     try:
         plan = plan_from_args(args)
-        store = ResultsStore(args.db or default_db_path())
-        if args.psk_file:  # checked now, not at the first point
+        if args.plot_dir is not None:  # checked now, not after the last point
+            check_plot_dir(args.plot_dir)
+        if args.psk_file:
             protocol.load_psk(args.psk_file)
         run_point = run_point or default_run_point()
+        store = ResultsStore(args.db or default_db_path())  # last: a refused sweep writes nothing
     except (AxisError, ResultsStoreError, SetupError, protocol.KeyFileError) as exc:
         _error(str(exc))
         return EXIT_USAGE

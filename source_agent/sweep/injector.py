@@ -27,7 +27,7 @@ import trio
 
 from source_agent.netem import apply_netem, netem_unsupported, open_relay, remove_netem
 
-from .plan import PointConfig
+from .plan import PointConfig, injector_conflict
 from .topology import Endpoint
 
 #: How long removing a point's qdiscs may take after a cancellation (the namespace goes anyway).
@@ -50,10 +50,10 @@ async def choose_injector(requested: str, topology: str) -> Injector:
     """``auto`` → ``tc`` on netns where ``sch_netem`` works, else ``relay``; InjectorError for an impossible request."""
     if requested == "relay":
         return Injector("relay", "requested (--injector relay)")
+    conflict = injector_conflict(requested, topology)
+    if conflict:
+        raise InjectorError(conflict)
     if topology != "netns":
-        if requested == "tc":
-            raise InjectorError(f"--injector tc needs --topology netns: on {topology} it would "
-                                "shape an interface of the host")
         return Injector("relay", f"{topology} topology: no link of our own to shape with tc")
     missing = await trio.to_thread.run_sync(netem_unsupported)
     if missing is None:

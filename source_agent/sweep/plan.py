@@ -18,32 +18,39 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, TypeVar
 
-from source_agent.netem import (
-    ImpairmentError,
-    Link,
+from agentcore.options import (
+    UsageError,
     format_duration,
     format_rate,
-    parse_duration,
-    parse_rate,
+    format_size,
+    parse_bandwidth,
+    parse_guest_memory,
+    seconds,
 )
-from source_agent.netem.link import _quantity
+from source_agent.netem import Link
 
 T = TypeVar("T")
 
 TOPOLOGIES = ("loopback", "netns", "remote")
 INJECTORS = ("auto", "relay", "tc")
 
-#: Guest memory is mapped in 2 MiB pages, up to kvmcore's 1 GiB maximum.
+#: The default guest: one 2 MiB page (guest sizes are checked by agentcore's parse_guest_memory).
 MEMORY_STEP = 2 << 20
-MEMORY_MAX = 1 << 30
 #: One-way latency and gap above this are almost certainly a unit typo (``5s`` for ``5ms``),
 #: and each would stall a point for minutes.
 DURATION_MAX = 10.0
 STRATEGY_PARTS = ("clock", "tsc", "runstate")
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-_SIZE_UNITS: dict[str, float] = {"b": 1, "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30,
-               "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3, "gb": 1000**3}
+
+
+def injector_conflict(injector: str, topology: str) -> str | None:
+    """Why ``injector`` cannot work on ``topology`` on any host, or None (the host's own lack of
+    ``sch_netem`` is found by probing, in `injector.choose_injector`)."""
+    if injector == "tc" and topology != "netns":
+        return (f"--injector tc needs --topology netns: on {topology} it would shape an "
+                "interface of the host")
+    return None
 
 
 class AxisError(ValueError):
@@ -85,48 +92,40 @@ def _axis(option: str, text: str, parse: Callable[[str], T]) -> tuple[T, ...]:
     return tuple(values)
 
 
-def _duration(option: str) -> Callable[[str], float]:
-    def parse(item: str) -> float:
+def _item(option: str, parse: Callable[[str], T]) -> Callable[[str], T]:
+    """One axis item through agentcore's grammar, its error as an AxisError naming the option."""
+    def parse_item(item: str) -> T:
         try:
-            seconds = parse_duration(item, option)
-        except ImpairmentError as exc:
-            raise AxisError(str(exc)) from None
-        if seconds > DURATION_MAX:
+            return parse(item)
+        except UsageError as exc:
+            raise AxisError(f"{option}: {exc}") from None
+    return parse_item
+
+
+def _duration(option: str) -> Callable[[str], float]:
+    in_seconds = _item(option, seconds)
+
+    def parse(item: str) -> float:
+        value = in_seconds(item)
+        if value > DURATION_MAX:
             raise AxisError(f"{option}: {item!r} is over {DURATION_MAX:g}s (a unit typo?)")
-        return seconds
+        return value
     return parse
 
 
 def parse_durations(option: str, text: str) -> tuple[float, ...]:
-    """``"0,1,5ms"`` is refused (``'0' has no unit``); ``"0ms,1ms,5ms"`` -> seconds."""
+    """``"0,1,5ms"`` -> seconds (0, 0.001, 0.005); ``"1,5"`` is refused (``'1' has no unit``)."""
     return _axis(option, text, _duration(option))
 
 
 def parse_rates(option: str, text: str) -> tuple[float | None, ...]:
     """``"unlimited,100mbit"`` -> (None, 12.5e6) bytes per second (tc's units; ``bps`` is bytes)."""
-    def parse(item: str) -> float | None:
-        if item.lower() in ("unlimited", "none"):
-            return None
-        try:
-            return parse_rate(item, option)
-        except ImpairmentError as exc:
-            raise AxisError(str(exc)) from None
-    return _axis(option, text, parse)
+    return _axis(option, text, _item(option, parse_bandwidth))
 
 
 def parse_size(option: str, item: str) -> int:
-    """``"16MiB"`` -> bytes; a unit is required, and guest sizes are whole 2 MiB pages up to 1 GiB.
-
-    Parsed by the same quantity grammar as the netem durations and rates, so
-    every axis accepts and refuses the same spellings with the same messages.
-    """
-    try:
-        size = _quantity(option, item, _SIZE_UNITS, "'2MiB'")
-    except ImpairmentError as exc:
-        raise AxisError(str(exc)) from None
-    if size != int(size) or size % MEMORY_STEP or not MEMORY_STEP <= size <= MEMORY_MAX:
-        raise AxisError(f"{option}: {item!r} must be a multiple of 2MiB between 2MiB and 1GiB")
-    return int(size)
+    """``"16MiB"`` -> bytes: a guest size, whole 2 MiB pages up to 1 GiB (agentcore's grammar)."""
+    return _item(option, parse_guest_memory)(item)
 
 
 def parse_sizes(option: str, text: str) -> tuple[int, ...]:
@@ -155,13 +154,6 @@ def parse_strategy(option: str, text: str) -> str:
             raise AxisError(f"{option}: {part} given twice in {text!r}")
         parts[part] = value
     return ",".join(f"{part}={parts[part]}" for part in STRATEGY_PARTS if part in parts)
-
-
-def format_size(size: int) -> str:
-    for unit, factor in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if size % factor == 0:
-            return f"{size // factor}{unit}"
-    return f"{size}B"
 
 
 def format_bandwidth(rate: float | None) -> str:
@@ -217,6 +209,15 @@ class Axes:
     gap_ns: tuple[int, ...] = (0,)
     strategy: tuple[str, ...] = ("best",)
 
+    def __post_init__(self) -> None:
+        # The relay and netem never send a byte before it arrived: a jitter above the latency
+        # would be clamped at 0, so the point's delays would not be the ones asked for.
+        if self.latency and self.jitter and max(self.jitter) > min(self.latency):
+            raise AxisError(f"--jitter {format_duration(max(self.jitter))} is more than --latency "
+                            f"{format_duration(min(self.latency))}: jitter is ± around the latency "
+                            "and a delay cannot go below 0, so every jitter must be at most every "
+                            "latency")
+
     def combinations(self) -> Iterable[tuple[float, float, float | None, int, int, str]]:
         return itertools.product(self.latency, self.jitter, self.bandwidth, self.memory,
                                  self.gap_ns, self.strategy)
@@ -256,6 +257,9 @@ class SweepPlan:
             raise AxisError("--to HOST:PORT is required with --topology remote, and only there")
         if self.injector not in INJECTORS:
             raise AxisError(f"--injector: {self.injector!r}: choose one of {', '.join(INJECTORS)}")
+        conflict = injector_conflict(self.injector, self.topology)
+        if conflict:
+            raise AxisError(conflict)
 
     def points(self) -> list[PointConfig]:
         """Every point, repeat-major: all combinations once, then all again.

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from source_agent.results import ResultsStore, RunRecord
+from source_agent.results import ResultsStore, RunRecord, timestamp
 
 from .injector import Injector, inject
 from .plan import PointConfig, SweepPlan, config_mismatch
@@ -40,12 +40,17 @@ POINT_TIMEOUT = 300.0
 
 @dataclass(frozen=True)
 class Target:
-    """Where ``run_point`` migrates to: the injector's address, the key, and the topology label."""
+    """Where ``run_point`` migrates to: the injector's address, the key, and the topology label.
+
+    ``destination`` is the destination agent's own ``HOST:PORT`` (``--to`` for
+    remote), which is what a run records; ``host``/``port`` may be a relay's.
+    """
 
     host: str
     port: int
     psk_file: str | None
     topology: str
+    destination: str = ""
 
     @property
     def address(self) -> tuple[str, int]:
@@ -53,6 +58,11 @@ class Target:
 
 
 RunPoint = Callable[[PointConfig, Target], Awaitable[dict[str, Any]]]
+
+
+class SweepStop(Exception):
+    """Raised by a ``run_point`` for a failure every later point would repeat (the destination
+    refused the key, or speaks another protocol version): the run is recorded, the sweep stops."""
 
 
 class SweepConfigError(Exception):
@@ -78,19 +88,30 @@ class SweepOutcome:
     run_ids: list[str] = field(default_factory=list)
 
 
-def utc(ns: int) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
-
-
-def claim(store: ResultsStore, plan: SweepPlan) -> None:
-    """Register the sweep's config, or check it against the stored one (SweepConfigError)."""
-    stored = store.register_sweep(plan.name, plan.config(), utc(time.time_ns()))
-    differences = config_mismatch(stored, plan.config())
+def _refuse_other_settings(store: ResultsStore, plan: SweepPlan, stored: dict[str, Any] | None) -> None:
+    differences = [] if stored is None else config_mismatch(stored, plan.config())
     if differences:
         raise SweepConfigError(
             f"sweep {plan.name!r} is already in {store.path} with other settings "
             f"({'; '.join(differences)}); rerun with the stored settings to resume it, or use "
             "a new name (or another --db) for a new experiment")
+
+
+def check_settings(store: ResultsStore, plan: SweepPlan) -> None:
+    """SweepConfigError if the name is stored with other settings; reads only, stores nothing."""
+    _refuse_other_settings(store, plan, store.sweep_config(plan.name))
+
+
+def claim(store: ResultsStore, plan: SweepPlan) -> None:
+    """Register the sweep's config, or check it against the stored one (SweepConfigError).
+
+    Called only once everything that can refuse the sweep at set-up (the
+    injector, the destination) has accepted it, right before the first point:
+    a sweep refused before it ran anything leaves no settings behind to refuse
+    its corrected rerun with.
+    """
+    _refuse_other_settings(store, plan, store.register_sweep(plan.name, plan.config(),
+                                                             timestamp(time.time_ns())))
 
 
 def _value(report: dict[str, Any], name: str) -> Any:
@@ -114,22 +135,28 @@ def columns(report: dict[str, Any]) -> dict[str, Any]:
 
 
 def _error_report(point: PointConfig, target: Target, error: str) -> dict[str, Any]:
-    return {"outcome": "error", "exit_code": 3, "error": error, "topology": target.topology,
-            "destination": f"{target.host}:{target.port}", "memory_size": point.memory_size,
+    return {"command": "sweep", "outcome": "error", "exit_code": 3, "error": error,
+            "topology": target.topology, "memory_size": point.memory_size,
             "strategy": point.strategy}
 
 
 def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report: dict[str, Any],
-               injection: dict[str, Any], started_ns: int) -> str:
-    """Store one run (a single transaction); returns its run id. Synchronous on purpose: no checkpoint."""
+               injection: dict[str, Any], started_ns: int, target: Target) -> str:
+    """Store one run (a single transaction); returns its run id. Synchronous on purpose: no checkpoint.
+
+    The run's ``destination`` is the destination agent's address, not the relay's
+    ephemeral port the migration connected to (that one is kept as ``sweep.via``).
+    """
     run_id = f"{plan.name}-{time.strftime('%Y%m%dT%H%M%S', time.gmtime(started_ns / 1e9))}-" \
              f"{secrets.token_hex(4)}"
-    report = {**report, "run_id": run_id, "sweep": {"name": plan.name, "point": point.key,
-                                  "combination": point.combination, "repeat": point.repeat,
-                                  "config": point.to_plain(), "injector": injection}}
+    report = {"started_at": timestamp(started_ns), **report, "run_id": run_id,
+              "destination": target.destination or f"{target.host}:{target.port}",
+              "sweep": {"name": plan.name, "point": point.key, "combination": point.combination,
+                        "repeat": point.repeat, "config": point.to_plain(), "injector": injection,
+                        "via": f"{target.host}:{target.port}"}}
     exit_code = report.get("exit_code")
     store.record(RunRecord(
-        run_id=run_id, started_at=utc(started_ns), finished_at=utc(time.time_ns()),
+        run_id=run_id, started_at=timestamp(started_ns), finished_at=timestamp(time.time_ns()),
         command="sweep", outcome=report["outcome"],
         exit_code=exit_code if isinstance(exit_code, int) else {"passed": 0, "failed": 1}.get(
             report["outcome"], 3),
@@ -148,7 +175,7 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
     ``endpoint()`` opens the destination for the whole sweep (it is not even
     started when every point is done); ``choose(topology)`` picks the injector.
     """
-    claim(store, plan)
+    check_settings(store, plan)
     done = store.points_done(plan.name)
     todo = [p for p in plan.points() if p.key not in done]
     outcome = SweepOutcome(planned=len(plan.points()), skipped=len(plan.points()) - len(todo))
@@ -158,14 +185,20 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
     outcome.injector = await choose(plan.topology)
     consecutive = 0
     async with endpoint() as dest:
+        claim(store, plan)
         for index, point in enumerate(todo):
             progress.point_started(index, point)
             async with inject(outcome.injector, dest, point) as injection:
-                target = Target(*injection.address, dest.psk_file, plan.topology)
+                target = Target(*injection.address, dest.psk_file, plan.topology,
+                                destination=dest.destination)
                 started = time.time_ns()
+                stop = None
                 with trio.move_on_after(point_timeout) as timer:
                     try:
                         report = await run_point(point, target)
+                    except SweepStop as exc:
+                        stop = str(exc)
+                        report = _error_report(point, target, stop)
                     except Exception as exc:  # noqa: BLE001 - the agent layer's failure is this run's result
                         report = _error_report(point, target, f"{type(exc).__name__}: {exc}")
                 if timer.cancelled_caught:
@@ -176,9 +209,13 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
                 # Recorded and reported before the next checkpoint (leaving the injector is one),
                 # so a cancellation cannot fall between a stored run and its progress line.
                 outcome.run_ids.append(record_run(store, plan, point, report, injection.describe(),
-                                                  started))
+                                                  started, target))
                 outcome.ran += 1
                 progress.point_finished(index, point, report)
+            if stop is not None:
+                outcome.errors += 1
+                outcome.stopped = stop
+                break
             if report.get("outcome") == "error":
                 await dest.check()
                 outcome.errors += 1

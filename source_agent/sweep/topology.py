@@ -75,6 +75,11 @@ class Endpoint:
     def address(self) -> tuple[str, int]:
         return self.host, self.port
 
+    @property
+    def destination(self) -> str:
+        """``HOST:PORT`` as a run records it (``[v6]:PORT`` for an IPv6 address)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
     def died(self) -> DestinationError:
         code = self.process.returncode if self.process else None
         return DestinationError(f"the destination agent exited ({code}) mid-sweep: "

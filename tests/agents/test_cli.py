@@ -114,10 +114,13 @@ def test_connection_refused_exits_3_and_is_recorded_with_its_error(cli, tmp_path
 
 
 @pytest.mark.parametrize("args, message", [
-    (["loopback", "--gap", "10"], "expected a number and a unit"),
-    (["loopback", "--gap", "soon"], "duration 'soon'"),
-    (["loopback", "--memory", "3MiB"], "multiple of 2MiB"),
-    (["loopback", "--memory", "2 parsecs"], "size '2 parsecs'"),
+    (["loopback", "--gap", "10"], "argument --gap: '10' has no unit (expected e.g. '5ms')"),
+    (["loopback", "--gap", "soon"], "argument --gap: cannot parse 'soon'"),
+    (["loopback", "--memory", "3MiB"], "argument --memory: '3MiB' must be a multiple of 2MiB "
+                                       "between 2MiB and 1GiB"),
+    (["loopback", "--memory", "2 parsecs"], "unknown unit 'parsecs' in '2 parsecs'"),
+    (["loopback", "--handshake-timeout", "0s"], "argument --handshake-timeout: '0s' must be longer "
+                                                "than 0"),
     (["loopback", "--clock", "sundial"], "invalid choice: 'sundial'"),
     (["migrate"], "--to"),
     (["migrate", "--to", "127.0.0.1:http"], "expected HOST:PORT"),
@@ -163,6 +166,26 @@ def test_dest_agent_refuses_a_non_loopback_address_without_a_key(cli):
     assert "not a loopback address" in run.stderr and "--psk-file" in run.stderr
     run = cli("dest-agent", "serve", "--listen", "127.0.0.1:0", "--max-memory", "3MiB")
     assert run.code == 2 and "multiple of 2MiB" in run.stderr
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--max-memory", "64GiB", "'64GiB' must be a multiple of 2MiB between 2MiB and 1GiB"),
+    ("--handshake-timeout", "0s", "'0s' must be longer than 0"),
+    ("--idle-timeout", "0", "'0' must be longer than 0"),
+])
+def test_dest_agent_refuses_values_no_session_could_use(cli, option, value, message):
+    """Issue 10 item 16: guests are capped at 1 GiB; a 0 timeout would fail every session."""
+    run = cli("dest-agent", "serve", "--listen", "127.0.0.1:0", option, value)
+    assert run.code == 2 and f"argument {option}: {message}" in run.stderr, run.stderr
+
+
+def test_errors_quote_the_value_as_typed_and_a_bare_zero_is_zero(cli):
+    """Issue 10 item 16. Negative control for the zero: a bare 10 still needs its unit."""
+    run = cli("source-agent", "loopback", "--no-db", "--memory", "3MiB")
+    assert run.code == 2 and "'3MiB'" in run.stderr and "3145728" not in run.stderr
+    run = cli("source-agent", "loopback", "--no-db", "--json", "--gap", "0", "--warmup", "0")
+    assert run.code == 0, run.stderr
+    assert run.json()["gap_requested_ns"] == 0
 
 
 @pytest.mark.parametrize("tool, command", [("source-agent", "migrate"),

@@ -24,9 +24,16 @@ from kvmcore import (
 from source_agent.migrate import PeerReportError, _validate_report
 from agentcore.options import (
     UsageError,
+    format_duration,
+    format_rate,
+    format_size,
+    parse_bandwidth,
     parse_duration_ns,
+    parse_guest_memory,
     parse_host_port,
+    parse_rate,
     parse_size,
+    parse_timeout,
 )
 
 
@@ -135,7 +142,8 @@ def test_load_psk(tmp_path):
 
 
 @pytest.mark.parametrize("text, ns", [("10ms", 10_000_000), ("1.5s", 1_500_000_000),
-                                      ("250us", 250_000), ("0ns", 0), ("2m", 120_000_000_000)])
+                                      ("250us", 250_000), ("0ns", 0), ("2m", 120_000_000_000),
+                                      ("0", 0), ("2h", 7_200_000_000_000), (" 20 MS ", 20_000_000)])
 def test_durations(text, ns):
     assert parse_duration_ns(text) == ns
 
@@ -149,10 +157,32 @@ def test_sizes(text, size):
 @pytest.mark.parametrize("parse, text", [(parse_duration_ns, "10"), (parse_duration_ns, "-1ms"),
                                          (parse_duration_ns, "1 fortnight"),
                                          (parse_size, "2MiB?"), (parse_size, "0.3B"),
+                                         (parse_timeout, "0s"), (parse_timeout, "0"),
+                                         (parse_guest_memory, "64GiB"), (parse_guest_memory, "0"),
+                                         (parse_rate, "0mbit"), (parse_rate, "100"),
+                                         (parse_bandwidth, "0bit"),
                                          (parse_host_port, "host:"), (parse_host_port, "::1")])
 def test_bad_values_are_usage_errors(parse, text):
     with pytest.raises(UsageError):
         parse(text)
+
+
+def test_one_grammar_for_sizes_rates_and_their_spellings():
+    """What sweeps store and every option reads: parse(format(x)) == x."""
+    assert parse_guest_memory("1GiB") == 1 << 30 and parse_timeout("1ms") == 0.001
+    assert parse_rate("100mbit") == 12.5e6 and parse_rate("10mbps") == 10e6   # bps is bytes
+    assert parse_bandwidth("unlimited") is None and parse_bandwidth("1gbit") == 125e6
+    for size in (2 << 20, 3 << 30, 1536):
+        assert parse_size(format_size(size)) == size
+    for rate in (12.5e6, 125e6, 1000.0):
+        assert parse_rate(format_rate(rate)) == rate
+    for secs in (0.0, 0.005, 250e-6, 2.0):
+        assert parse_duration_ns(format_duration(secs)) == round(secs * 1e9)
+
+
+def test_bandwidth_zero_says_what_to_write_instead():
+    with pytest.raises(UsageError, match=r"^'0mbit' must be more than 0 \(write 'unlimited'"):
+        parse_bandwidth("0mbit")
 
 
 def test_host_port_forms():

@@ -35,7 +35,8 @@ def test_rates_follow_tc_units(text, bytes_per_second):
     (lambda: parse_duration(-0.001, "delay"), "delay: must be finite and >= 0"),
     (lambda: parse_duration(math.nan, "delay"), "delay: must be finite"),
     (lambda: parse_duration(True, "delay"), "delay: expected a number"),
-    (lambda: parse_rate("0mbit"), "rate: must be > 0"),
+    (lambda: parse_rate("0mbit"), "rate: '0mbit' must be more than 0"),
+    (lambda: parse_rate(0), "rate: must be > 0"),
     (lambda: parse_rate("100mbits"), "rate: unknown unit 'mbits'"),
     (lambda: parse_rate(math.inf), "rate: must be finite"),
     (lambda: Link(delay=-1.0), "delay: must be finite and >= 0"),
@@ -73,3 +74,16 @@ def test_sampled_delay_stays_within_jitter_and_never_negative():
     samples = [Link(0.005, 0.001).sample_delay(rng) for _ in range(1000)]
     assert 0.004 <= min(samples) < 0.0045 and 0.0055 < max(samples) <= 0.006
     assert min(Link(0.001, 0.005).sample_delay(rng) for _ in range(1000)) == 0.0
+
+
+def test_netem_imports_on_its_own_with_only_the_neutral_agentcore():
+    """The one unit grammar lives in agentcore; netem must not pull in KVM, the wire or the agents."""
+    import subprocess
+    import sys
+
+    code = ("import sys, source_agent.netem; print(sorted(m.split('.')[0] for m in sys.modules "
+            "if m.split('.')[0] in ('kvmcore', 'protocol', 'dest_agent', 'agentcore') "
+            "or m.startswith('source_agent.') and not m.startswith('source_agent.netem')))")
+    out = subprocess.run([sys.executable, "-P", "-c", code], capture_output=True, text=True,
+                         check=True).stdout
+    assert set(eval(out)) <= {"agentcore"}   # noqa: S307 - our own subprocess's repr of a list

@@ -21,14 +21,13 @@ def small_plan(name: str = "s", *, latency=(0.0, 0.001, 0.005), repeat: int = 2,
 
 
 def dest_pids() -> set[int]:
-    """Processes running this checkout's fake destination (another checkout's test run
-    on the same machine has its own path, and is not ours to count)."""
-    ours = str(FAKE_DEST).encode()
+    """Processes running this checkout's fake destination (other checkouts' tests may run at once)."""
+    mine = str(FAKE_DEST).encode()
     found = set()
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
-                if ours in f.read():
+                if mine in f.read():
                     found.add(int(pid))
         except OSError:
             pass

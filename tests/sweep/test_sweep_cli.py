@@ -84,7 +84,10 @@ async def test_rerun_says_how_many_points_were_skipped(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (("--latency", "0,1,5"), "--latency: '0' has no unit (expected e.g. '5ms')"),
+    (("--latency", "0,1,5"), "--latency: '1' has no unit (expected e.g. '5ms')"),
+    (("--bandwidth", "0mbit"), "--bandwidth: '0mbit' must be more than 0 (write 'unlimited' for "
+                               "no cap)"),
+    (("--latency", "1ms", "--jitter", "5ms"), "--jitter 5ms is more than --latency 1ms"),
     (("--memory", "3MiB"), "--memory: '3MiB' must be a multiple of 2MiB"),
     (("--topology", "remote"), "--to HOST:PORT is required"),
     (("--topology", "remote", "--to", "nowhere"), "--to: 'nowhere' is not HOST:PORT"),
@@ -94,6 +97,23 @@ async def test_rerun_says_how_many_points_were_skipped(tmp_path, capsys):
 async def test_bad_options_exit_2_naming_the_option(tmp_path, capsys, argv, message):
     assert await run("x", *argv, "--db", str(tmp_path / "r.db")) == 2
     assert message in capsys.readouterr().err
+    assert not (tmp_path / "r.db").exists()   # refused before anything, the store included
+
+
+async def test_a_plot_dir_that_cannot_be_one_is_refused_before_any_point(tmp_path, capsys):
+    """Issue 10 item 12: not after every point ran ("[Errno 17] File exists")."""
+    (tmp_path / "taken").write_text("not a directory")
+    agent = FakeAgent()
+    for plot_dir, message in ((tmp_path / "taken", "exists and is not a directory"),
+                              (tmp_path / "taken" / "sub", "taken is not a directory")):
+        assert await run("p", "--repeat", "1", "--db", str(tmp_path / "r.db"),
+                         "--plot-dir", str(plot_dir), agent=agent) == 2
+        assert f"--plot-dir {plot_dir}: " in capsys.readouterr().err
+        assert agent.calls == [] and not (tmp_path / "r.db").exists()
+    # Negative control: a directory still to be made is fine (made once the plots are drawn).
+    assert await run("p", "--repeat", "1", "--db", str(tmp_path / "r.db"),
+                     "--plot-dir", str(tmp_path / "new" / "plots"), agent=agent) == 0
+    assert len(list((tmp_path / "new" / "plots").iterdir())) == 4
 
 
 async def test_other_axes_under_an_existing_name_exit_2_and_say_what_differs(tmp_path, capsys):

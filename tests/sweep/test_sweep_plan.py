@@ -25,6 +25,7 @@ def test_a_unit_on_the_last_item_is_the_lists_unit():
 
 @pytest.mark.parametrize("option, text, message", [
     ("--latency", "5", "--latency: '5' has no unit (expected e.g. '5ms')"),
+    ("--latency", "0,5", "--latency: '5' has no unit"),
     ("--latency", "1ms,5,20ms", "--latency: '5' has no unit"),
     ("--latency", "5parsecs", "--latency: unknown unit 'parsecs'"),
     ("--latency", "1ms,,2ms", "--latency: empty value"),
@@ -32,10 +33,12 @@ def test_a_unit_on_the_last_item_is_the_lists_unit():
     ("--latency", "30s", "--latency: '30s' is over 10s (a unit typo?)"),
     ("--jitter", "-1ms", "--jitter: cannot parse '-1ms'"),
     ("--bandwidth", "100mbits", "--bandwidth: unknown unit 'mbits'"),
-    ("--bandwidth", "0mbit", "--bandwidth: must be > 0"),
+    ("--bandwidth", "0mbit", "--bandwidth: '0mbit' must be more than 0 (write 'unlimited' for no cap)"),
+    ("--bandwidth", "100", "--bandwidth: '100' has no unit (expected e.g. '100mbit')"),
     ("--memory", "3MiB", "--memory: '3MiB' must be a multiple of 2MiB"),
     ("--memory", "2GiB", "--memory: '2GiB' must be a multiple of 2MiB between 2MiB and 1GiB"),
-    ("--memory", "16", "--memory: '16' has no unit"),
+    ("--memory", "16", "--memory: '16' must be a multiple of 2MiB"),   # a bare size is bytes
+    ("--memory", "3MiB,4MiB", "--memory: '3MiB' must be"),
 ])
 def test_bad_axis_values_name_the_option_and_the_value(option, text, message):
     parse = {"--latency": parse_durations, "--jitter": parse_durations,
@@ -77,11 +80,11 @@ def test_every_combination_repeats_and_keys_are_distinct_and_stable():
 def test_config_mismatch_names_each_difference_and_ignores_repeat():
     a = SweepPlan("s", Axes(latency=(0.0, 0.001)), 2)
     assert config_mismatch(a.config(), SweepPlan("s", Axes(latency=(0.0, 0.001)), 9).config()) == []
-    b = SweepPlan("s", Axes(latency=(0.0,), jitter=(0.001,)), 2, "netns")
+    b = SweepPlan("s", Axes(latency=(0.002,), jitter=(0.001,)), 2, "netns")
     assert config_mismatch(a.config(), b.config()) == [
         "topology: stored 'loopback', now 'netns'",
         "--jitter: stored 0ms, now 1ms",
-        "--latency: stored 0ms,1ms, now 0ms",
+        "--latency: stored 0ms,1ms, now 2ms",
     ]
 
 
@@ -104,3 +107,18 @@ def test_labels_name_only_the_axes_that_vary():
         "latency=5ms memory=2MiB", "latency=5ms memory=16MiB"]
     single = SweepPlan("s", Axes(gap_ns=(5_000_000,)), 1)
     assert single.label(single.points()[0]) == "latency=0ms"
+
+
+def test_a_bare_zero_is_zero_in_every_duration_axis():
+    """Issue 10 item 16: "(default 0ms)" and a bare 0 agree. Negative control: a bare 5 is not 5ms."""
+    assert parse_durations("--gap", "0") == (0.0,)
+    assert parse_durations("--latency", "0,5ms") == (0.0, 0.005)
+    with pytest.raises(AxisError, match="'5' has no unit"):
+        parse_durations("--latency", "5")
+
+
+def test_a_jitter_above_a_latency_is_refused_naming_both():
+    """Issue 10 item 16: the relay clamps a delay at 0, so such a point would not be what was asked."""
+    with pytest.raises(AxisError, match=r"^--jitter 2ms is more than --latency 1ms"):
+        Axes(latency=(0.001, 0.005), jitter=(0.0, 0.002))
+    assert Axes(latency=(0.002, 0.005), jitter=(0.0, 0.002)).jitter == (0.0, 0.002)   # control

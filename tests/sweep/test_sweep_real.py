@@ -73,8 +73,10 @@ async def test_a_real_netns_sweep_reaches_the_agent_inside_the_namespace(tmp_pat
     assert json.loads(out)["ran"] == 2
     runs = ResultsStore(db).runs(sweep="ns")
     assert {r["outcome"] for r in runs} == {"passed"}
-    assert all(r["destination"].startswith("127.0.0.1:") for r in runs)  # the relay, in the root namespace
-    assert all(r["report"]["sweep"]["injector"]["target"].startswith("10.201.") for r in runs)
+    # The agent inside the namespace, not the relay in the root namespace the source connected to.
+    assert all(r["destination"].startswith("10.201.") for r in runs)
+    assert all(r["report"]["sweep"]["via"].startswith("127.0.0.1:") for r in runs)
+    assert all(r["report"]["sweep"]["injector"]["target"] == r["destination"] for r in runs)
 
 
 async def test_a_strategy_that_hides_the_gap_fails_its_point(tmp_path, capsys):
@@ -89,3 +91,59 @@ async def test_a_strategy_that_hides_the_gap_fails_its_point(tmp_path, capsys):
     assert best.ok and best.description == "strategy=best"
     assert not plain.ok and plain.description == "strategy=clock=plain"
     assert "kvmclock_follows_gap" in plain.directive
+
+
+@pytest.fixture
+def keyed_destination(tmp_path):
+    """A real ``dest-agent serve`` on 127.0.0.1 that demands a key: ``(HOST:PORT, key file)``."""
+    import re
+    import subprocess
+    import sys
+
+    key = tmp_path / "dest.key"
+    key.write_text("0123456789abcdef0123456789abcdef\n")
+    key.chmod(0o600)
+    agent = subprocess.Popen([sys.executable, "-P", "-m", "dest_agent", "serve", "--listen",
+                              "127.0.0.1:0", "--psk-file", str(key)],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        for line in agent.stderr:
+            match = re.search(rb"serving on ([0-9.]+):([0-9]+)", line)
+            if match:
+                break
+        else:
+            raise AssertionError(f"dest-agent exited {agent.wait()} before serving")
+        yield f"127.0.0.1:{int(match.group(2))}", key
+    finally:
+        agent.kill()
+        agent.wait()
+        agent.stderr.close()
+
+
+async def test_a_remote_sweep_with_a_wrong_or_missing_key_stops_at_once_with_exit_3(
+        tmp_path, capsys, keyed_destination):
+    """Issue 10 item 13: as migrate does (exit 3), not one error run per point and exit 1.
+
+    Negative control: the right key passes every point. Every run records the --to address, not
+    the relay's ephemeral port it went through.
+    """
+    to, key = keyed_destination
+    wrong = tmp_path / "wrong.key"
+    wrong.write_text("fedcba9876543210fedcba9876543210\n")
+    wrong.chmod(0o600)
+    for name, psk in (("missing", ()), ("wrong", ("--psk-file", str(wrong)))):
+        db = tmp_path / f"{name}.db"
+        code = await cli.run(parse(name, "--topology", "remote", "--to", to, *psk, "--latency",
+                                   "0,1ms", "--repeat", "1", "--db", str(db)))
+        err = capsys.readouterr().err
+        assert code == 3, err
+        assert "sweep stopped" in err and "authentication" in err
+        [run] = ResultsStore(db).runs(sweep=name)
+        assert run["outcome"] == "error" and run["destination"] == to
+    db = tmp_path / "right.db"
+    code = await cli.run(parse("right", "--topology", "remote", "--to", to, "--psk-file", str(key),
+                               "--latency", "0,1ms", "--repeat", "1", "--db", str(db)))
+    assert code == 0, capsys.readouterr().err
+    runs = ResultsStore(db).runs(sweep="right")
+    assert [r["destination"] for r in runs] == [to, to]
+    assert all(r["report"]["destination"] == to != r["report"]["sweep"]["via"] for r in runs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import sqlite3
 
 import pytest
@@ -10,7 +11,8 @@ from fakes import FakeAgent
 from sweep_helpers import Recorder, dest_pids, small_plan, sweep
 
 from source_agent.results import ResultsStore
-from source_agent.sweep.runner import SweepConfigError
+from source_agent.results_cli import print_report
+from source_agent.sweep.runner import SweepConfigError, run_sweep
 from source_agent.sweep.topology import DestinationError
 
 
@@ -146,3 +148,60 @@ async def test_nothing_starts_when_every_point_is_done(tmp_path, agent):
 
     outcome = await sweep(small_plan(repeat=1), store, FakeAgent(), dest_argv=no_destination)
     assert outcome.ran == 0 and outcome.injector is None
+
+
+async def test_a_sweep_refused_at_set_up_leaves_no_settings_to_refuse_its_corrected_rerun(tmp_path):
+    """Issue 10 item 12: the injector's refusal comes before the sweep's settings are stored.
+
+    Negative control: the same name with other settings is still refused once a run is stored.
+    """
+    from source_agent.sweep.injector import InjectorError
+
+    store = ResultsStore(tmp_path / "r.db")
+
+    async def refuse(topology):
+        raise InjectorError("--injector tc: unsupported on this host: sch_netem")
+
+    with pytest.raises(InjectorError):
+        await run_sweep(small_plan(topology="netns", repeat=1), store, FakeAgent(),
+                        endpoint=None, choose=refuse, progress=Recorder())
+    assert store.sweep_config("s") is None
+    outcome = await sweep(small_plan(repeat=1), store, FakeAgent())   # corrected: loopback
+    assert outcome.ran == 3
+    with pytest.raises(SweepConfigError, match="topology: stored 'loopback', now 'netns'"):
+        await sweep(small_plan(topology="netns", repeat=1), store, FakeAgent())
+
+
+async def test_a_sweep_whose_destination_never_started_does_not_bind_its_name(tmp_path, monkeypatch):
+    """The settings are stored only with the destination up; a name with no run is replaceable."""
+    store = ResultsStore(tmp_path / "r.db")
+    monkeypatch.setenv("FAKE_DEST_REFUSE", "1")
+    with pytest.raises(DestinationError):
+        await sweep(small_plan(repeat=1), store, FakeAgent())
+    monkeypatch.delenv("FAKE_DEST_REFUSE")
+    outcome = await sweep(small_plan(latency=(0.0, 0.002), repeat=1), store, FakeAgent())
+    assert outcome.ran == 2 and store.sweep_config("s")["axes"]["latency"] == ["0ms", "2ms"]
+
+
+async def test_a_point_that_says_every_later_one_would_fail_stops_the_sweep(tmp_path):
+    """SweepStop (the agents raise it for a refused key): one error run, then the sweep stops."""
+    from source_agent.sweep.runner import SweepStop
+
+    class Refused(FakeAgent):
+        async def __call__(self, point, target):
+            self.calls.append((point.key, target.address))
+            raise SweepStop(f"{target.destination}: the destination refused the authentication")
+
+    store = ResultsStore(tmp_path / "r.db")
+    agent = Refused()
+    outcome = await sweep(small_plan(repeat=1), store, agent)
+    assert len(agent.calls) == 1 and outcome.errors == 1
+    [run] = store.runs(sweep="s")
+    assert outcome.stopped == run["error"] and "refused the authentication" in run["error"]
+    assert run["destination"] == run["report"]["destination"] != run["report"]["sweep"]["via"]
+    shown = io.StringIO()               # `results show` can print an errored sweep run too
+    print_report(run["report"], as_json=False, file=shown)
+    assert run["run_id"] in shown.getvalue() and "refused the authentication" in shown.getvalue()
+    # Negative control: an ordinary error does not stop the sweep.
+    outcome = await sweep(small_plan(repeat=1), store, FakeAgent(raise_on={"none"}))
+    assert outcome.stopped is None and outcome.ran == 3
