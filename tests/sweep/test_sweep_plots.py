@@ -31,11 +31,11 @@ def test_plots_are_valid_png_and_svg(tmp_path, xen):
     assert check_png(tmp_path / "s-downtime.png") == (1100, 480)
     svg = (tmp_path / "s-accounting.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "</svg>" in svg and len(svg) > 10_000
-    label = "accounted steal (Xen runnable delta)" if xen else "kvmclock jump (no Xen on this host)"
+    label = "Xen runnable delta − (wall gap + open)" if xen else "kvmclock jump − host interval"
     # matplotlib draws text as glyph paths and keeps the string in a comment.
-    assert f"<!-- {label}, ms -->" in svg
-    other = "kvmclock jump (no Xen on this host)" if xen else "accounted steal (Xen runnable delta)"
-    assert f"<!-- {other}" not in svg  # negative control: the label follows the basis
+    assert f"<!-- accounting error: {label}" in svg
+    other = "kvmclock jump − host interval" if xen else "Xen runnable delta − (wall gap + open)"
+    assert f"<!-- accounting error: {other}" not in svg  # negative control: label follows basis
 
 
 def test_a_truncated_png_is_detected(tmp_path):
