@@ -183,19 +183,34 @@ class ResultsStore:
         There the rollback journal (DELETE, synchronous=FULL) keeps the same guarantee -- a
         run is wholly present or wholly absent after a crash -- only readers then wait for a
         writer's commit (busy_timeout) instead of reading alongside it. On a normal disk
-        nothing changes: WAL. Exclusive locking for the switch keeps the WAL index in heap
-        memory, so a database left in WAL mode can still be switched back."""
-        try:
+        nothing changes: WAL. The filesystem is probed with a scratch database beside this
+        one, never with this one: switching it to WAL on such a filesystem would break every
+        other process using it."""
+        if self._wal_works():
             with closing(self._connect()) as con:
-                mode = con.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                con.execute("SELECT count(*) FROM sqlite_master").fetchone()
-                return str(mode)
+                return str(con.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+        # A bare connection with exclusive locking (the WAL index then lives in heap memory),
+        # so a database left in WAL mode can be switched back; any other statement first
+        # (even PRAGMA synchronous) would read the index through the failing shared memory.
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
+            con.execute("PRAGMA locking_mode=EXCLUSIVE")
+            return str(con.execute("PRAGMA journal_mode=DELETE").fetchone()[0])
+
+    def _wal_works(self) -> bool:
+        """Whether a WAL database works in this database's directory (a scratch one)."""
+        probe = self.path.with_name(f".{self.path.name}.wal-probe-{os.getpid()}")
+        try:
+            with closing(sqlite3.connect(probe, isolation_level=None)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("CREATE TABLE probe (x)")
+            return True
         except sqlite3.OperationalError as exc:
             if "disk I/O error" not in str(exc):
                 raise
-        with closing(self._connect()) as con:
-            con.execute("PRAGMA locking_mode=EXCLUSIVE")
-            return str(con.execute("PRAGMA journal_mode=DELETE").fetchone()[0])
+            return False
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{probe}{suffix}").unlink(missing_ok=True)
 
     def _backfill_verdicts(self, con: sqlite3.Connection) -> None:
         """Fill the verdicts table from the reports of a database written before it existed."""
