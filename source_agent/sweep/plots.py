@@ -80,7 +80,7 @@ def varied_axes(plan: SweepPlan, among: Sequence[str] = ENCODED_AXES) -> list[st
 def _value_label(axis: str, value: Any, run: dict[str, Any] | None = None) -> str:
     text = _AXES[axis][1](value)
     if axis == "strategy" and run is not None and text != run.get("report", {}).get("strategy"):
-        text += f" = {run['report'].get('strategy')}"      # what "best" resolved to
+        text += f" → {run['report'].get('strategy')}"      # what it resolved to on this host
     return text
 
 
@@ -91,7 +91,7 @@ def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
     facet_axis = varied[2] if len(varied) > 2 else None
     rest = varied[3:]           # beyond three encodings: spelled out in the colour's label
     facets = list(getattr(plan.axes, facet_axis)) if facet_axis else [None]
-    figure = _figure(6.4 * len(facets), 4.8)
+    figure = _figure(6.4 * len(facets) + 2.8, 4.8)
     axes = figure.subplots(1, len(facets), squeeze=False, sharey=True)[0]
     plotted = [(run, acc) for run in _completed(runs) if (acc := accounting(run)) is not None
                and run.get("wall_gap_ns") is not None]
@@ -115,9 +115,9 @@ def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
             x, y = run["wall_gap_ns"] / 1e6, acc.error_ns / 1e6
             every_x.append(x)
             if acc.low_ns is not None and acc.high_ns is not None:
-                ax.errorbar([x], [y], yerr=[[max(0.0, y - acc.low_ns / 1e6)],
-                                            [max(0.0, acc.high_ns / 1e6 - y)]],
-                            fmt="none", ecolor=colour, alpha=0.35, linewidth=1, capsize=2)
+                # The bound itself, not a bar from the dot to it: a dot off its bar failed.
+                ax.vlines([x], acc.low_ns / 1e6, acc.high_ns / 1e6, colors=colour, alpha=0.4,
+                          linewidth=3)
             ax.scatter([x], [y], s=28, color=colour, marker=marker, alpha=0.85, zorder=3)
             if run["outcome"] == "failed":
                 any_failed = True
@@ -138,44 +138,49 @@ def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
                      transform=axes[0].transAxes)
     axes[0].set_ylabel(YLABEL[next(iter(bases))] if len(bases) == 1 else
                        "accounting error (Xen runnable or kvmclock, per run), ms")
-    figure.suptitle(f"{plan.name}: what the guest was told minus what it lost")
-    _accounting_legends(figure, axes[-1], colour_axis, colour_of, marker_axis, marker_of,
-                        any_failed)
+    title = f"{plan.name}: what the guest was told minus what it lost"
+    if facet_axis is None:
+        axes[0].set_title(title)    # a suptitle would run under the legend
+    else:
+        figure.suptitle(title, x=0.4)
+    _accounting_legend(figure, colour_axis, colour_of, marker_axis, marker_of, any_failed)
     return figure
 
 
-def _accounting_legends(figure: Any, ax: Any, colour_axis: str | None, colour_of: dict[str, str],
-                        marker_axis: str | None, marker_of: dict[str, str],
-                        any_failed: bool) -> None:
-    """Explain every mark: colours, markers, the two reference lines, the bars, the red ring."""
+def _accounting_legend(figure: Any, colour_axis: str | None, colour_of: dict[str, str],
+                       marker_axis: str | None, marker_of: dict[str, str],
+                       any_failed: bool) -> None:
+    """One legend right of the panels explaining every mark: a heading per encoding (colour:
+    axis, marker: axis), then the reference lines, the bound and the red ring."""
     from matplotlib.lines import Line2D
 
     def handle(**kw: Any) -> Any:
         return Line2D([], [], linestyle="none", **kw)
 
-    groups = []
+    entries: list[tuple[Any, str]] = []
+    headings = []
     if colour_axis:
-        groups.append((colour_axis, [(handle(marker="o", color=c), k)
-                                     for k, c in colour_of.items()]))
+        headings.append(len(entries))
+        entries.append((handle(), f"colour: {colour_axis.removesuffix('_ns')}"))
+        entries += [(handle(marker="o", color=c), k) for k, c in colour_of.items()]
     if marker_axis:
-        groups.append((marker_axis, [(handle(marker=m, color="0.3"), k)
-                                     for k, m in marker_of.items()]))
-    marks = [(Line2D([], [], color="0.3", linewidth=1), "y = 0: gap accounted exactly"),
-             (Line2D([], [], color="0.5", linestyle="--", linewidth=1),
-              "y = −x: gap hidden (clock=plain)"),
-             (Line2D([], [], color="0.6", marker="|", markersize=10, linestyle="none"),
-              "bar: the verdict's bound")]
+        headings.append(len(entries))
+        entries.append((handle(), f"marker: {marker_axis.removesuffix('_ns')}"))
+        entries += [(handle(marker=m, color="0.3"), k) for k, m in marker_of.items()]
+    headings.append(len(entries))
+    entries.append((handle(), "marks"))
+    entries += [(Line2D([], [], color="0.3", linewidth=1), "y = 0: gap accounted exactly"),
+                (Line2D([], [], color="0.5", linestyle="--", linewidth=1),
+                 "y = −x: gap hidden (clock=plain)"),
+                (Line2D([], [], color="0.5", alpha=0.5, linewidth=3), "bar: the verdict's bound")]
     if any_failed:
-        marks.append((handle(marker="o", markersize=10, markerfacecolor="none",
-                             markeredgecolor="red"), "ringed red: run failed a verdict"))
-    groups.append(("marks", marks))
-    y = 1.0
-    for title, entries in groups:
-        legend = ax.legend([h for h, _ in entries], [t for _, t in entries], title=title,
-                           fontsize="small", loc="upper left", bbox_to_anchor=(1.01, y),
-                           borderaxespad=0)
-        ax.add_artist(legend)
-        y -= 0.1 + 0.075 * len(entries)
+        entries.append((handle(marker="o", markersize=10, markerfacecolor="none",
+                               markeredgecolor="red"), "ringed red: run failed a verdict"))
+    legend = figure.legend([h for h, _ in entries], [t for _, t in entries], fontsize="small",
+                           loc="outside right upper")
+    for i, text in enumerate(legend.get_texts()):
+        if i in headings:
+            text.set_fontweight("bold")
 
 
 def _phase_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
