@@ -266,6 +266,8 @@ def downtime_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
 
 def _mark_failed(ax: Any, groups: Sequence[Sequence[dict[str, Any]]]) -> None:
     """Over each bar, in red, how many of its runs failed a verdict (nothing if none did)."""
+    if any(run["outcome"] == "failed" for group in groups for run in group):
+        ax.margins(y=0.08)          # room above the bars for the note
     for i, group in enumerate(groups):
         failed = sum(run["outcome"] == "failed" for run in group)
         if failed:
