@@ -139,3 +139,27 @@ def test_a_database_from_before_the_verdicts_table_is_backfilled(tmp_path):
     con.close()
     assert sorted(r["name"] for r in ResultsStore(path).verdicts()) == [
         "a_verdict_added_later", "kvmclock_follows_gap", "xen_runnable_in_window"]
+
+
+def test_without_wal_support_a_wal_database_is_switched_to_the_rollback_journal(tmp_path,
+                                                                               monkeypatch):
+    """Where the probe finds no WAL (the lane's 9p share: tests/xen/test_xen_report.py runs it
+    for real), a database left in WAL mode is switched back and keeps every run."""
+    path = tmp_path / "r.db"
+    ResultsStore(path).record(run("a"))                      # written in WAL mode
+    assert path.read_bytes()[18:20] == b"\x02\x02"           # the header says WAL
+    monkeypatch.setattr(ResultsStore, "_wal_works", lambda self: False)
+    store = ResultsStore(path)
+    assert store.journal_mode == "delete"
+    assert path.read_bytes()[18:20] == b"\x01\x01"           # rollback journal now
+    store.record(run("b", started="2026-11-27T10:00:05Z"))
+    assert [r["run_id"] for r in store.runs()] == ["a", "b"]
+    assert store.integrity_check() == "ok"
+    # Negative control: with the probe succeeding, the same database goes back to WAL.
+    monkeypatch.undo()
+    assert ResultsStore(path).journal_mode == "wal"
+
+
+def test_the_wal_probe_leaves_nothing_behind(tmp_path):
+    ResultsStore(tmp_path / "r.db")
+    assert sorted(p.name for p in tmp_path.iterdir() if "probe" in p.name) == []
