@@ -7,6 +7,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 
+from kvmcore import analysis
+
 
 class ReportConsole(Console):
     """rich's Console, except that a reader who left (`| head`) is left to the caller: rich's
@@ -17,7 +19,8 @@ class ReportConsole(Console):
 
 
 def ms(ns: int | None) -> str:
-    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
+    """A figure as the verdicts spell theirs (kvmcore.analysis.ms); "-" when not measured."""
+    return "-" if ns is None else analysis.ms(ns)
 
 
 def _verdict(v: dict[str, Any]) -> str:
