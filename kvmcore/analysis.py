@@ -10,6 +10,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
+from . import xen
 from .migrate import RestoreRecord, Strategy
 from .snapshot import Snapshot, signed64, tsc_ticks_to_ns
 from .state import VmState
@@ -23,6 +24,12 @@ from .state import VmState
 # allowed) -- and the granularity of reading them (50 us allowed).
 DEFAULT_SLACK_NS = 50_000
 DEFAULT_SLACK_PPM = 1000
+#: The seed's upper bound on the runnable time a migration may add.
+SEED_RUNNABLE_LIMIT_NS = 5_000_000_000
+NO_XEN = "not measurable on this host: no KVM Xen"
+#: Every verdict, in the order a report lists them; the only place a verdict is named.
+CHECK_NAMES = ("xen_runnable_in_window", "seed_runnable", "kvmclock_follows_gap",
+               "tsc_follows_gap", "never_backwards", "sequence_continues")
 
 CLOCK_MECHANISM = {
     "guest": "KVM_SET_CLOCK_GUEST: source pvclock re-applied to the guest TSC",
@@ -54,10 +61,46 @@ class Measurement:
 
 @dataclass(frozen=True)
 class Check:
-    """A verdict: ok is None when an input was not measurable."""
+    """A verdict: ok is None when an input was not measurable.
+
+    A check that compares a guest figure with a host one carries both numbers:
+    ``value_ns`` what the guest saw, ``expected_ns`` the host's figure over the same
+    start and end events (so ``error_ns`` is 0 for a correct restore, whatever the
+    gap), and ``lo_ns``/``hi_ns`` the stated bound on ``value_ns``, slack included.
+    Renderers (report, results store, KTAP, sweep) show these; none of them decides.
+    ``decides`` is False for a check that is reported but cannot fail the run (the
+    strategy did not try to carry that clock).
+    """
 
     ok: bool | None
     detail: str
+    value_ns: int | None = None
+    expected_ns: int | None = None
+    lo_ns: int | None = None
+    hi_ns: int | None = None
+    decides: bool = True
+
+    @property
+    def error_ns(self) -> int | None:
+        """value - expected: what the guest was told it lost minus what it lost."""
+        if self.value_ns is None or self.expected_ns is None:
+            return None
+        return self.value_ns - self.expected_ns
+
+    @property
+    def failed(self) -> bool:
+        """Whether this check fails the run."""
+        return self.ok is False and self.decides
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"ok": self.ok, "detail": self.detail, "value_ns": self.value_ns,
+                "expected_ns": self.expected_ns, "error_ns": self.error_ns,
+                "lo_ns": self.lo_ns, "hi_ns": self.hi_ns, "decides": self.decides}
+
+
+def ms(ns: int) -> str:
+    """A verdict's figure as people read it (the JSON keeps the ns)."""
+    return f"{ns / 1e6:.3f} ms"
 
 
 @dataclass(frozen=True)
@@ -77,15 +120,28 @@ class Analysis:
     host_bracket_ns: tuple[int, int]    # bounds on the guest's interval between reports
 
     def to_plain(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        plain = dataclasses.asdict(self)
+        plain["checks"] = {name: check.to_plain() for name, check in self.checks.items()}
+        return plain
+
+    @property
+    def failed(self) -> list[str]:
+        """Names of the checks that fail the run, in CHECK_NAMES order."""
+        return [name for name, check in self.checks.items() if check.failed]
 
 
 def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRecord,
             wall_gap_ns: int | None = None, clock_offset_ns: int = 0,
-            slack_ns: int = DEFAULT_SLACK_NS, slack_ppm: int = DEFAULT_SLACK_PPM) -> Analysis:
+            slack_ns: int = DEFAULT_SLACK_NS, slack_ppm: int = DEFAULT_SLACK_PPM, *,
+            uncertainty_ns: int = 0, requested_gap_ns: int | None = None,
+            hosts_have_xen: bool = True,
+            runnable_slack_ppm: int = xen.RUNNABLE_SLACK_PPM) -> Analysis:
     """``before``: the source's last report; ``after``: the destination's first.
     ``clock_offset_ns``: destination CLOCK_REALTIME minus source's (0 in-process); or
-    pass ``wall_gap_ns`` measured otherwise."""
+    pass ``wall_gap_ns`` measured otherwise. ``slack_ns`` includes the clock-sync
+    uncertainty, which ``uncertainty_ns`` states on its own for the runnable window;
+    ``requested_gap_ns`` is the seed's lower bound; ``hosts_have_xen`` False names
+    the host, not the strategy, as why there is no runstate."""
     strategy = Strategy.parse(record.strategy)
 
     if wall_gap_ns is not None:
@@ -125,8 +181,9 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
 
     if strategy.runstate != "kernel":
         runnable = Measurement.unmeasurable(
-            "Xen runstate", "runstate=off" if state.xen else "guest not Xen-configured "
-            "(no KVM_CAP_XEN_HVM runstate on the hosts, or xen=False)")
+            "Xen runstate", NO_XEN if not hosts_have_xen else "runstate=off" if state.xen
+            else "guest not Xen-configured (no KVM_CAP_XEN_HVM runstate on the hosts, or "
+            "xen=False)")
     else:
         runnable = Measurement(signed64(after.runnable_ns - before.runnable_ns),
                                "Xen runstate time_runnable: RUNSTATE_DATA restored as "
@@ -135,24 +192,70 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     backwards = after.backwards_count > before.backwards_count
     step = (signed64(after.backwards_next_ns - after.backwards_prev_ns) if backwards else None)
 
+    tsc_check = _within(tsc_jump, host_interval, lo, hi, slack)
+    if strategy.tsc == "none":
+        tsc_check = dataclasses.replace(tsc_check, decides=False, detail=tsc_check.detail
+                                        + " (tsc=none: shown, does not decide the run)")
     checks = {
-        "sequence_continues": Check(after.sequence == before.sequence + 1,
-                                    f"{before.sequence} -> {after.sequence}"),
+        "xen_runnable_in_window": _runnable_window(runnable, wall_gap, state, record,
+                                                   uncertainty_ns, runnable_slack_ppm),
+        "seed_runnable": _seed(runnable, requested_gap_ns),
+        "kvmclock_follows_gap": _within(kvmclock_jump, host_interval, lo, hi, slack),
+        "tsc_follows_gap": tsc_check,
         "never_backwards": Check(not backwards, "guest saw kvmclock go backwards by "
                                     f"{-step} ns" if step is not None else "never backwards"),
-        "kvmclock_follows_gap": _within(kvmclock_jump, lo, hi, slack),
-        "tsc_follows_gap": _within(tsc_jump, lo, hi, slack),
+        "sequence_continues": Check(after.sequence == before.sequence + 1,
+                                    f"{before.sequence} -> {after.sequence}"),
     }
+    assert tuple(checks) == CHECK_NAMES
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
                     kvmclock_jump, tsc_jump, steal, runnable, backwards, step, checks,
                     (lo, hi))
 
 
-def _within(guest: Measurement, lo: int, hi: int, slack: int) -> Check:
-    assert guest.value_ns is not None
+def _within(guest: Measurement, host: Measurement, lo: int, hi: int, slack: int) -> Check:
+    """The guest's interval between its two reports against the host's over the same two
+    reports: ``host`` (exit stamps) is the expected figure, [lo, hi] its bracket."""
+    assert guest.value_ns is not None and host.value_ns is not None
     ok = lo - slack <= guest.value_ns <= hi + slack
-    return Check(ok, f"guest {guest.value_ns} ns {'within' if ok else 'outside'} host bracket "
-                 f"[{lo}, {hi}] ns +- {slack} ns")
+    error = guest.value_ns - host.value_ns
+    return Check(ok, f"guest {ms(guest.value_ns)} {'within' if ok else 'outside'} host bracket "
+                 f"[{ms(lo)}, {ms(hi)}] +- {ms(slack)} (host {ms(host.value_ns)}, error "
+                 f"{error / 1e6:+.3f} ms)", guest.value_ns, host.value_ns, lo - slack, hi + slack)
+
+
+def _runnable_window(runnable: Measurement, wall_gap: Measurement, state: VmState,
+                     record: RestoreRecord, uncertainty_ns: int, slack_ppm: int) -> Check:
+    """The headline bound (kvmcore.xen.runnable_window): the Xen runnable delta against the
+    wall gap over the same events -- from the captured runstate's entry time (``open``
+    before the capture's clock reading) to the destination's first KVM_RUN."""
+    if runnable.value_ns is None:
+        return Check(None, runnable.reason or "Xen runnable delta not measurable")
+    if wall_gap.value_ns is None or record.first_entry_ns is None or state.xen is None:
+        return Check(None, "wall gap or first entry not measured")
+    open_ns = state.clock["clock"] - state.xen["runstate"]["state_entry_time"]
+    expected = wall_gap.value_ns + open_ns
+    lo, hi = xen.runnable_window(wall_gap.value_ns, record.first_entry_ns, open_ns,
+                                 uncertainty_ns, slack_ppm)
+    ok = lo <= runnable.value_ns <= hi
+    return Check(ok, f"runnable {ms(runnable.value_ns)} {'within' if ok else 'outside'} "
+                 f"[{ms(lo)}, {ms(hi)}] = wall gap {ms(wall_gap.value_ns)} + open "
+                 f"{ms(open_ns)} + [0, first entry {ms(record.first_entry_ns)}] +- "
+                 f"{ms(expected - lo)} (error {(runnable.value_ns - expected) / 1e6:+.3f} ms)",
+                 runnable.value_ns, expected, lo, hi)
+
+
+def _seed(runnable: Measurement, requested_gap_ns: int | None) -> Check:
+    """The seed's check, kept for comparison: Δrunnable in [requested gap, 5 s). Too weak to
+    catch a hidden gap (docs/xen-lane.md); xen_runnable_in_window is the one that does."""
+    if runnable.value_ns is None:
+        return Check(None, runnable.reason or "Xen runnable delta not measurable")
+    if requested_gap_ns is None:
+        return Check(None, "no requested gap given")
+    ok = requested_gap_ns <= runnable.value_ns < SEED_RUNNABLE_LIMIT_NS
+    return Check(ok, f"runnable {ms(runnable.value_ns)} {'in' if ok else 'outside'} "
+                 f"[gap {ms(requested_gap_ns)}, 5 s)", runnable.value_ns, None,
+                 requested_gap_ns, SEED_RUNNABLE_LIMIT_NS - 1)
 
 
 def _offset_note(record: RestoreRecord) -> str:

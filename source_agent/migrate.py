@@ -173,7 +173,9 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
     offset = round(hs.clock.offset_ns)
     slack = DEFAULT_SLACK_NS + math.ceil(hs.clock.uncertainty_ns)
     analysis = analyse(source.before, after, source.state, record, clock_offset_ns=offset,
-                       slack_ns=slack)
+                       slack_ns=slack, uncertainty_ns=math.ceil(hs.clock.uncertainty_ns),
+                       requested_gap_ns=plan.gap_ns,
+                       hosts_have_xen=caps.xen_runstate and dest_caps.xen_runstate)
     source_phases = {"connect_ns": t_handshake - t_connect, "handshake_ns": t_guest - t_handshake,
                      "guest_ns": t_gap - t_guest, "send_ns": t_sent - t_send,
                      "report_wait_ns": t_report - t_sent}

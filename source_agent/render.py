@@ -7,6 +7,8 @@ from typing import IO, Any
 from rich.console import Console
 from rich.table import Table
 
+from kvmcore import analysis
+
 
 class ReportConsole(Console):
     """rich's Console, except that a reader who left (`| head`) is left to the caller: rich's
@@ -17,11 +19,15 @@ class ReportConsole(Console):
 
 
 def ms(ns: int | None) -> str:
-    return "-" if ns is None else f"{ns / 1e6:.3f} ms"
+    """A figure as the verdicts spell theirs (kvmcore.analysis.ms); "-" when not measured."""
+    return "-" if ns is None else analysis.ms(ns)
 
 
-def _verdict(ok: bool | None) -> str:
-    return {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]n/a[/]"}[ok]
+def _verdict(v: dict[str, Any]) -> str:
+    """PASS / FAIL / n/a; a check that does not decide the run says so instead of FAIL."""
+    if v["ok"] is False and v.get("decides") is False:
+        return "[yellow]fail (info)[/]"
+    return {True: "[green]PASS[/]", False: "[red]FAIL[/]", None: "[yellow]n/a[/]"}[v["ok"]]
 
 
 def render(report: dict[str, Any], file: IO[str]) -> None:
@@ -61,7 +67,7 @@ def render(report: dict[str, Any], file: IO[str]) -> None:
     for col in ("verdict", "result", "detail"):
         verdicts.add_column(col)
     for name, v in report["verdicts"].items():
-        verdicts.add_row(name, _verdict(v["ok"]), v["detail"])
+        verdicts.add_row(name, _verdict(v), v["detail"])
     console.print(verdicts)
 
     hosts = Table(title="hosts", title_justify="left")

@@ -52,6 +52,25 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep, point);
 """
 
+#: One row per verdict of a run, whatever its name: a new verdict (kvmcore.analysis.Check)
+#: needs no schema change. ok: 1 passed, 0 failed, NULL not measurable / not run.
+_VERDICTS_SCHEMA = """
+CREATE TABLE IF NOT EXISTS verdicts (
+    run_id      TEXT NOT NULL REFERENCES runs (run_id),
+    name        TEXT NOT NULL,
+    ok          INTEGER CHECK (ok IN (0, 1)),
+    decides     INTEGER NOT NULL CHECK (decides IN (0, 1)),
+    value_ns    INTEGER,
+    expected_ns INTEGER,
+    lo_ns       INTEGER,
+    hi_ns       INTEGER,
+    detail      TEXT NOT NULL,
+    PRIMARY KEY (run_id, name)
+) STRICT
+"""
+VERDICT_COLUMNS = ("run_id", "name", "ok", "decides", "value_ns", "expected_ns", "lo_ns",
+                   "hi_ns", "detail")
+
 #: Sweeps and their configuration (axes, topology), created on first use by register_sweep.
 _SWEEPS_SCHEMA = """
 CREATE TABLE IF NOT EXISTS sweeps (
@@ -72,6 +91,21 @@ COLUMNS = (
 
 class ResultsStoreError(Exception):
     """The results database cannot be opened or is not one of ours."""
+
+
+def verdict_rows(run_id: str, report: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The verdicts table's rows for one report (its ``verdicts``, as the report renders
+    kvmcore.analysis.Check); a report without verdicts (a sweep's errored run) has none."""
+    verdicts = report.get("verdicts")
+    if not isinstance(verdicts, Mapping):
+        return []
+    rows = []
+    for name, v in verdicts.items():
+        ok = v.get("ok")
+        rows.append({"run_id": run_id, "name": name, "ok": None if ok is None else int(ok),
+                     "decides": int(v.get("decides", True)), "detail": str(v.get("detail", "")),
+                     **{key: v.get(key) for key in ("value_ns", "expected_ns", "lo_ns", "hi_ns")}})
+    return rows
 
 
 def default_db_path() -> Path:
@@ -150,6 +184,10 @@ class ResultsStore:
     opened read-only by SQLite itself.
     """
 
+    #: "wal" where the filesystem has the shared memory WAL needs, else "delete" (see _leave_wal);
+    #: None for a read-only store, which changes nothing.
+    journal_mode: str | None = None
+
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
@@ -158,14 +196,29 @@ class ResultsStore:
                 self._open_read_only()
                 return
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            wal = self._wal_works()
+            if not wal:
+                self.journal_mode = self._leave_wal()
             with closing(self._connect()) as con:
-                if not _identify(con, self.path):
-                    con.execute("PRAGMA journal_mode=WAL")
+                known = _identify(con, self.path)     # before anything is written to it
+                if wal:
+                    self.journal_mode = str(con.execute("PRAGMA journal_mode=WAL").fetchone()[0])
+                if not known:
                     # Tables and version in one transaction: a reader opening the file
                     # meanwhile sees either an empty database or the whole schema, never
                     # tables at "version 0".
-                    con.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} "
+                    con.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} {_VERDICTS_SCHEMA}; "
                                       f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
+                elif con.execute("SELECT 1 FROM sqlite_master WHERE name = 'verdicts'"
+                                 ).fetchone() is None:
+                    con.execute("BEGIN IMMEDIATE")
+                    try:
+                        con.execute(_VERDICTS_SCHEMA)
+                        self._backfill_verdicts(con)
+                    except BaseException:
+                        con.execute("ROLLBACK")
+                        raise
+                    con.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise ResultsStoreError(f"{self.path}: cannot use as a results database: {exc}") from exc
         except OSError as exc:
@@ -178,6 +231,51 @@ class ResultsStore:
             if not _identify(con, self.path):
                 raise ResultsStoreError(f"{self.path}: an empty database, no testbed results in it")
 
+    def _leave_wal(self) -> str:
+        """The rollback journal, for a filesystem where WAL does not work (see below).
+
+        WAL maps a shared-memory index (``-shm``) next to the database; a filesystem without
+        shared mmap (9p, as the Xen lane's writable share) fails that with "disk I/O error".
+        There the rollback journal (DELETE, synchronous=FULL) keeps the same guarantee -- a
+        run is wholly present or wholly absent after a crash -- only readers then wait for a
+        writer's commit (busy_timeout) instead of reading alongside it. On a normal disk
+        nothing changes: WAL. The filesystem is probed with a scratch database beside this
+        one, never with this one: switching it to WAL on such a filesystem would break every
+        other process using it. (WAL itself is set in __init__, once the file is known to be
+        the testbed's: a foreign database is never written to.)"""
+        # A bare connection with exclusive locking (the WAL index then lives in heap memory),
+        # so a database left in WAL mode can be switched back; any other statement first
+        # (even PRAGMA synchronous) would read the index through the failing shared memory.
+        with closing(sqlite3.connect(self.path, timeout=30, isolation_level=None)) as con:
+            con.execute("PRAGMA locking_mode=EXCLUSIVE")
+            return str(con.execute("PRAGMA journal_mode=DELETE").fetchone()[0])
+
+    def _wal_works(self) -> bool:
+        """Whether a WAL database works in this database's directory (a scratch one)."""
+        probe = self.path.with_name(f".{self.path.name}.wal-probe-{os.getpid()}")
+        try:
+            with closing(sqlite3.connect(probe, isolation_level=None)) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.execute("CREATE TABLE probe (x)")
+            return True
+        except sqlite3.OperationalError as exc:
+            if "disk I/O error" not in str(exc):
+                raise
+            return False
+        finally:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(f"{probe}{suffix}").unlink(missing_ok=True)
+
+    def _backfill_verdicts(self, con: sqlite3.Connection) -> None:
+        """Fill the verdicts table from the reports of a database written before it existed."""
+        for run_id, report in con.execute("SELECT run_id, report FROM runs").fetchall():
+            self._insert_verdicts(con, verdict_rows(run_id, json.loads(report)))
+
+    @staticmethod
+    def _insert_verdicts(con: sqlite3.Connection, rows: list[dict[str, Any]]) -> None:
+        con.executemany(f"INSERT INTO verdicts ({', '.join(VERDICT_COLUMNS)}) VALUES "
+                        f"({', '.join(':' + c for c in VERDICT_COLUMNS)})", rows)
+
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: record() issues BEGIN IMMEDIATE / COMMIT itself, so each
         # run is exactly one transaction.
@@ -186,6 +284,7 @@ class ResultsStore:
         else:
             con = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         con.execute("PRAGMA busy_timeout=30000")
+        con.execute("PRAGMA synchronous=FULL")
         return con
 
     def _read_only_uri(self) -> str:
@@ -202,6 +301,7 @@ class ResultsStore:
             con.execute("BEGIN IMMEDIATE")
             try:
                 con.execute(f"INSERT INTO runs ({', '.join(COLUMNS)}) VALUES ({placeholders})", row)
+                self._insert_verdicts(con, verdict_rows(run.run_id, run.report))
             except BaseException:
                 con.execute("ROLLBACK")
                 raise
@@ -245,6 +345,20 @@ class ResultsStore:
             raise ResultsStoreError(f"{self.path}: no run {run_id!r}")
         raise ResultsStoreError(f"{self.path}: {run_id!r} is the start of several run ids "
                                 f"({', '.join(row[0] for row in rows[:2])}, ...): give more of it")
+
+    def verdicts(self, *, name: str | None = None, sweep: str | None = None
+                 ) -> list[dict[str, Any]]:
+        """Stored verdict rows (VERDICT_COLUMNS), oldest run first; ``ok`` as True/False/None."""
+        query = (f"SELECT {', '.join('v.' + c for c in VERDICT_COLUMNS)} FROM verdicts v "
+                 "JOIN runs r USING (run_id) WHERE (? IS NULL OR v.name = ?) AND "
+                 "(? IS NULL OR r.sweep = ?) ORDER BY r.started_at, r.run_id, v.rowid")
+        with closing(self._connect()) as con:
+            rows = con.execute(query, (name, name, sweep, sweep)).fetchall()
+        result = [dict(zip(VERDICT_COLUMNS, row)) for row in rows]
+        for row in result:
+            row["ok"] = None if row["ok"] is None else bool(row["ok"])
+            row["decides"] = bool(row["decides"])
+        return result
 
     def points_done(self, sweep: str) -> set[str]:
         """Sweep points that already have a successful or failed (not errored) run."""

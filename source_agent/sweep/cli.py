@@ -291,13 +291,16 @@ def emit(fmt: str, plan: SweepPlan, outcome: SweepOutcome, summaries: list[Point
     table = Table(title=title, title_justify="left", caption=f"fixed: {_fixed(plan)}",
                   caption_justify="left")
     for column in ("point", "runs ok/all", "basis", "acct err median", "p5", "p95",
-                   "downtime median", "p5", "p95", "rtt median"):
-        table.add_column(column, justify="left" if column in ("point", "basis") else "right")
+                   "downtime median", "p5", "p95", "rtt median", "failed verdicts"):
+        table.add_column(column, justify="left" if column in ("point", "basis", "failed verdicts")
+                         else "right")
     for s in summaries:
         table.add_row(s.label, f"{s.passed}/{s.runs}", s.basis or "-",
                       *(_ms(s.accounting_error, f) for f in ("median", "p5", "p95")),
                       *(_ms(s.downtime, f) for f in ("median", "p5", "p95")),
-                      _ms(s.rtt, "median"))
+                      _ms(s.rtt, "median"),
+                      ", ".join(f"{name} {c['failed']}/{sum(c.values())}"
+                                for name, c in s.verdicts.items() if c["failed"]) or "-")
     console = ReportConsole(file=sys.stdout, width=200)
     console.print(table)
     console.print("times in ms; accounting error = " + "; ".join(

@@ -3,8 +3,9 @@
 One test per combination (all its repeats): ``ok`` when every run passed,
 ``not ok`` with the first problem when any failed or errored, ``# SKIP`` when
 nothing could be measured (no run, or no accounting figure on this pair of
-hosts). The per-point figures go in diagnostic lines (``# ...``) just before
-the result line they belong to, as KTAP places a test's diagnostics.
+hosts). The per-point figures and each verdict's passed/failed/not measurable
+counts go in diagnostic lines (``# ...``) just before the result line they
+belong to, as KTAP places a test's diagnostics.
 See Documentation/dev-tools/ktap.rst.
 """
 
@@ -50,6 +51,9 @@ def render(sweep: str, summaries: list[PointSummary]) -> str:
             lines.append(f"# accounting error, {basis}: {_ms(summary.accounting_error)}")
         if summary.downtime is not None:
             lines.append(f"# downtime: {_ms(summary.downtime)}")
+        for name, c in summary.verdicts.items():
+            lines.append(f"# verdict {name}: {c['passed']} passed, {c['failed']} failed, "
+                         f"{c['not_measurable']} not measurable")
         lines.append(result_line(number, summary))
     return "\n".join(lines) + "\n"
 

@@ -1,11 +1,18 @@
 """The sweep's figures (PNG and SVG), drawn with matplotlib's Agg canvas — no display needed.
 
-1. ``NAME-accounting``: what the guest was told it lost against what it lost —
-   accounted steal (Xen runnable delta) or, where there is no Xen, the kvmclock
-   jump, the axis saying which — against the measured wall gap, one dot per
-   run coloured by latency, with the y = x line of perfect accounting.
-2. ``NAME-downtime``: downtime split by phase (median of each phase), against
-   latency and against guest memory size, side by side.
+1. ``NAME-accounting``: the accounting error (what the guest was told it lost
+   minus what it lost, over the same events: summary.accounting) against the
+   measured wall gap, one dot per run with its verdict's bound as an error bar.
+   A correct strategy sits on y = 0 within its bar at every gap; one that hides
+   the gap (clock=plain) on y = −x, which is drawn too.
+2. ``NAME-downtime``: downtime split by phase (median of each phase), one panel
+   per axis the sweep varied (a single bar when none was).
+
+Every axis the sweep varied gets its own encoding -- colour, then marker, then
+a facet (a panel) -- named in the legends; the measured gap is the x axis, so
+the gap axis needs none. A run that failed a verdict is ringed in red (and a
+downtime bar says how many of its runs failed): the figure never shows a
+failing strategy as if it were a result.
 
 `check_png` verifies a written PNG chunk by chunk (signature, CRCs, IEND) and
 that it decodes to an image that is not blank, because a figure that silently
@@ -23,7 +30,7 @@ from typing import Any
 from source_agent.netem import format_duration
 
 from .plan import SweepPlan, format_bandwidth, format_size
-from .summary import accounting_error, percentile
+from .summary import accounting, percentile
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 #: Parts of the report's downtime that are not phases.
@@ -56,50 +63,124 @@ def _completed(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [run for run in runs if run["outcome"] != "error"]
 
 
+#: Axes a figure encodes, in the order they are given colour, marker, facet (gap: the x axis).
+ENCODED_AXES = ("strategy", "latency", "memory", "jitter", "bandwidth")
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+FAILED_RING = {"s": 110, "facecolors": "none", "edgecolors": "red", "linewidths": 1.4}
+YLABEL = {"xen_runnable": "accounting error: Xen runnable delta − (wall gap + open), ms",
+          "kvmclock": "accounting error: kvmclock jump − host interval\n"
+                      "(same two guest reports; no Xen on this host), ms"}
+
+
+def varied_axes(plan: SweepPlan, among: Sequence[str] = ENCODED_AXES) -> list[str]:
+    """The axes of ``among`` this sweep gives more than one value."""
+    return [axis for axis in among if len(getattr(plan.axes, axis)) > 1]
+
+
+def _value_label(axis: str, value: Any, run: dict[str, Any] | None = None) -> str:
+    text = _AXES[axis][1](value)
+    if axis == "strategy" and run is not None and text != run.get("report", {}).get("strategy"):
+        text += f" → {run['report'].get('strategy')}"      # what it resolved to on this host
+    return text
+
+
 def accounting_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
-    figure = _figure(6.4, 4.8)
-    ax = figure.add_subplot()
-    points: dict[str, list[tuple[float, float, float]]] = {}
-    for run in _completed(runs):
-        measured = accounting_error(run)
-        if measured is None:
-            continue
-        basis, error = measured
-        gap_ms = run["wall_gap_ns"] / 1e6
-        points.setdefault(basis, []).append((gap_ms, gap_ms + error / 1e6, _config(run)["latency"]))
-    if not points:
-        ax.text(0.5, 0.5, "no accounting figure measurable", ha="center", transform=ax.transAxes)
-    latencies = list(plan.axes.latency)
-    colours = {lat: f"C{i % 10}" for i, lat in enumerate(latencies)}
-    markers = {"xen_runnable": "o", "kvmclock": "^"}
-    every = [value for series in points.values() for x, y, _ in series for value in (x, y)]
-    for basis, series in points.items():
-        for latency in latencies:
-            mine = [(x, y) for x, y, lat in series if lat == latency]
-            if mine:
-                label = f"{format_duration(latency)} one-way"
-                if len(points) > 1:
-                    label += " (Xen)" if basis == "xen_runnable" else " (kvmclock)"
-                ax.scatter(*zip(*mine), s=24, color=colours[latency], marker=markers[basis],
-                           label=label, alpha=0.8)
-    if every:
-        low, high = min(every), max(every)
-        ax.plot([low, high], [low, high], color="0.4", linestyle="--", linewidth=1, label="y = x")
-    ylabel = {"xen_runnable": "accounted steal (Xen runnable delta), ms",
-              "kvmclock": "kvmclock jump (no Xen on this host), ms"}
-    ax.set_ylabel(ylabel[next(iter(points))] if len(points) == 1 else
-                  "accounted steal (o) / kvmclock jump (^), ms")
-    ax.set_xlabel("measured gap (wall clock, offset-corrected), ms")
-    ax.set_title(f"{plan.name}: what the guest was told vs what it lost")
-    ax.grid(True, alpha=0.3)
-    if points:
-        ax.legend(fontsize="small", title="latency")
-    if "kvmclock" in points:
-        # Say on the figure why the kvmclock points sit a little above y = x.
-        ax.set_xlabel(ax.get_xlabel() + "\n(the kvmclock jump runs from the guest's last report "
-                      "before the gap to its first after:\nit also holds the guest's running "
-                      "time on both sides)", fontsize="small")
+    varied = varied_axes(plan)
+    colour_axis = varied[0] if varied else None
+    marker_axis = varied[1] if len(varied) > 1 else None
+    facet_axis = varied[2] if len(varied) > 2 else None
+    rest = varied[3:]           # beyond three encodings: spelled out in the colour's label
+    facets = list(getattr(plan.axes, facet_axis)) if facet_axis else [None]
+    figure = _figure(6.4 * len(facets) + 2.8, 4.8)
+    axes = figure.subplots(1, len(facets), squeeze=False, sharey=True)[0]
+    plotted = [(run, acc) for run in _completed(runs) if (acc := accounting(run)) is not None
+               and run.get("wall_gap_ns") is not None]
+    bases = {acc.basis for _, acc in plotted}
+    colour_of: dict[str, str] = {}
+    marker_of: dict[str, str] = {}
+    every_x: list[float] = []
+    any_failed = False
+    for ax, facet in zip(axes, facets):
+        mine = [(run, acc) for run, acc in plotted if facet_axis is None
+                or _config(run).get(_AXES[facet_axis][0]) == facet]
+        for run, acc in mine:
+            config = _config(run)
+            key = " ".join([_value_label(colour_axis, config.get(_AXES[colour_axis][0]), run)]
+                           + [f"{a} {_AXES[a][1](config.get(_AXES[a][0]))}" for a in rest]
+                           ) if colour_axis else "all runs"
+            colour = colour_of.setdefault(key, f"C{len(colour_of) % 10}")
+            mkey = _value_label(marker_axis, config.get(_AXES[marker_axis][0])) \
+                if marker_axis else ""
+            marker = marker_of.setdefault(mkey, MARKERS[len(marker_of) % len(MARKERS)])
+            x, y = run["wall_gap_ns"] / 1e6, acc.error_ns / 1e6
+            every_x.append(x)
+            if acc.low_ns is not None and acc.high_ns is not None:
+                # The bound itself, not a bar from the dot to it: a dot off its bar failed.
+                ax.vlines([x], acc.low_ns / 1e6, acc.high_ns / 1e6, colors=colour, alpha=0.4,
+                          linewidth=3)
+            ax.scatter([x], [y], s=28, color=colour, marker=marker, alpha=0.85, zorder=3)
+            if run["outcome"] == "failed":
+                any_failed = True
+                ax.scatter([x], [y], zorder=4, marker="o", **FAILED_RING)
+        ax.axhline(0, color="0.3", linewidth=1, linestyle="-")
+        ax.set_xlabel("measured wall gap (offset-corrected), ms")
+        ax.grid(True, alpha=0.3)
+        if facet_axis is not None:
+            ax.set_title(f"{facet_axis.removesuffix('_ns')} {_AXES[facet_axis][1](facet)}",
+                         fontsize="medium")
+    if every_x:
+        high = max(every_x) * 1.05
+        for ax in axes:
+            ax.plot([0, high], [0, -high], color="0.5", linestyle="--", linewidth=1)
+            ax.set_xlim(0, high)
+    else:
+        axes[0].text(0.5, 0.5, "no accounting figure measurable", ha="center",
+                     transform=axes[0].transAxes)
+    axes[0].set_ylabel(YLABEL[next(iter(bases))] if len(bases) == 1 else
+                       "accounting error (Xen runnable or kvmclock, per run), ms")
+    title = f"{plan.name}: what the guest was told minus what it lost"
+    if facet_axis is None:
+        axes[0].set_title(title)    # a suptitle would run under the legend
+    else:
+        figure.suptitle(title, x=0.4)
+    _accounting_legend(figure, colour_axis, colour_of, marker_axis, marker_of, any_failed)
     return figure
+
+
+def _accounting_legend(figure: Any, colour_axis: str | None, colour_of: dict[str, str],
+                       marker_axis: str | None, marker_of: dict[str, str],
+                       any_failed: bool) -> None:
+    """One legend right of the panels explaining every mark: a heading per encoding (colour:
+    axis, marker: axis), then the reference lines, the bound and the red ring."""
+    from matplotlib.lines import Line2D
+
+    def handle(**kw: Any) -> Any:
+        return Line2D([], [], linestyle="none", **kw)
+
+    entries: list[tuple[Any, str]] = []
+    headings = []
+    if colour_axis:
+        headings.append(len(entries))
+        entries.append((handle(), f"colour: {colour_axis.removesuffix('_ns')}"))
+        entries += [(handle(marker="o", color=c), k) for k, c in colour_of.items()]
+    if marker_axis:
+        headings.append(len(entries))
+        entries.append((handle(), f"marker: {marker_axis.removesuffix('_ns')}"))
+        entries += [(handle(marker=m, color="0.3"), k) for k, m in marker_of.items()]
+    headings.append(len(entries))
+    entries.append((handle(), "marks"))
+    entries += [(Line2D([], [], color="0.3", linewidth=1), "y = 0: gap accounted exactly"),
+                (Line2D([], [], color="0.5", linestyle="--", linewidth=1),
+                 "y = −x: gap hidden (clock=plain)"),
+                (Line2D([], [], color="0.5", alpha=0.5, linewidth=3), "bar: the verdict's bound")]
+    if any_failed:
+        entries.append((handle(marker="o", markersize=10, markerfacecolor="none",
+                               markeredgecolor="red"), "ringed red: run failed a verdict"))
+    legend = figure.legend([h for h, _ in entries], [t for _, t in entries], fontsize="small",
+                           loc="outside right upper")
+    for i, text in enumerate(legend.get_texts()):
+        if i in headings:
+            text.set_fontweight("bold")
 
 
 def _phase_medians(runs: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -151,25 +232,49 @@ def _slice(plan: SweepPlan, runs: Sequence[dict[str, Any]], vary: str) -> tuple[
     return groups, ", ".join(varying)
 
 
+DOWNTIME_AXES = ("latency", "memory", "strategy", "gap_ns", "jitter", "bandwidth")
+AXIS_TITLES = {"latency": "one-way latency", "memory": "guest memory", "strategy": "strategy",
+               "gap_ns": "extra gap", "jitter": "jitter", "bandwidth": "bandwidth cap"}
+
+
 def downtime_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
-    """Downtime by phase against latency and against guest size: a panel for each axis the
-    sweep varied (a single bar repeating the other panel would show nothing), latency if none."""
-    panels = [(vary, label) for vary, label in (("latency", "one-way latency"),
-                                                ("memory", "guest memory"))
-              if len(getattr(plan.axes, vary)) > 1] or [("latency", "one-way latency")]
-    figure = _figure(5.5 * len(panels), 4.8)
+    """Downtime by phase: a panel for each axis the sweep varied (the others held at their
+    first value), one bar of the single combination when none was."""
+    panels = varied_axes(plan, DOWNTIME_AXES) or [None]
+    figure = _figure(5.5 * len(panels) + (1.0 if len(panels) == 1 else 0), 4.8)
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (vary, label) in zip(axes, panels):
+    for ax, vary in zip(axes, panels):
+        if vary is None:
+            done = _completed(runs)
+            _stacked(ax, ["this sweep"], [done], "one combination (no axis varied)")
+            _mark_failed(ax, [done])
+            continue
         groups, held = _slice(plan, runs, vary)
         spell = _AXES[vary][1]
         _stacked(ax, [spell(v) for v in getattr(plan.axes, vary)], groups,
-                 label + (f" (at {held})" if held else ""))
+                 AXIS_TITLES[vary] + (f" (at {held})" if held else ""))
+        _mark_failed(ax, groups)
+        if vary == "strategy":
+            ax.tick_params(axis="x", labelsize="small", labelrotation=10)
     handles, labels = axes[0].get_legend_handles_labels()
     if handles:
         axes[-1].legend(handles[::-1], labels[::-1], fontsize="small", title="phase",
                         loc="upper left", bbox_to_anchor=(1.01, 1))
     figure.suptitle(f"{plan.name}: downtime by phase")
     return figure
+
+
+def _mark_failed(ax: Any, groups: Sequence[Sequence[dict[str, Any]]]) -> None:
+    """Over each bar, in red, how many of its runs failed a verdict (nothing if none did)."""
+    if any(run["outcome"] == "failed" for group in groups for run in group):
+        ax.margins(y=0.08)          # room above the bars for the note
+    for i, group in enumerate(groups):
+        failed = sum(run["outcome"] == "failed" for run in group)
+        if failed:
+            top = sum(_phase_medians(group).values())
+            ax.annotate(f"{failed}/{len(group)} failed a verdict", (i, top), ha="center",
+                        va="bottom", color="red", fontsize="small",
+                        xytext=(0, 2), textcoords="offset points")
 
 
 def write_plots(plan: SweepPlan, runs: Sequence[dict[str, Any]], directory: Path) -> list[Path]:

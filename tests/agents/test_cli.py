@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import socket
 
 import pytest
@@ -47,7 +48,36 @@ def test_unmeasurable_runnable_is_shown_and_does_not_fail(cli, caps):
         "value_ns": None, "mechanism": "Xen runstate",
         "reason": "not measurable on this host: no KVM Xen"}
     assert report["verdicts"]["seed_runnable"]["ok"] is None
+    assert report["verdicts"]["xen_runnable_in_window"] == {
+        "ok": None, "detail": "not measurable on this host: no KVM Xen", "value_ns": None,
+        "expected_ns": None, "error_ns": None, "lo_ns": None, "hi_ns": None, "decides": True}
     assert report["exit_code"] == 0
+
+
+def test_report_shows_every_verdict_in_ms_and_the_raw_pvclock_records(cli):
+    """Item 11: the table has every verdict (tsc_follows_gap too) with its bracket in ms and the
+    margin; the JSON has the pvclock records the guest read before and after."""
+    text = cli("source-agent", "loopback", "--no-db").stdout
+    table = text[text.index("verdicts"):text.index("hosts")]
+    for name in ("xen_runnable_in_window", "seed_runnable", "kvmclock_follows_gap",
+                 "tsc_follows_gap", "never_backwards", "sequence_continues"):
+        assert name in table
+    assert "not measurable on this host: no KVM Xen" in table
+    assert re.search(r"within host bracket \[\d+\.\d{3} ms, \d+\.\d{3} ms\] \+- \d+\.\d{3} ms",
+                     table), table
+    assert " ns" not in table          # negative control of the old form: "[13777301, ...] ns"
+    report = cli("source-agent", "loopback", "--no-db", "--json").json()
+    fields = {"version", "tsc_timestamp", "system_time", "tsc_to_system_mul", "tsc_shift",
+              "flags"}
+    assert set(report["pvclock"]) == {"before", "after"}
+    assert set(report["pvclock"]["before"]) == set(report["pvclock"]["after"]) == fields
+    # The records are the guest's, not copies: the destination's was written after the source's.
+    assert report["pvclock"]["after"]["version"] % 2 == 0
+    assert report["pvclock"]["after"]["system_time"] > report["pvclock"]["before"]["system_time"]
+    check = report["verdicts"]["kvmclock_follows_gap"]
+    assert check["value_ns"] == report["measurements"]["kvmclock_jump"]["value_ns"]
+    assert check["expected_ns"] == report["measurements"]["host_interval"]["value_ns"]
+    assert check["lo_ns"] <= check["value_ns"] <= check["hi_ns"]
 
 
 @pytest.mark.parametrize("gap_ms", [10, 50])

@@ -41,7 +41,9 @@ def test_migration_carries_the_gap(kvm, caps, text, gap_ms):
         # Only meaningful where a new vCPU's TSC is the host TSC (PVM: no offsetting).
         assert not caps.tsc_offset_applies
     assert a.checks["tsc_follows_gap"].ok, a.checks
-    assert all(c.ok for c in a.checks.values()), a.checks
+    assert a.failed == [], a.checks
+    # Without Xen runstate the Xen verdicts are not measured, not passed.
+    assert a.checks["xen_runnable_in_window"].ok is None
 
 
 def test_clock_none_guest_sees_backwards(kvm, caps):

@@ -28,6 +28,13 @@ def measurement(value: int | None, mechanism: str, reason: str | None = None) ->
     return {"value_ns": value, "mechanism": mechanism, "reason": reason}
 
 
+def fake_check(value: int, expected: int, bound: int = 200_000) -> dict[str, Any]:
+    ok = abs(value - expected) <= bound
+    return {"ok": ok, "detail": "fake", "value_ns": value, "expected_ns": expected,
+            "error_ns": value - expected, "lo_ns": expected - bound, "hi_ns": expected + bound,
+            "decides": True}
+
+
 def fake_report(point: Any, *, rtt_ns: int, outcome: str = "passed", xen: bool = False,
                 error_ns: int = 0) -> dict[str, Any]:
     """A report shaped like the agents': gap = requested gap + 1 ms + RTT; jump = gap + error_ns."""
@@ -50,7 +57,14 @@ def fake_report(point: Any, *, rtt_ns: int, outcome: str = "passed", xen: bool =
             "xen_runnable_delta": (measurement(gap + 2 * error_ns, "fake") if xen else
                                    measurement(None, "fake", "not measurable on this host: no KVM Xen")),
         },
-        "verdicts": {"never_backwards": {"ok": outcome == "passed", "detail": "fake"}},
+        "verdicts": {
+            # As kvmcore.analysis.Check renders them: the figure, the host's over the same
+            # events, and a 0.2 ms bound.
+            "xen_runnable_in_window": (fake_check(gap + 2 * error_ns, gap) if xen else
+                                       {"ok": None, "detail": "not measurable on this host: "
+                                        "no KVM Xen"}),
+            "kvmclock_follows_gap": fake_check(gap + error_ns, gap),
+            "never_backwards": {"ok": outcome == "passed", "detail": "fake"}},
         "outcome": outcome, "exit_code": 0 if outcome == "passed" else 1,
         "error": None if outcome == "passed" else "verdict failed: never_backwards",
     }

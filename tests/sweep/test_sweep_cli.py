@@ -71,6 +71,19 @@ async def test_ktap_output_and_a_failed_point_gives_exit_1(tmp_path, capsys):
     assert "verdict failed: never_backwards" in results[1].directive
 
 
+async def test_table_names_the_failed_verdicts_of_each_point(tmp_path, capsys):
+    from source_agent.sweep.plan import Axes, SweepPlan
+
+    bad = SweepPlan("v", Axes(latency=(0.0, 0.001)), 1).points()[1].key
+    code = await run("v", "--latency", "0ms,1ms", "--repeat", "1", "--db", str(tmp_path / "r.db"),
+                     agent=FakeAgent(fail_on={bad}))
+    out, _ = capsys.readouterr()
+    assert code == 1
+    rows = [line for line in out.splitlines() if "latency=" in line]
+    assert "never_backwards 1/1" in rows[1]
+    assert "never_backwards" not in rows[0]          # the passing point names none
+
+
 async def test_rerun_says_how_many_points_were_skipped(tmp_path, capsys):
     args = ("t", "--latency", "0,1ms", "--repeat", "2", "--db", str(tmp_path / "r.db"))
     assert await run(*args) == 0

@@ -14,6 +14,8 @@ def _summaries():
     ok, failed, unmeasurable, not_run = summarise(plan, [])
     ok.runs, ok.passed, ok.basis, ok.accounting_error = 2, 2, "kvmclock", Stats(2, 1e5, 5e4, 2e5)
     ok.downtime = Stats(2, 5e6, 4e6, 6e6)
+    ok.verdicts = {"xen_runnable_in_window": {"passed": 0, "failed": 0, "not_measurable": 2},
+                   "kvmclock_follows_gap": {"passed": 2, "failed": 0, "not_measurable": 0}}
     failed.runs, failed.passed, failed.failed = 2, 1, 1
     failed.problems = ["verdict failed: never_backwards # not a directive"]
     unmeasurable.runs, unmeasurable.passed = 1, 1
@@ -33,7 +35,13 @@ def test_rendered_ktap_parses_with_one_result_per_point():
     assert "#" not in results[1].directive
     assert results[2].directive.startswith("SKIP not measurable")
     assert results[3].directive == "SKIP not run"
-    assert "# accounting error, kvmclock jump − gap (no Xen): median 0.100 ms" in text
+    assert ("# accounting error, kvmclock jump − host CLOCK_REALTIME between the same two guest "
+            "reports (no Xen): median 0.100 ms") in text
+    # Each verdict is counted in a diagnostic of its point (the first point only has counts).
+    assert text.index("# verdict xen_runnable_in_window: 0 passed, 0 failed, 2 not measurable") \
+        < text.index("ok 1 ")
+    assert "# verdict kvmclock_follows_gap: 2 passed, 0 failed, 0 not measurable" in text
+    assert text.count("# verdict ") == 2
 
 
 @pytest.mark.parametrize("mangle, message", [

@@ -10,14 +10,67 @@ from source_agent.sweep.plots import PlotError, check_png, write_plots
 from source_agent.sweep.runner import columns
 
 
-def _runs(plan, xen=False):
+def _runs(plan, xen=False, fail=frozenset()):
+    """Fake runs; a point whose strategy is in ``fail`` hides the gap and fails its verdict."""
     runs = []
     for point in plan.points():
+        hidden = point.strategy in fail
         report = fake_report(point, rtt_ns=round(2 * point.latency * 1e9) + 100_000, xen=xen,
-                             error_ns=10_000 * point.repeat)
+                             error_ns=-(point.gap_ns + 1_000_000) if hidden else
+                             10_000 * point.repeat, outcome="failed" if hidden else "passed")
         report["sweep"] = {"combination": point.combination, "config": point.to_plain()}
-        runs.append({"outcome": "passed", "report": report, **columns(report)})
+        if point.strategy == "best":             # as the agents report it: what it resolved to
+            report["strategy"] = "clock=realtime,tsc=none,runstate=off"
+        runs.append({"outcome": report["outcome"], "report": report, **columns(report)})
     return runs
+
+
+def _legend(figure) -> list[str]:
+    return [t.get_text() for legend in figure.legends for t in legend.get_texts()]
+
+
+def test_every_varied_axis_gets_its_own_encoding_and_failures_are_marked():
+    """Item 10: a strategy sweep no longer draws both strategies as "0ms one-way"."""
+    from source_agent.sweep.plots import accounting_figure
+
+    plan = SweepPlan("s", Axes(strategy=("best", "clock=plain"), latency=(0.0, 0.005)), 1)
+    figure = accounting_figure(plan, _runs(plan, fail={"clock=plain"}))
+    legend = _legend(figure)
+    assert "colour: strategy" in legend and "marker: latency" in legend
+    assert any(t.startswith("best → ") for t in legend)
+    assert any(t.startswith("clock=plain") for t in legend)
+    assert "0ms" in legend and "5ms" in legend
+    assert "ringed red: run failed a verdict" in legend
+    assert "y = −x: gap hidden (clock=plain)" in legend
+    # Negative controls: nothing failed, no ring explained; a memory sweep is not about latency.
+    assert "ringed red: run failed a verdict" not in _legend(accounting_figure(plan, _runs(plan)))
+    memory = SweepPlan("m", Axes(memory=(2 << 20, 16 << 20)), 1)
+    legend = _legend(accounting_figure(memory, _runs(memory)))
+    assert "colour: memory" in legend and "2MiB" in legend
+    assert not any("latency" in t or "one-way" in t for t in legend)
+    assert not any(t.startswith("marker:") for t in legend)
+
+
+def test_a_third_varied_axis_is_a_panel_each():
+    from source_agent.sweep.plots import accounting_figure
+
+    plan = SweepPlan("s", Axes(strategy=("best", "clock=plain"), latency=(0.0, 0.005),
+                               memory=(2 << 20, 16 << 20, 32 << 20)), 1)
+    figure = accounting_figure(plan, _runs(plan))
+    assert [ax.get_title() for ax in figure.axes] == ["memory 2MiB", "memory 16MiB",
+                                                      "memory 32MiB"]
+
+
+def test_a_correct_strategy_sits_at_zero_and_a_hidden_gap_at_minus_the_gap():
+    from source_agent.sweep.plots import accounting_figure
+
+    plan = SweepPlan("s", Axes(strategy=("best", "clock=plain"), gap_ns=(0, 50_000_000)), 1)
+    (ax,) = accounting_figure(plan, _runs(plan, fail={"clock=plain"})).axes
+    dots = [tuple(xy) for c in ax.collections if c.get_offsets().shape[0] == 1
+            and c.get_facecolor().size for xy in c.get_offsets()]
+    errors = sorted(round(y, 3) for _, y in dots)
+    assert errors[-2:] == [0.0, 0.0]                  # best: error 0 at both gaps
+    assert min(errors) < -50                          # clock=plain: about minus the gap
 
 
 @pytest.mark.parametrize("xen", [False, True])
@@ -27,15 +80,15 @@ def test_plots_are_valid_png_and_svg(tmp_path, xen):
     assert sorted(p.name for p in paths) == ["s-accounting.png", "s-accounting.svg",
                                              "s-downtime.png", "s-downtime.svg"]
     width, height = check_png(tmp_path / "s-accounting.png")
-    assert (width, height) == (640, 480)
+    assert (width, height) == (920, 480)          # the panel and the legend right of it
     assert check_png(tmp_path / "s-downtime.png") == (1100, 480)
     svg = (tmp_path / "s-accounting.svg").read_text()
     assert svg.lstrip().startswith("<?xml") and "</svg>" in svg and len(svg) > 10_000
-    label = "accounted steal (Xen runnable delta)" if xen else "kvmclock jump (no Xen on this host)"
+    label = "Xen runnable delta − (wall gap + open)" if xen else "kvmclock jump − host interval"
     # matplotlib draws text as glyph paths and keeps the string in a comment.
-    assert f"<!-- {label}, ms -->" in svg
-    other = "kvmclock jump (no Xen on this host)" if xen else "accounted steal (Xen runnable delta)"
-    assert f"<!-- {other}" not in svg  # negative control: the label follows the basis
+    assert f"<!-- accounting error: {label}" in svg
+    other = "kvmclock jump − host interval" if xen else "Xen runnable delta − (wall gap + open)"
+    assert f"<!-- accounting error: {other}" not in svg  # negative control: label follows basis
 
 
 def test_a_truncated_png_is_detected(tmp_path):
@@ -78,7 +131,24 @@ def test_plots_without_any_measurable_run_still_draw(tmp_path):
 def test_downtime_figure_has_a_panel_per_varied_axis():
     from source_agent.sweep.plots import downtime_figure
 
-    both = SweepPlan("s", Axes(latency=(0.0, 0.005), memory=(2 << 20, 16 << 20)), 1)
-    latency_only = SweepPlan("s", Axes(latency=(0.0, 0.005)), 1)
-    assert len(downtime_figure(both, []).axes) == 2
-    assert len(downtime_figure(latency_only, []).axes) == 1
+    def panels(**axes):
+        plan = SweepPlan("s", Axes(**axes), 1)
+        return [ax.get_xlabel().split(" (")[0] for ax in downtime_figure(plan, []).axes]
+
+    assert panels(latency=(0.0, 0.005), memory=(2 << 20, 16 << 20)) == ["one-way latency",
+                                                                         "guest memory"]
+    assert panels(latency=(0.0, 0.005)) == ["one-way latency"]
+    # Item 10: no latency panel when latency was not varied; a strategy panel when it was.
+    assert panels(strategy=("best", "clock=plain")) == ["strategy"]
+    assert panels(gap_ns=(0, 20_000_000)) == ["extra gap"]
+    assert panels() == ["one combination"]
+
+
+def test_downtime_bars_say_how_many_runs_failed():
+    from source_agent.sweep.plots import downtime_figure
+
+    plan = SweepPlan("s", Axes(strategy=("best", "clock=plain")), 2)
+    (ax,) = downtime_figure(plan, _runs(plan, fail={"clock=plain"})).axes
+    assert [t.get_text() for t in ax.texts] == ["2/2 failed a verdict"]
+    (ax,) = downtime_figure(plan, _runs(plan)).axes
+    assert len(ax.texts) == 0                         # negative control

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 
 from source_agent.sweep.plan import Axes, PointConfig, SweepPlan
-from source_agent.sweep.summary import Stats, accounting_error, percentile, summarise
+from source_agent.sweep.summary import (Stats, accounting, accounting_error, percentile,
+                                        summarise)
 
 
 def test_percentile_interpolates_linearly_like_numpy():
@@ -27,29 +28,54 @@ def test_stats_of_known_data():
     assert Stats.of([]) is None
 
 
+def _verdicts(**checks: tuple[int, int] | None) -> dict:
+    """A run whose report has these verdicts as (value_ns, expected_ns), None = not measurable."""
+    return {"report": {"verdicts": {
+        name: {"ok": None, "detail": "n/a"} if figures is None else
+        {"ok": True, "detail": "", "value_ns": figures[0], "expected_ns": figures[1],
+         "lo_ns": figures[1] - 5, "hi_ns": figures[1] + 50}
+        for name, figures in checks.items()}}}
+
+
 def test_accounting_error_prefers_xen_and_falls_back_to_kvmclock():
-    assert accounting_error({"wall_gap_ns": 100, "runnable_delta_ns": 130, "kvmclock_jump_ns": 90}) \
-        == ("xen_runnable", 30)
-    assert accounting_error({"wall_gap_ns": 100, "runnable_delta_ns": None, "kvmclock_jump_ns": 90}) \
-        == ("kvmclock", -10)
-    assert accounting_error({"wall_gap_ns": None, "kvmclock_jump_ns": 90}) is None
+    both = _verdicts(xen_runnable_in_window=(130, 100), kvmclock_follows_gap=(90, 100))
+    assert accounting_error(both) == ("xen_runnable", 30)
+    assert accounting(both).low_ns == -5 and accounting(both).high_ns == 50
+    no_xen = _verdicts(xen_runnable_in_window=None, kvmclock_follows_gap=(90, 100))
+    assert accounting_error(no_xen) == ("kvmclock", -10)
+    assert accounting_error(_verdicts(xen_runnable_in_window=None)) is None
     assert accounting_error({"wall_gap_ns": 100}) is None
 
 
-def _run(point: PointConfig, outcome: str = "passed", **figures) -> dict:
+def test_accounting_error_compares_like_with_like_not_with_the_wall_gap():
+    """Item 9: the figure is the verdict's value minus its expected (same events), not the jump
+    minus the wall gap, which stops before the first KVM_RUN and so biases every point by it."""
+    run = {"wall_gap_ns": 27_120_000, "kvmclock_jump_ns": 29_080_000,
+           **_verdicts(kvmclock_follows_gap=(29_080_000, 29_070_000))}
+    assert accounting_error(run) == ("kvmclock", 10_000)
+    # Negative control: the old figure (jump - wall gap) carried the ~2 ms bias.
+    assert run["kvmclock_jump_ns"] - run["wall_gap_ns"] == 1_960_000
+
+
+def _run(point: PointConfig, outcome: str = "passed", *, xen: int | None = None,
+         kvmclock: int | None = None, **figures) -> dict:
+    """``xen`` / ``kvmclock``: the accounting error the run's verdict carries (expected 10)."""
+    checks = {name: {"ok": outcome != "failed", "detail": "", "value_ns": 10 + error,
+                     "expected_ns": 10}
+              for name, error in (("xen_runnable_in_window", xen),
+                                  ("kvmclock_follows_gap", kvmclock)) if error is not None}
     return {"outcome": outcome, "error": None if outcome == "passed" else f"{outcome}!",
-            "wall_gap_ns": None, "runnable_delta_ns": None, "kvmclock_jump_ns": None,
             "downtime_ns": None, **figures,
-            "report": {"sweep": {"combination": point.combination}, "clock_sync": {"rtt_ns": 7}}}
+            "report": {"sweep": {"combination": point.combination}, "clock_sync": {"rtt_ns": 7},
+                       **({"verdicts": checks} if outcome != "error" else {})}}
 
 
 def test_summarise_groups_repeats_per_combination_in_plan_order():
     plan = SweepPlan("s", Axes(latency=(0.0, 0.005)), 3)
     p0, p1 = plan.points()[:2]
-    runs = [_run(p1, wall_gap_ns=10, kvmclock_jump_ns=10 + e, downtime_ns=d)
-            for e, d in ((1, 100), (2, 200), (3, 300))]
-    runs += [_run(p0, wall_gap_ns=10, runnable_delta_ns=20, downtime_ns=50),
-             _run(p0, "error"), _run(p0, "failed", wall_gap_ns=10, runnable_delta_ns=40)]
+    runs = [_run(p1, kvmclock=e, downtime_ns=d) for e, d in ((1, 100), (2, 200), (3, 300))]
+    runs += [_run(p0, xen=10, kvmclock=-5, downtime_ns=50),
+             _run(p0, "error"), _run(p0, "failed", xen=30)]
     runs.append({"outcome": "passed", "report": {"sweep": {"combination": "elsewhere"}}})
     first, second = summarise(plan, runs)
     assert first.point == p0 and second.point == p1
@@ -61,6 +87,11 @@ def test_summarise_groups_repeats_per_combination_in_plan_order():
     assert second.basis == "kvmclock"
     assert second.accounting_error == Stats(3, 2, pytest.approx(1.1), pytest.approx(2.9))
     assert second.downtime.median == 200 and second.rtt.median == 7
+    # Verdicts are counted as reported (the errored run has none).
+    assert first.verdicts == {
+        "xen_runnable_in_window": {"passed": 1, "failed": 1, "not_measurable": 0},
+        "kvmclock_follows_gap": {"passed": 1, "failed": 0, "not_measurable": 0}}
+    assert first.to_plain()["verdicts"] == first.verdicts
 
 
 def test_a_point_without_runs_or_figures_has_no_statistics():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from xen_lane_migrations import GAP_S, LANE_SLACK_PPM, SEED_LIMIT_NS, ms
+from xen_lane_migrations import GAP_S, LANE_SLACK_PPM, ms
 
 # The dest-agent console script's entry module, imported only so that collecting this file on
 # the host compiles its bytecode (stdlib included) into the lane's PYTHONPYCACHEPREFIX: its
@@ -49,10 +49,6 @@ HEADLINE = Strategy.parse("clock=realtime,tsc=offset,runstate=kernel")
 OPEN_LIMIT_NS = 2_000_000
 
 
-def seed_ok(delta: int) -> bool:
-    return GAP_NS <= delta < SEED_LIMIT_NS
-
-
 @pytest.mark.xen_lane
 def test_seed_flow_in_process() -> None:
     with System() as kvm:
@@ -73,14 +69,17 @@ def test_seed_flow_in_process() -> None:
     assert record is not None and record.first_entry_ns is not None
     assert record.runstate_restored == dict(captured, state=xen.RUNSTATE_RUNNABLE)
     assert record.tsc_offset_applied == record.tsc_offset_requested   # applies under nested SVM
-    a = analyse(before, after, state, record)
+    a = analyse(before, after, state, record, requested_gap_ns=GAP_NS,
+                runnable_slack_ppm=LANE_SLACK_PPM)
     delta, gap = a.xen_runnable_delta.value_ns, a.wall_gap.value_ns
     assert delta is not None and gap is not None
     lo, hi = xen.runnable_window(gap, record.first_entry_ns, open_ns, slack_ppm=LANE_SLACK_PPM)
+    window = a.checks["xen_runnable_in_window"]
+    assert (window.ok, window.lo_ns, window.hi_ns) == (True, lo, hi), window
     print(f"in-process: runnable delta {ms(delta)} ms, wall gap {ms(gap)} ms, window "
           f"[{ms(lo)}, {ms(hi)}] ms, open {ms(open_ns)} ms, first entry "
           f"{ms(record.first_entry_ns)} ms")
-    assert seed_ok(delta)
+    assert a.checks["seed_runnable"].ok is True
     assert lo <= delta <= hi
     assert all(c.ok for c in a.checks.values()), a.checks
 
@@ -106,6 +105,11 @@ def check_agents_migration(m: Migration, label: str) -> dict:
     assert report["verdicts"]["seed_runnable"]["ok"] is True
     assert all(v["ok"] is True for v in report["verdicts"].values()), report["verdicts"]
     assert lo <= delta <= hi
+    # The report's own verdict: the same bound, at the product's 1000 ppm (tighter than the
+    # lane's 5000, so inside [lo, hi]).
+    window = report["verdicts"]["xen_runnable_in_window"]
+    assert window["value_ns"] == delta and lo <= window["lo_ns"] <= window["hi_ns"] <= hi
+    assert window["expected_ns"] == gap + open_ns
     return report
 
 
@@ -120,6 +124,16 @@ async def test_agents_loopback() -> None:
         plan = MigrationPlan(host="", port=0, psk=b"", strategy=HEADLINE, gap_ns=GAP_NS)
         m = await loopback(plan, kvm, caps)
         check_agents_migration(m, "loopback agents")
+        # Negative control of the headline verdict through the same path: clock=plain (QEMU's
+        # way) hides the gap, which the seed's check lets pass and xen_runnable_in_window fails.
+        plain = await loopback(dataclasses.replace(
+            plan, strategy=Strategy.parse("clock=plain,tsc=offset,runstate=kernel")), kvm, caps)
+        hidden = compose(plain, run_id="lane", started_ns=time.time_ns(), command="plain")
+        print("loopback agents, clock=plain: " + ", ".join(
+            f"{k}={v['ok']}" for k, v in hidden["verdicts"].items()))
+        assert hidden["verdicts"]["xen_runnable_in_window"]["ok"] is False, hidden["verdicts"]
+        assert hidden["verdicts"]["xen_runnable_in_window"]["error_ns"] < -GAP_NS // 2
+        assert hidden["outcome"] == "failed" and "xen_runnable_in_window" in hidden["error"]
         refused = dataclasses.replace(
             plan, strategy=Strategy.parse("clock=none,tsc=offset,runstate=kernel"))
         with pytest.raises(protocol.PeerError) as exc:

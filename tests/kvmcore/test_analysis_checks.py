@@ -1,0 +1,87 @@
+"""kvmcore.analysis's verdicts as Checks: the figures they carry, the Xen runnable window, and how
+a host without KVM Xen is named. Inputs come from a real migration on this host's /dev/kvm; only
+the Xen runstate the guest would have reported is set by hand where the host has none (the real
+thing runs in the kernel Xen lane: tests/xen/test_xen_migration.py)."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+from conftest import migrate
+
+from kvmcore import Strategy, analyse, xen
+from kvmcore.analysis import CHECK_NAMES, NO_XEN
+
+
+@pytest.fixture
+def migration(kvm, caps):
+    return migrate(kvm, caps, Strategy.best(caps), 0.01)
+
+
+def test_every_check_is_named_once_in_report_order(migration):
+    assert tuple(migration.analysis.checks) == CHECK_NAMES
+
+
+def test_no_kvm_xen_is_named_as_the_host_not_the_strategy(migration):
+    m = migration
+    a = analyse(m.before, m.after, m.state, m.record, hosts_have_xen=False, requested_gap_ns=1)
+    for name in ("xen_runnable_in_window", "seed_runnable"):
+        assert a.checks[name].ok is None and a.checks[name].detail == NO_XEN
+        assert not a.checks[name].failed
+    # Control: hosts that have Xen but a guest without runstate say why differently.
+    b = analyse(m.before, m.after, m.state, m.record, hosts_have_xen=True)
+    assert b.checks["xen_runnable_in_window"].detail != NO_XEN
+
+
+def test_kvmclock_check_compares_the_same_two_reports_and_prints_ms(migration):
+    c = migration.analysis.checks["kvmclock_follows_gap"]
+    a = migration.analysis
+    assert c.value_ns == a.kvmclock_jump.value_ns and c.expected_ns == a.host_interval.value_ns
+    assert c.lo_ns <= c.value_ns <= c.hi_ns and c.ok
+    # Like with like: the error is far below the ~first-entry bias of jump - wall gap.
+    assert abs(c.error_ns) < c.hi_ns - c.lo_ns
+    assert " ms" in c.detail and " ns" not in c.detail and "error " in c.detail
+
+
+def as_xen(m, runnable_ns: int, *, open_ns: int = 100_000):
+    """The same migration as if the guest had Xen runstate with ``runnable_ns`` accounted."""
+    entry = m.state.clock["clock"] - open_ns
+    rs = {"state": xen.RUNSTATE_RUNNABLE, "state_entry_time": entry, "time_running": entry,
+          "time_runnable": 0, "time_blocked": 0, "time_offline": 0}
+    state = dataclasses.replace(m.state, xen={"runstate": rs})
+    strategy = Strategy.parse(m.record.strategy)
+    record = dataclasses.replace(m.record, strategy=str(dataclasses.replace(
+        strategy, runstate="kernel")))
+    before = dataclasses.replace(m.before, runstate=(1, 0, 0, 0, 0, 0))
+    after = dataclasses.replace(m.after, runstate=(0, 0, 0, runnable_ns, 0, 0))
+    return analyse(before, after, state, record, requested_gap_ns=10_000_000)
+
+
+def test_runnable_window_passes_the_gap_and_fails_a_hidden_one(migration):
+    m = migration
+    gap = m.analysis.wall_gap.value_ns
+    # Accounted from the runstate entry to the first KVM_RUN: what a correct restore gives.
+    good = as_xen(m, gap + 100_000 + 10_000).checks
+    assert good["xen_runnable_in_window"].ok is True, good["xen_runnable_in_window"]
+    assert good["xen_runnable_in_window"].error_ns == 10_000
+    assert good["seed_runnable"].ok is True
+    # Negative control, clock=plain's signature: only the restore-to-entry time accounted; the
+    # seed's check lets it pass whenever that exceeds the requested gap, the window does not.
+    hidden = as_xen(m, 10_500_000).checks
+    assert hidden["xen_runnable_in_window"].ok is False
+    assert hidden["xen_runnable_in_window"].failed
+    assert hidden["seed_runnable"].ok is True
+    assert "outside" in hidden["xen_runnable_in_window"].detail
+    lo, hi = xen.runnable_window(gap, m.record.first_entry_ns, 100_000)
+    assert (good["xen_runnable_in_window"].lo_ns, good["xen_runnable_in_window"].hi_ns) == (lo, hi)
+
+
+def test_tsc_check_is_shown_but_does_not_decide_when_the_tsc_is_not_restored(migration):
+    m = migration
+    wrong = dataclasses.replace(m.after, tsc=m.after.tsc - m.state.tsc_khz * 1000)
+    strategy = Strategy.parse(m.record.strategy)
+    for tsc, decides in (("none", False), ("adjust", True)):
+        record = dataclasses.replace(m.record, strategy=str(dataclasses.replace(strategy,
+                                                                                tsc=tsc)))
+        check = analyse(m.before, wrong, m.state, record).checks["tsc_follows_gap"]
+        assert check.ok is False and check.failed is decides
