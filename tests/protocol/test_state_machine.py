@@ -10,7 +10,7 @@ from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, authenticated, drive_to, f
 import protocol
 from protocol import LocalProtocolError, RemoteProtocolError, Session, State
 from protocol._messages import name_of
-from protocol._session import _TRANSITIONS
+from protocol._state import _TRANSITIONS
 
 REACHABLE = [
     State.AWAIT_SOURCE_HELLO,
