@@ -425,9 +425,10 @@ def _abandon(session: Session, exc: BaseException) -> NoReturn:
     """A memory stream ends with ``exc``: fail the session (its views of the caller's
     memory are released), then raise the error itself rather than the nursery's group.
 
-    The nursery's hash tasks keep their own errors (`MemoryHasher`), so a group holds
-    the stream's one error (plus, on cancellation, the tasks' `trio.Cancelled`):
-    callers see the same errors as they would without a nursery.
+    A nursery collects its errors in the order they happened: the first that is not a
+    `trio.Cancelled` (which a failing task causes in the others) is the one that ended
+    the stream -- a hash job's or the stream's own -- and callers see it as they would
+    without a nursery.
     """
     chosen = exc
     if isinstance(exc, BaseExceptionGroup):

@@ -8,8 +8,9 @@ of the nursery that `Channel.send_memory` / `receive_memory` opens.  A job
 reads the caller's buffer (guest RAM), so none may outlive those calls: the
 nursery waits for it on every way out, error and cancellation included
 (`trio.to_thread.run_sync` cannot be abandoned), and only then may the caller
-unmap its memory.  A failed job keeps its error for `finish` / `start`, so
-that it never hides the first error of the stream (the nursery's body's).
+unmap its memory.  A failed job fails its nursery as any task does; the channel
+raises the first error of the stream, the job's or the stream's own, not the
+nursery's group (`_channel._abandon`).
 """
 
 from __future__ import annotations
@@ -37,7 +38,6 @@ class MemoryHasher:
         self._nursery = nursery
         self._idle = trio.Event()
         self._idle.set()
-        self._error: BaseException | None = None
 
     @property
     def running(self) -> bool:
@@ -46,7 +46,6 @@ class MemoryHasher:
 
     def start(self, min_bytes: int = 1) -> None:
         """Start a job over the bytes pending, unless one runs or fewer than ``min_bytes`` are."""
-        self._raise_failure()
         if self.running or self._session.memory_hash_pending < min_bytes:
             return
         job = self._session.memory_hash_job()
@@ -57,8 +56,6 @@ class MemoryHasher:
     async def _run(self, job: Callable[[], None], idle: trio.Event) -> None:
         try:
             await trio.to_thread.run_sync(job)
-        except Exception as exc:  # kept for the stream's own task: the first error wins
-            self._error = exc
         finally:
             self._session.memory_hash_done()
             idle.set()
@@ -73,12 +70,10 @@ class MemoryHasher:
         is not held up.
         """
         await self._idle.wait()
-        self._raise_failure()
         session = self._session
         if session.memory_hash_pending >= HASH_MIN:
             self.start()
             await self._idle.wait()
-            self._raise_failure()
             return
         job = session.memory_hash_job()
         if job is not None:
@@ -86,8 +81,3 @@ class MemoryHasher:
                 job()
             finally:
                 session.memory_hash_done()
-
-    def _raise_failure(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
