@@ -114,8 +114,8 @@ class MemoryStream:
             if not self.pending_bytes:
                 self.pending_at = at
             self.pending_bytes += len(view)
-        else:
-            self.pending.append(self.track(view))
+        else:  # sent pieces: views of the caller's buffer, tracked by the session already
+            self.pending.append(view)
             self.pending_bytes += len(view)
 
     def take_job(self) -> Callable[[], None] | None:
