@@ -160,7 +160,7 @@ class Channel:
                         return None
                     if event is not NEED_DATA:
                         continue  # a message sent before the ERROR: look further
-                    data = await self.stream.receive_some(self.receive_size)
+                    data = await self._io.receive_some()
                 except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
                     return None
                 if not data:

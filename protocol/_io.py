@@ -55,7 +55,11 @@ class ByteIO:
 
     async def receive(self, session: Session) -> None:
         """Wait for bytes and give them to the session (``b""``: the peer closed the stream)."""
-        session.receive_data(await self.stream.receive_some(self.receive_size))
+        session.receive_data(await self.receive_some())
+
+    async def receive_some(self) -> bytes | bytearray:
+        """Wait for bytes and return them (``b""``: the peer closed): for a look past a failure."""
+        return await self.stream.receive_some(self.receive_size)
 
     def grow_buffer(self, option: str) -> None:
         """Ask for bigger socket buffers for a memory stream (``SO_SNDBUF``/``SO_RCVBUF``)."""
