@@ -3,6 +3,23 @@
 The core is sans-IO (`Session`: bytes in, messages out); `Channel` drives a
 session over any trio stream, and `source_handshake` / `destination_handshake`
 do HELLO, AUTH and clock sync for the two agents.  See docs/protocol.md.
+
+The private modules, one concern each (in the manner of h11 and httpcore):
+
+    _errors      every error, and the neutral FieldError for bad wire values
+    _limits      the bounds on what a peer can make this side allocate
+    _frames      frame layout and the bounded msgpack codec
+    _messages    the messages and their field checks
+    _auth        the key proofs and the frame MAC
+    _state       the state table (and the NEED_DATA / END_OF_STREAM sentinels)
+    _memory      one MIGRATE's memory stream: the chunk rule, the digest, the sink
+    _session     the sans-IO session: framing, MAC, state, memory
+    _io          the byte I/O a Channel needs (plain TCP fd path, any trio stream)
+    _hashing     the digest hashed in worker threads owned by a nursery
+    _channel     Channel: a session driven over a trio stream, with timeouts
+    _handshake   HELLO, AUTH and clock sync for the agents
+    _tls         connecting over TCP and TLS
+    _clocksync   the clock offset estimate; _keyfile: reading the pre-shared key
 """
 
 from __future__ import annotations
@@ -37,16 +54,11 @@ from ._messages import (
     Report,
     Role,
 )
-from ._session import END_OF_STREAM, NEED_DATA, Session, State
-from ._trio import (
-    Channel,
-    Handshake,
-    destination_handshake,
-    open_channel,
-    source_handshake,
-    tls_client_context,
-    tls_server_context,
-)
+from ._session import Session
+from ._state import END_OF_STREAM, NEED_DATA, State
+from ._channel import Channel
+from ._handshake import Handshake, destination_handshake, source_handshake
+from ._tls import open_channel, tls_client_context, tls_server_context
 
 __all__ = [
     "END_OF_STREAM",

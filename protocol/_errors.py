@@ -4,7 +4,11 @@ The hierarchy says whose fault a failure is (in the manner of h11): a
 `LocalProtocolError` is a bug on this side, a `RemoteProtocolError` is the
 peer's bug or an attack.  Each class carries an ``error_code``: the code this
 side puts in the ERROR message it sends to the peer when the failure happens
-(see `protocol.Error.from_exception`).
+(see `protocol.Error.from_exception`); `peer_error` maps a received ERROR back.
+
+`FieldError` is the one neutral error for a bad wire value: the codec and the
+message checks raise it without knowing who made the value, and the session
+turns it into a local or a remote error, which names the state.
 """
 
 from __future__ import annotations
@@ -14,7 +18,9 @@ from typing import ClassVar
 __all__ = [
     "AuthenticationFailed",
     "ConnectionClosed",
+    "FieldError",
     "IntegrityError",
+    "LimitError",
     "LimitExceeded",
     "LocalProtocolError",
     "PeerError",
@@ -22,6 +28,7 @@ __all__ = [
     "ProtocolTimeout",
     "RemoteProtocolError",
     "VersionMismatch",
+    "peer_error",
 ]
 
 
@@ -82,3 +89,21 @@ class PeerError(ProtocolError):
         super().__init__(f"peer reported error {code!r}: {message}")
         self.code = code
         self.message = message
+
+
+def peer_error(peer: str, code: str, message: str) -> ProtocolError:
+    """The error to raise for an ERROR ``code`` the ``peer`` sent: its own class where the
+    protocol has one for both sides (version, auth), else `PeerError`."""
+    if code == VersionMismatch.error_code:
+        return VersionMismatch(f"the {peer} refused the session: {message}")
+    if code == AuthenticationFailed.error_code:
+        return AuthenticationFailed(f"the {peer} refused the authentication: {message}")
+    return PeerError(code, message)
+
+
+class FieldError(Exception):
+    """Internal: a wire value is malformed; the session raises it as a local or remote error."""
+
+
+class LimitError(FieldError):
+    """Internal: a wire value exceeds a limit; becomes `LimitExceeded` when the peer sent it."""

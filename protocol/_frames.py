@@ -21,6 +21,7 @@ from typing import Any
 
 import msgpack
 
+from ._errors import FieldError, LimitError
 from ._limits import Limits
 
 __all__ = [
@@ -38,14 +39,6 @@ __all__ = [
 LENGTH = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
 _U32 = struct.Struct(">I")
-
-
-class FieldError(Exception):
-    """Internal: a value is malformed; the caller turns it into a local or remote error."""
-
-
-class LimitError(FieldError):
-    """Internal: a value exceeds a limit; becomes `LimitExceeded` when the peer sent it."""
 
 
 # One Packer for every message: msgpack.packb builds a new one per call, which

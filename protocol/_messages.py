@@ -13,8 +13,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar, Literal
 
-from ._errors import ProtocolError
-from ._frames import FieldError, LimitError, check_plain
+from ._errors import FieldError, LimitError, ProtocolError
+from ._frames import check_plain
 from ._limits import PAGE_SIZE, Limits
 
 __all__ = [

@@ -19,12 +19,14 @@ if the peer did.
     BYE   -----------------------------------> (either side, in READY)
 
 ERROR may be sent by either side in any state before BYE; it ends the session.
+
+This module frames messages, MACs them and feeds them through the state table
+(`_state.py`); one MIGRATE's memory (the chunk rule, the digest, the receive
+path straight into the caller's buffer) is `_memory.MemoryStream`.
 """
 
 from __future__ import annotations
 
-import enum
-import hashlib
 import secrets
 from collections.abc import Callable
 from typing import Any
@@ -33,30 +35,23 @@ from ._auth import TAG_SIZE, FrameMac, derive_keys, make_proof, transcript_hash,
 from ._errors import (
     AuthenticationFailed,
     ConnectionClosed,
+    FieldError,
     IntegrityError,
+    LimitError,
     LimitExceeded,
     LocalProtocolError,
     ProtocolError,
     RemoteProtocolError,
     VersionMismatch,
 )
-from ._frames import (
-    LENGTH,
-    MEMORY_HEADER_SIZE,
-    FieldError,
-    LimitError,
-    memory_header,
-    pack,
-    parse_memory_header,
-    unpack,
-)
+from ._frames import LENGTH, MEMORY_HEADER_SIZE, memory_header, pack, parse_memory_header, unpack
 from ._limits import Limits
+from ._memory import MemoryStream, byte_view
 from ._messages import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
     ROLES,
     Auth,
-    Bye,
     ClockSyncReply,
     ClockSyncRequest,
     Commit,
@@ -71,135 +66,11 @@ from ._messages import (
     name_of,
     validate,
 )
+from ._state import END_OF_STREAM, NEED_DATA, State, next_state, refusal
 
 __all__ = ["END_OF_STREAM", "NEED_DATA", "Session", "State"]
 
-
-class _Sentinel:
-    def __init__(self, name: str) -> None:
-        self._name = name
-
-    def __repr__(self) -> str:
-        return self._name
-
-
-#: `Session.next_event` needs more bytes before it can return a message.
-NEED_DATA: Any = _Sentinel("NEED_DATA")
-#: The peer closed the stream cleanly, after BYE or ERROR.
-END_OF_STREAM: Any = _Sentinel("END_OF_STREAM")
-
-
-class State(enum.Enum):
-    """Where the conversation is; the name says whose message is awaited."""
-
-    AWAIT_SOURCE_HELLO = enum.auto()
-    AWAIT_DESTINATION_HELLO = enum.auto()
-    AWAIT_SOURCE_AUTH = enum.auto()
-    AWAIT_DESTINATION_AUTH = enum.auto()
-    #: Authenticated, between migrations: the source may sync clocks, migrate or say BYE.
-    READY = enum.auto()
-    #: A CLOCK_REQUEST awaits its CLOCK_REPLY.
-    CLOCK_SYNC = enum.auto()
-    #: MIGRATE received; MEMORY chunks are due until memory_size is covered.
-    MEMORY = enum.auto()
-    #: All memory sent; COMMIT is due.
-    COMMIT = enum.auto()
-    #: COMMIT sent; the destination's REPORT is due.
-    REPORT = enum.auto()
-    #: BYE was sent or received.
-    CLOSED = enum.auto()
-    #: ERROR was sent or received, or a protocol error happened.
-    ERROR = enum.auto()
-
-
-# (state, sender) -> {message class: next state}; MEMORY's next state depends on the count.
-_TRANSITIONS: dict[tuple[State, Role], dict[type[Message], State]] = {
-    (State.AWAIT_SOURCE_HELLO, "source"): {Hello: State.AWAIT_DESTINATION_HELLO},
-    (State.AWAIT_DESTINATION_HELLO, "destination"): {Hello: State.AWAIT_SOURCE_AUTH},
-    (State.AWAIT_SOURCE_AUTH, "source"): {Auth: State.AWAIT_DESTINATION_AUTH},
-    (State.AWAIT_DESTINATION_AUTH, "destination"): {Auth: State.READY},
-    (State.READY, "source"): {
-        ClockSyncRequest: State.CLOCK_SYNC,
-        Migrate: State.MEMORY,
-        Bye: State.CLOSED,
-    },
-    (State.READY, "destination"): {Bye: State.CLOSED},
-    (State.CLOCK_SYNC, "destination"): {ClockSyncReply: State.READY},
-    (State.MEMORY, "source"): {MemoryChunk: State.MEMORY},
-    (State.COMMIT, "source"): {Commit: State.REPORT},
-    (State.REPORT, "destination"): {Report: State.READY},
-}
-
-
-# The same keyed by the state's int value: Enum.__hash__ is a Python-level call.
-_TRANSITIONS_BY_VALUE = {(state._value_, role): allowed for (state, role), allowed in _TRANSITIONS.items()}
-_NOTHING: dict[type[Message], State] = {}
-
-
-class _MemoryStream:
-    """Progress of one MIGRATE's memory: next offset, and the digest so far.
-
-    With deferred hashing, ``pending`` holds the bytes sent or received but not
-    yet hashed, in order (views of the caller's buffer or of the sink), and
-    ``hashing`` says a job over earlier bytes is running somewhere.
-    """
-
-    def __init__(self, size: int, chunk_size: int) -> None:
-        self.size = size
-        self.chunk_size = chunk_size
-        self.offset = 0
-        self.digest = hashlib.sha256()
-        self.sink: memoryview | None = None
-        self.pending: list[memoryview] = []
-        self.pending_bytes = 0
-        self.pending_at = 0  # with a sink: the pending bytes are sink[pending_at : + pending_bytes]
-        self.hashing = False
-
-    def hash(self, view: memoryview, at: int, defer: bool) -> None:
-        """Account the memory bytes ``view`` (at offset ``at``), sent or received, in order."""
-        if not defer:
-            if self.pending_bytes:  # keep the order: what is pending comes first
-                if self.hashing:
-                    raise LocalProtocolError("memory hashed here while a hash job is still running")
-                for earlier in self._take():
-                    self.digest.update(earlier)
-            self.digest.update(view)
-        elif self.sink is not None:  # received pieces are contiguous in the sink: one range
-            if not self.pending_bytes:
-                self.pending_at = at
-            self.pending_bytes += len(view)
-        else:
-            self.pending.append(view)
-            self.pending_bytes += len(view)
-
-    def finish(self) -> bytes:
-        """The digest of everything, hashing what is pending here and now."""
-        if self.hashing:
-            raise LocalProtocolError("the memory digest is needed while a hash job is still running")
-        for view in self._take():
-            self.digest.update(view)
-        return self.digest.digest()
-
-    def _take(self) -> list[memoryview]:
-        if self.sink is not None and self.pending_bytes:
-            views = [self.sink[self.pending_at : self.pending_at + self.pending_bytes]]
-        else:
-            views = self.pending
-        self.pending, self.pending_bytes = [], 0
-        return views
-
-
-class _PartialChunk:
-    """A MEMORY frame whose header has arrived and whose data goes straight to the sink."""
-
-    __slots__ = ("length", "header", "offset", "size", "got")
-
-    def __init__(self, length: int, header: bytes, offset: int, size: int) -> None:
-        self.length = length
-        self.header = header
-        self.offset = offset
-        self.size = size
-        self.got = 0
+Event = Message | type[NEED_DATA] | type[END_OF_STREAM]
 
 
 class Session:
@@ -213,13 +84,6 @@ class Session:
 
     #: The version this side speaks (a class attribute so tests can play a future agent).
     protocol_version: int = PROTOCOL_VERSION
-
-    #: Leave the memory digest's hashing to the caller (`memory_hash_job`), who
-    #: can run it in a worker thread beside the I/O; whatever is still pending
-    #: is hashed here when the digest is needed (COMMIT).  While set, the
-    #: session keeps views of the memory sent (or of the sink) until they are
-    #: hashed: the caller's buffer must stay open (`abandon_memory_hash`).
-    defer_memory_hash: bool = False
 
     def __init__(
         self,
@@ -254,10 +118,8 @@ class Session:
         self._eof = False
         self._clock_t1: int | None = None
         self._clock_rounds = 0
-        self._memory: _MemoryStream | None = None
-        self._partial: _PartialChunk | None = None
+        self._memory: MemoryStream | None = None
         self._sent_error = False
-        self._frame_safe = True  # False while a chunk's data lives in the frame buffer
 
     # -- building the messages only the session can fill in ------------------
 
@@ -284,6 +146,24 @@ class Session:
             raise LocalProtocolError(f"cannot build COMMIT in state {self.state.name} ({self.role})")
         return Commit(digest=self._memory.finish())
 
+    # -- failure -----------------------------------------------------------------
+
+    def fail(self, reason: str) -> None:
+        """Mark the session failed (state ERROR) for a reason found outside it.
+
+        For the I/O layer (as h11's ``send_failed``): a write cut short, a
+        timeout, a broken stream, a memory stream abandoned half way.  Only an
+        ERROR may be sent afterwards.  The first reason is the one kept.  The
+        session lets go of the caller's memory buffer: every view of it made
+        here is released (those a hash job still reads once it is done), so
+        the caller can unmap it.
+        """
+        self.state = State.ERROR
+        if self.failure is None:
+            self.failure = reason
+        if self._memory is not None:
+            self._memory.release()
+
     # -- deferred hashing of the memory stream --------------------------------
 
     @property
@@ -295,36 +175,20 @@ class Session:
     def memory_hash_job(self) -> Callable[[], None] | None:
         """A job hashing the memory bytes pending so far, in order; None if there are none.
 
-        For ``defer_memory_hash``: run the job anywhere (hashlib releases the
-        GIL, so a worker thread overlaps it with the I/O), then call
+        For deferred hashing (``defer_hash`` of `send_iov` and
+        `receive_memory_into`): run the job anywhere (hashlib releases the GIL,
+        so a worker thread overlaps it with the I/O), then call
         `memory_hash_done` before asking for the next job; the digest (COMMIT)
         may be needed only when no job is running.  The job reads the caller's
         buffer or the sink, which must stay valid until it returns.
         """
         stream = self._memory
-        if stream is None or not stream.pending_bytes:
-            return None
-        if stream.hashing:
-            raise LocalProtocolError("memory_hash_job while the previous job is still running")
-        views = stream._take()
-        stream.hashing = True
-        digest = stream.digest
-
-        def job() -> None:
-            for view in views:
-                digest.update(view)
-
-        return job
+        return None if stream is None else stream.take_job()
 
     def memory_hash_done(self) -> None:
         """The job from `memory_hash_job` has returned."""
         if self._memory is not None:
-            self._memory.hashing = False
-
-    def abandon_memory_hash(self) -> None:
-        """Drop the views of memory not hashed yet (the stream failed; its digest is moot)."""
-        if self._memory is not None:
-            self._memory.pending, self._memory.pending_bytes = [], 0
+            self._memory.job_done()
 
     # -- sending ---------------------------------------------------------------
 
@@ -332,8 +196,14 @@ class Session:
         """The bytes that carry ``message`` to the peer; the state moves on."""
         return b"".join(self.send_iov(message))
 
-    def send_iov(self, message: Message) -> list[bytes | memoryview]:
-        """Like `send`, as pieces to write in order; a MEMORY chunk's data is not copied."""
+    def send_iov(self, message: Message, *, defer_hash: bool = False) -> list[bytes | memoryview]:
+        """Like `send`, as pieces to write in order; a MEMORY chunk's data is not copied.
+
+        ``defer_hash`` (MEMORY only): leave the chunk's hashing to
+        `memory_hash_job`, which the caller runs beside its writes; the
+        session keeps a view of the data until then, so the buffer must stay
+        valid until the job ran, the COMMIT was built or the session failed.
+        """
         if self.state is State.ERROR and not (isinstance(message, Error) and not self._sent_error):
             raise LocalProtocolError(
                 f"cannot send {name_of(message)} in state ERROR (session failed: {self.failure})"
@@ -342,22 +212,18 @@ class Session:
             validate(message, self.limits)
         except FieldError as exc:
             raise LocalProtocolError(str(exc)) from None
-        tag_size = TAG_SIZE if self._send_mac is not None else 0
         if isinstance(message, MemoryChunk):
-            data = _byte_view(message.data)
-            message = MemoryChunk(offset=message.offset, data=data)
-            header = memory_header(message.offset, len(data))
-            length = len(header) + len(data) + tag_size
-            pieces: list[bytes | memoryview] = [LENGTH.pack(length) + header, data]
-            maced: list[bytes | memoryview] = [header]
-        else:
+            data = byte_view(message.data)
             try:
-                body = pack(message.to_wire())
-            except (ValueError, TypeError, OverflowError) as exc:  # validate() should prevent this
-                raise LocalProtocolError(f"{name_of(message)} cannot be encoded: {exc}") from None
-            length = len(body) + tag_size
-            pieces = [LENGTH.pack(length) + body]
-            maced = [body]
+                return self._send_memory_iov(message.offset, data, defer_hash)
+            except BaseException:
+                data.release()  # refused: no view of the caller's memory stays behind
+                raise
+        try:
+            body = pack(message.to_wire())
+        except (ValueError, TypeError, OverflowError) as exc:  # validate() should prevent this
+            raise LocalProtocolError(f"{name_of(message)} cannot be encoded: {exc}") from None
+        length = len(body) + (TAG_SIZE if self._send_mac is not None else 0)
         if length > self.limits.max_frame_size:
             raise LocalProtocolError(
                 f"{name_of(message)} needs a {length}-byte frame, over max_frame_size "
@@ -365,18 +231,37 @@ class Session:
             )
         self._advance(self.role, message, local=True)
         if isinstance(message, Hello):
-            self._hello_bodies[self.role] = maced[0]  # type: ignore[assignment]
+            self._hello_bodies[self.role] = body
             self._after_hellos()
+        frame = LENGTH.pack(length) + body
         if self._send_mac is not None:
-            tag = self._send_mac.tag(length, maced)
-            if len(pieces) == 1:
-                pieces[0] = bytes(pieces[0]) + tag  # small messages: one write, one segment
-            else:
-                pieces.append(tag)
+            frame += self._send_mac.tag(length, [body])  # small messages: one write, one segment
         if isinstance(message, Auth):
             self._send_mac = FrameMac(self._keys[self.role])
         if isinstance(message, Error):
             self._sent_error = True
+        return [frame]
+
+    def _send_memory_iov(self, offset: int, data: memoryview, defer: bool) -> list[bytes | memoryview]:
+        """A MEMORY chunk's pieces: header, the caller's data itself, tag; the state's check,
+        then the stream's."""
+        header = memory_header(offset, len(data))
+        length = len(header) + len(data) + (TAG_SIZE if self._send_mac is not None else 0)
+        if length > self.limits.max_frame_size:
+            raise LocalProtocolError(
+                f"MEMORY needs a {length}-byte frame, over max_frame_size {self.limits.max_frame_size}"
+            )
+        stream = self._memory
+        if next_state(self.state, self.role, MemoryChunk) is None or stream is None:
+            self._refuse(self.role, MemoryChunk, local=True)
+        assert stream is not None
+        stream.check(offset, len(data), LocalProtocolError)
+        stream.hash(stream.track(data), offset, defer)
+        if stream.advance(len(data)):
+            self.state = State.COMMIT
+        pieces: list[bytes | memoryview] = [LENGTH.pack(length) + header, data]
+        if self._send_mac is not None:
+            pieces.append(self._send_mac.tag(length, [header]))
         return pieces
 
     # -- receiving -------------------------------------------------------------
@@ -388,15 +273,15 @@ class Session:
         if not data:
             self._eof = True
             return
-        partial = self._partial
-        if partial is not None and not self._buf and partial.got < partial.size:
+        stream = self._memory
+        if stream is not None and stream.partial is not None and not self._buf:
             # Inside a MEMORY frame's data: straight to the sink, not via the buffer.
-            view = _byte_view(data)
-            take = min(len(view), partial.size - partial.got)
-            self._absorb(view[:take])
-            data = view[take:]
-            if not data:
-                return
+            view = byte_view(data)
+            if stream.partial.got < stream.partial.size:
+                take = stream.absorb(view)
+                data = view[take:]
+                if not data:
+                    return
         self._buf += data
 
     def memory_window(self) -> memoryview | None:
@@ -407,12 +292,10 @@ class Session:
         and report the count with `memory_received`, so the bytes are copied
         once, from the kernel into guest memory.
         """
-        partial = self._partial
-        if partial is None or self._buf or partial.got >= partial.size or self._memory is None:
+        stream = self._memory
+        if stream is None or self._buf:
             return None
-        sink = self._memory.sink
-        assert sink is not None
-        return sink[partial.offset + partial.got : partial.offset + partial.size]
+        return stream.window()
 
     def memory_read_limit(self) -> int | None:
         """At most this many bytes should be read next, so that MEMORY data lands straight in the sink.
@@ -425,7 +308,7 @@ class Session:
         stream = self._memory
         if stream is None or stream.sink is None or self.role != "destination":
             return None
-        partial = self._partial
+        partial = stream.partial
         header = LENGTH.size + MEMORY_HEADER_SIZE
         if partial is None:
             need = header - len(self._buf) if self.state is State.MEMORY else 0
@@ -440,19 +323,8 @@ class Session:
         window = self.memory_window()
         if window is None or not 0 < count <= len(window):
             raise LocalProtocolError(f"memory_received({count}) outside the memory window")
-        assert self._partial is not None and self._memory is not None
-        self._memory.hash(window[:count], self._partial.offset + self._partial.got, self.defer_memory_hash)
-        self._partial.got += count
-
-    def _absorb(self, piece: memoryview) -> None:
-        partial = self._partial
-        stream = self._memory
-        assert partial is not None and stream is not None and stream.sink is not None
-        start = partial.offset + partial.got
-        target = stream.sink[start : start + len(piece)]
-        target[:] = piece
-        stream.hash(target, start, self.defer_memory_hash)
-        partial.got += len(piece)
+        assert self._memory is not None
+        self._memory.received(self._memory.track(window[:count]))
 
     @property
     def memory_progress(self) -> tuple[int, int, int] | None:
@@ -465,17 +337,20 @@ class Session:
     @property
     def buffered(self) -> int:
         """Bytes received but not yet returned as messages (non-zero: a frame has begun)."""
-        partial = self._partial
-        if partial is not None:
-            return len(self._buf) + LENGTH.size + MEMORY_HEADER_SIZE + partial.got
+        stream = self._memory
+        if stream is not None and stream.partial is not None:
+            return len(self._buf) + LENGTH.size + MEMORY_HEADER_SIZE + stream.partial.got
         return len(self._buf)
 
-    def receive_memory_into(self, buffer: Any) -> None:
+    def receive_memory_into(self, buffer: Any, *, defer_hash: bool = False) -> None:
         """Write the coming MEMORY chunks' data straight into ``buffer`` at their offsets.
 
         Call after MIGRATE was received and before its first chunk; ``buffer``
         is any writable, contiguous buffer of at least ``memory_size`` bytes
         (the guest's RAM, say), so the whole memory is never held twice.
+        ``defer_hash``: leave the digest's hashing to `memory_hash_job` (what
+        is still pending when COMMIT arrives is hashed here).  If the session
+        fails, it releases every view of ``buffer`` it made (`fail`).
         """
         stream = self._memory
         if self.state is not State.MEMORY or stream is None or stream.offset or self.role != "destination":
@@ -483,16 +358,16 @@ class Session:
                 f"receive_memory_into is for a destination before the first MEMORY chunk "
                 f"(state {self.state.name}, {self.role})"
             )
-        view = _byte_view(buffer)
+        view = byte_view(buffer)
         if view.readonly:
             raise LocalProtocolError("receive_memory_into needs a writable buffer")
         if len(view) < stream.size:
             raise LocalProtocolError(
                 f"receive_memory_into buffer holds {len(view)} bytes, memory_size is {stream.size}"
             )
-        stream.sink = view
+        stream.receive_into(view, defer_hash)
 
-    def next_event(self) -> Any:
+    def next_event(self) -> Event:
         """The next message from the peer, or `NEED_DATA`, or `END_OF_STREAM`.
 
         Raises a `RemoteProtocolError` (or one of its kin) if the peer broke
@@ -507,13 +382,13 @@ class Session:
         except ProtocolError as exc:
             # Views of the buffer may live on in the traceback: start a new one.
             self._buf = bytearray()
-            self._partial = None
-            self._fail(str(exc))
+            self.fail(str(exc))
             raise
 
-    def _next_event(self) -> Any:
-        if self._partial is not None:
-            return self._continue_partial()
+    def _next_event(self) -> Event:
+        stream = self._memory
+        if stream is not None and stream.partial is not None:
+            return self._continue_partial(stream)
         buf = self._buf
         if len(buf) < LENGTH.size:
             if not self._eof:
@@ -543,8 +418,8 @@ class Session:
         if len(buf) < end:
             if self._eof:
                 raise self._closed_mid_frame()
-            if self._begin_partial(length, tag_size):
-                return self._continue_partial()
+            if stream is not None and self._begin_partial(stream, length, tag_size):
+                return self._continue_partial(stream)
             return NEED_DATA
         with memoryview(buf) as view:
             message = self._read_frame(view, length, end - tag_size, end)
@@ -556,7 +431,7 @@ class Session:
             f"peer ({self.peer_role}) closed the stream in the middle of a frame (state {self.state.name})"
         )
 
-    def _begin_partial(self, length: int, tag_size: int) -> bool:
+    def _begin_partial(self, stream: MemoryStream, length: int, tag_size: int) -> bool:
         """Start streaming an incomplete MEMORY frame's data into the sink, if it is one.
 
         Only a header that is exactly what the state demands (the expected
@@ -565,10 +440,8 @@ class Session:
         frame ends; the data it announces is written where the state says
         it belongs, and is trusted only once COMMIT's digest matches.
         """
-        stream = self._memory
         if (
-            stream is None
-            or stream.sink is None
+            stream.sink is None
             or self.state is not State.MEMORY
             or self.role != "destination"
             or len(self._buf) < LENGTH.size + MEMORY_HEADER_SIZE
@@ -582,22 +455,18 @@ class Session:
         if layout is None:
             return False
         offset, size = layout
-        due = min(stream.chunk_size, stream.size - stream.offset)
-        if offset != stream.offset or size != due or length != MEMORY_HEADER_SIZE + size + tag_size:
+        if length != MEMORY_HEADER_SIZE + size + tag_size or not stream.begin(length, header, offset, size):
             return False
         del self._buf[: LENGTH.size + MEMORY_HEADER_SIZE]
-        self._partial = _PartialChunk(length, header, offset, size)
         return True
 
-    def _continue_partial(self) -> Any:
-        partial = self._partial
-        stream = self._memory
-        assert partial is not None and stream is not None and stream.sink is not None
+    def _continue_partial(self, stream: MemoryStream) -> Event:
+        partial = stream.partial
+        assert partial is not None
         buf = self._buf
         if partial.got < partial.size and buf:
-            take = min(len(buf), partial.size - partial.got)
             with memoryview(buf) as view:
-                self._absorb(view[:take])
+                take = stream.absorb(view)
             del buf[:take]
         tag_size = TAG_SIZE if self._recv_mac is not None else 0
         if partial.got < partial.size or len(buf) < tag_size:
@@ -607,10 +476,9 @@ class Session:
         with memoryview(buf) as view:
             self._verify_frame(partial.length, memoryview(partial.header), view[:tag_size])
         del buf[:tag_size]
-        self._partial = None
-        stream.offset += partial.size
+        offset, data = stream.end_partial()
         self.state = State.COMMIT if stream.offset == stream.size else State.MEMORY
-        return MemoryChunk(offset=partial.offset, data=stream.sink[partial.offset : partial.offset + partial.size])
+        return MemoryChunk(offset=offset, data=data)
 
     def _read_frame(self, view: memoryview, length: int, body_end: int, end: int) -> Message:
         body = view[LENGTH.size : body_end]
@@ -654,27 +522,25 @@ class Session:
             )
 
     def _read_memory(self, offset: int, data: memoryview) -> MemoryChunk:
+        """A whole MEMORY frame arrived (its header's MAC verified): the state's check, the stream's."""
         stream = self._memory
-        if (
-            stream is not None
-            and stream.sink is not None
-            and self.state is State.MEMORY
-            and offset == stream.offset
-            and len(data) == min(stream.chunk_size, stream.size - stream.offset)
-        ):
-            # The chunk the state expects: into the sink first, so the digest
-            # (deferred or not) reads it there rather than from the frame buffer.
-            target = stream.sink[offset : offset + len(data)]
-            target[:] = data
-            self._advance(self.peer_role, MemoryChunk(offset=offset, data=target), local=False)
-            return MemoryChunk(offset=offset, data=target)
-        # The data is in the frame buffer, which is reused: hash it now.
-        self._frame_safe = False
-        try:
-            self._advance(self.peer_role, MemoryChunk(offset=offset, data=data), local=False)
-        finally:
-            self._frame_safe = True
-        return MemoryChunk(offset=offset, data=bytes(data))
+        if next_state(self.state, self.peer_role, MemoryChunk) is None or stream is None:
+            self._refuse(self.peer_role, MemoryChunk, local=False)
+        assert stream is not None
+        stream.check(offset, len(data), RemoteProtocolError)
+        if stream.sink is not None:
+            # Into the sink first, so the digest (deferred or not) reads it there
+            # rather than from the frame buffer.
+            target = stream.store(offset, data)
+            stream.hash(target, offset, stream.defer_received)
+            chunk = MemoryChunk(offset=offset, data=target)
+        else:
+            # The data is in the frame buffer, which is reused: hash it now.
+            stream.hash(data, offset, defer=False)
+            chunk = MemoryChunk(offset=offset, data=bytes(data))
+        if stream.advance(len(data)):
+            self.state = State.COMMIT
+        return chunk
 
     def _check_version(self, obj: Any) -> None:
         # Before the strict field checks: a later version's HELLO may have other fields.
@@ -688,28 +554,24 @@ class Session:
 
     # -- the state machine -----------------------------------------------------
 
-    def _fail(self, reason: str) -> None:
-        self.state = State.ERROR
-        if self.failure is None:
-            self.failure = reason
-
-    def _advance(self, sender: Role, message: Message, *, local: bool) -> None:
-        """Move the state on for ``message`` from ``sender``, or raise naming both."""
+    def _refuse(self, sender: Role, kind: type[Message], *, local: bool) -> None:
         error: type[ProtocolError] = LocalProtocolError if local else RemoteProtocolError
         who = "this side" if local else "the peer"
+        raise error(f"{who} ({sender}) " + refusal(self.state, sender, kind))
+
+    def _advance(self, sender: Role, message: Message, *, local: bool) -> None:
+        """Move the state on for ``message`` (not MEMORY) from ``sender``, or raise naming both."""
+        error: type[ProtocolError] = LocalProtocolError if local else RemoteProtocolError
         if isinstance(message, Error):
             if self.state is State.CLOSED:
+                who = "this side" if local else "the peer"
                 raise error(f"{who} ({sender}) sent ERROR in state CLOSED, after BYE")
-            self._fail(f"{sender} sent ERROR {message.code!r}: {message.message}")
+            self.fail(f"{sender} sent ERROR {message.code!r}: {message.message}")
             return
-        allowed = _TRANSITIONS_BY_VALUE.get((self.state._value_, sender), _NOTHING)
-        following = allowed.get(type(message))
+        following = next_state(self.state, sender, type(message))
         if following is None:
-            raise error(
-                f"{who} ({sender}) sent {name_of(message)} in state {self.state.name}, where "
-                + (" or ".join(sorted(name_of(m) for m in allowed)) or "nothing")
-                + f" may come from the {sender}"
-            )
+            self._refuse(sender, type(message), local=local)
+        assert following is not None
         limit_error: type[ProtocolError] = LocalProtocolError if local else LimitExceeded
         if isinstance(message, Hello):
             self._check_hello(message, local)
@@ -732,9 +594,7 @@ class Session:
             if message.chunk_size + MEMORY_HEADER_SIZE + TAG_SIZE + LENGTH.size > self.limits.max_frame_size:
                 raise limit_error(f"MIGRATE.chunk_size {message.chunk_size} does not fit max_frame_size")
             self._clock_rounds = 0
-            self._memory = _MemoryStream(message.memory_size, message.chunk_size)
-        elif isinstance(message, MemoryChunk):
-            following = self._advance_memory(message, error)
+            self._memory = MemoryStream(message.memory_size, message.chunk_size)
         elif isinstance(message, Commit):
             assert self._memory is not None
             digest = self._memory.finish()
@@ -749,19 +609,6 @@ class Session:
         elif isinstance(message, Report):
             self._clock_rounds = 0
         self.state = following
-
-    def _advance_memory(self, chunk: MemoryChunk, error: type[ProtocolError]) -> State:
-        stream = self._memory
-        assert stream is not None
-        size = len(chunk.data)
-        due = min(stream.chunk_size, stream.size - stream.offset)
-        if chunk.offset != stream.offset:
-            raise error(f"MEMORY chunk at offset {chunk.offset}, expected offset {stream.offset}")
-        if size != due:
-            raise error(f"MEMORY chunk at offset {chunk.offset} has {size} bytes, expected {due}")
-        stream.hash(_byte_view(chunk.data), chunk.offset, self.defer_memory_hash and self._frame_safe)
-        stream.offset += size
-        return State.COMMIT if stream.offset == stream.size else State.MEMORY
 
     def _check_hello(self, hello: Hello, local: bool) -> None:
         if local:
@@ -791,9 +638,3 @@ class Session:
                 "replayed or reflected proof)"
             )
 
-
-def _byte_view(data: Any) -> memoryview:
-    view = memoryview(data)
-    if not view.c_contiguous:
-        raise LocalProtocolError("memory buffers must be contiguous")
-    return view.cast("B") if view.format != "B" or view.ndim != 1 else view

@@ -1,8 +1,10 @@
-"""Every message out of order is refused, on sending and on receiving, naming the state and message."""
+"""The state machine: the table checked against an independent copy, then every message out of
+order refused, on sending and on receiving, naming the state and message."""
 
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, authenticated, drive_to, forge, migrate_message, transfer
@@ -10,7 +12,7 @@ from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, authenticated, drive_to, f
 import protocol
 from protocol import LocalProtocolError, RemoteProtocolError, Session, State
 from protocol._messages import name_of
-from protocol._session import _TRANSITIONS
+from protocol._state import next_state
 
 REACHABLE = [
     State.AWAIT_SOURCE_HELLO,
@@ -52,16 +54,69 @@ KINDS = [
     protocol.Bye,
 ]
 
+# The protocol's state table written out again from docs/protocol.md, independently of
+# protocol._state (as h11's test_state.py does): (state, sender) -> {message: next state}.
+# MEMORY stays in MEMORY here (the count moves it on), ERROR is handled apart from the table.
+S, D = "source", "destination"
+EXPECTED: dict[tuple[State, str], dict[type[protocol.Message], State]] = {
+    (State.AWAIT_SOURCE_HELLO, S): {protocol.Hello: State.AWAIT_DESTINATION_HELLO},
+    (State.AWAIT_DESTINATION_HELLO, D): {protocol.Hello: State.AWAIT_SOURCE_AUTH},
+    (State.AWAIT_SOURCE_AUTH, S): {protocol.Auth: State.AWAIT_DESTINATION_AUTH},
+    (State.AWAIT_DESTINATION_AUTH, D): {protocol.Auth: State.READY},
+    (State.READY, S): {
+        protocol.ClockSyncRequest: State.CLOCK_SYNC,
+        protocol.Migrate: State.MEMORY,
+        protocol.Bye: State.CLOSED,
+    },
+    (State.READY, D): {protocol.Bye: State.CLOSED},
+    (State.CLOCK_SYNC, D): {protocol.ClockSyncReply: State.READY},
+    (State.MEMORY, S): {protocol.MemoryChunk: State.MEMORY},
+    (State.COMMIT, S): {protocol.Commit: State.REPORT},
+    (State.REPORT, D): {protocol.Report: State.READY},
+}
+
+COMBINATIONS = list(itertools.product(list(State), (S, D), KINDS))
 CASES = [
     (state, role, kind)
-    for state, role, kind in itertools.product(REACHABLE, ("source", "destination"), KINDS)
-    if kind not in _TRANSITIONS.get((state, role), {})
+    for state, role, kind in itertools.product(REACHABLE, (S, D), KINDS)
+    if kind not in EXPECTED.get((state, role), {})
 ]
 ALLOWED = [
     (state, role, kind)
-    for state, role, kind in itertools.product(REACHABLE, ("source", "destination"), KINDS)
-    if kind in _TRANSITIONS.get((state, role), {})
+    for state, role, kind in itertools.product(REACHABLE, (S, D), KINDS)
+    if kind in EXPECTED.get((state, role), {})
 ]
+
+
+def table_differences(lookup: Callable[[State, str, type], State | None]) -> list[str]:
+    """Where ``lookup`` (the table under test) disagrees with EXPECTED, one line each."""
+    differences = []
+    for state, role, kind in COMBINATIONS:
+        expected = EXPECTED.get((state, role), {}).get(kind)
+        got = lookup(state, role, kind)
+        if got is not expected:
+            differences.append(f"{state.name} {role} {kind.__name__}: {got} instead of {expected}")
+    return differences
+
+
+def test_the_state_table_is_the_documented_one() -> None:
+    assert table_differences(next_state) == []
+
+
+def test_state_table_control_a_wrong_entry_is_caught() -> None:
+    # Negative control: one entry changed (the destination allowed to MIGRATE in READY, and
+    # CLOCK_REPLY leading to MEMORY) is found, naming each entry.
+    def wrong(state: State, role: str, kind: type) -> State | None:
+        if (state, role, kind) == (State.READY, D, protocol.Migrate):
+            return State.MEMORY
+        if (state, role, kind) == (State.CLOCK_SYNC, D, protocol.ClockSyncReply):
+            return State.MEMORY
+        return next_state(state, role, kind)  # type: ignore[arg-type]
+
+    assert table_differences(wrong) == [
+        "READY destination Migrate: State.MEMORY instead of None",
+        "CLOCK_SYNC destination ClockSyncReply: State.MEMORY instead of State.READY",
+    ]
 
 
 def _case_id(value: object) -> str:
@@ -102,6 +157,10 @@ def test_allowed_message_passes_the_state_check(state: State, role: str, kind: t
         assert "may come from" not in str(exc)
     else:
         assert isinstance(event, kind)
+        following = EXPECTED[(state, role)][kind]
+        if kind is protocol.MemoryChunk and receiver.memory_progress == (CHUNK_SIZE, MEMORY_SIZE, CHUNK_SIZE):
+            following = State.MEMORY  # more chunks are due
+        assert receiver.state is following
 
 
 def test_memory_chunks_must_be_contiguous_in_order_and_exact() -> None:

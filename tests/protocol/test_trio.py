@@ -453,3 +453,56 @@ async def test_broken_write_without_an_error_is_connection_closed() -> None:
     channel = Channel(ClosedForWriting(b""), session)
     with pytest.raises(ConnectionClosed, match="broke while sending HELLO"):
         await channel.send(session.make_hello("s", {}))
+
+
+# -- the one best-effort ERROR sender -------------------------------------------
+
+
+async def test_send_error_sends_an_error_message_as_given_its_text_cut_to_the_limit() -> None:
+    source, destination = channels()
+    await destination.send_error(protocol.Error("busy", "x" * 5000))
+    with pytest.raises(protocol.PeerError) as info, trio.fail_after(5):
+        await source.receive()
+    assert (info.value.code, info.value.message) == ("busy", "x" * 4096)
+    assert destination.session.state is protocol.State.ERROR
+
+
+async def test_send_error_of_an_exception_sends_its_code() -> None:
+    source, destination = channels()
+    await destination.send_error(protocol.LimitExceeded("too big"))
+    with pytest.raises(protocol.PeerError) as info:
+        await source.receive()
+    assert (info.value.code, info.value.message) == ("limit", "too big")
+
+
+async def test_send_error_does_not_answer_what_the_peer_said() -> None:
+    source, destination = channels()
+    for said in (protocol.PeerError("busy", "no room"), ConnectionClosed("gone")):
+        await destination.send_error(said)
+        assert destination.session.state is protocol.State.AWAIT_SOURCE_HELLO  # nothing was sent
+    await destination.send_error(RuntimeError("bug"))  # control: this one is sent
+    assert destination.session.state is protocol.State.ERROR
+
+
+async def test_send_error_never_raises_when_the_peer_is_gone() -> None:
+    session = Session("destination", PSK)
+    channel = Channel(ClosedForWriting(b""), session)
+    await channel.send_error(RuntimeError("bug"))  # the write breaks: swallowed
+    assert session.state is protocol.State.ERROR
+    left, right = trio.socket.socketpair()
+    with left, right:
+        socket_channel = Channel(trio.SocketStream(left), Session("destination", PSK))
+        right.close()
+        await socket_channel.send_error(RuntimeError("bug"))  # EPIPE on the fd path: swallowed
+        assert socket_channel.session.state is protocol.State.ERROR
+
+
+async def test_a_replaced_stream_carries_the_channel_bytes() -> None:
+    # paced.py (tests/robustness) wraps a channel's stream to count what it sends.
+    source, _ = channels()
+    outgoing = trio.testing.MemorySendStream()
+    source.stream = trio.StapledStream(outgoing, source.stream.receive_stream)  # type: ignore[attr-defined]
+    await source.send(source.session.make_hello("s", {}))
+    peer = Session("destination", PSK)
+    peer.receive_data(outgoing.get_data_nowait())
+    assert isinstance(peer.next_event(), protocol.Hello)
