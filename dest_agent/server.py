@@ -166,11 +166,7 @@ class DestinationServer:
 async def _refuse_busy(stream: trio.abc.Stream, why: str) -> str:
     """ERROR busy before anything else: the session is never started."""
     channel = protocol.Channel(stream, protocol.Session("destination", b""), message_timeout=1.0)
-    with trio.move_on_after(1.0):
-        try:
-            await channel.send(protocol.Error("busy", why))
-        except (protocol.ProtocolError, trio.BrokenResourceError):
-            pass
+    await channel.send_error(protocol.Error("busy", why))
     return f"refused busy: {why}"
 
 

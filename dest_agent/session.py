@@ -104,7 +104,7 @@ async def run_session(stream: trio.abc.Stream, kvm: System, caps: HostCapabiliti
                 migrations += 1
             return f"done, {migrations} migration(s)"
         except SessionRefused as exc:
-            await _tell(channel, exc.code, str(exc))
+            await channel.send_error(protocol.Error(exc.code, str(exc)))
             return f"refused {exc.code}: {exc}"
         except protocol.ProtocolError as exc:
             # The channel has told the peer already where it was at fault.
@@ -182,13 +182,3 @@ def _restore_and_run(kvm: System, plan: RestorePlan, memory: GuestMemory, counte
         counters.add("live_vms", -1)
     assert guest.restore_record is not None
     return after, guest.restore_record, time.perf_counter_ns() - t0
-
-
-async def _tell(channel: protocol.Channel, code: str, message: str) -> None:
-    """Best effort: send ERROR ``code`` (the peer may be gone already)."""
-    with trio.move_on_after(1.0):
-        try:
-            await channel.send(protocol.Error(code, message[:4096]))
-        except (protocol.ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass
-

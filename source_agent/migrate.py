@@ -45,6 +45,15 @@ class PeerReportError(protocol.RemoteProtocolError):
     """The destination's HELLO capabilities or REPORT failed validation (a peer fault)."""
 
 
+class DestinationUnsupported(protocol.ProtocolError):
+    """The destination's HELLO capabilities lack what the strategy needs: this side's decision,
+    made before any guest exists (not a PeerError: the destination said nothing of it)."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        super().__init__(f"unsupported on the destination host: {what} (its HELLO capabilities)")
+
+
 @dataclass(frozen=True)
 class MigrationPlan:
     """One migration's parameters; a sweep builds one per point."""
@@ -139,8 +148,7 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
             plan.strategy.check_host(dest_caps)
         except Unsupported as exc:
             await channel.bye()
-            raise protocol.PeerError("unsupported", f"unsupported on the destination host: "
-                                     f"{exc.what} (its HELLO capabilities)") from None
+            raise DestinationUnsupported(exc.what) from None
         config = GuestConfig(memory_size=plan.memory_size, xen=plan.strategy.runstate == "kernel")
         t_guest = time.perf_counter_ns()
         source = await trio.to_thread.run_sync(run_source_guest, kvm, config, plan.warmup_ns)
