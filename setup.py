@@ -2,7 +2,7 @@
 
 1. ``cffi_modules``: kvmcore's ioctl bindings (kvmcore/_build.py), compiled
    in API mode against <linux/kvm.h>.
-2. The guest program: kvmcore/guest/*.{S,c} assembled, compiled freestanding
+2. The guest program: kvmcore/guest_program/*.{S,c} assembled, compiled freestanding
    and linked into a flat image ``kvmcore/guest.bin`` (package data). It is
    built by ``build_ext`` so that both ``pip install .`` (into build_lib) and
    ``pip install -e .`` (in place, next to the sources) get it.
@@ -16,7 +16,7 @@ import subprocess
 from setuptools import setup
 from setuptools.command.build_ext import build_ext
 
-GUEST_SRC = os.path.join("kvmcore", "guest")
+GUEST_SRC = os.path.join("kvmcore", "guest_program")
 GUEST_CFLAGS = [
     "-ffreestanding", "-fno-builtin", "-fno-pic", "-fno-pie", "-fno-stack-protector",
     "-fno-asynchronous-unwind-tables", "-fcf-protection=none",

@@ -328,12 +328,12 @@ int kvmcore_ioctl_int(int fd, unsigned long request, unsigned long arg);
 
 
 def guest_abi_cdef() -> str:
-    """guest/abi.h's constants and structs, for cffi: one definition for guest and host.
+    """guest_program/abi.h's constants and structs, for cffi: one definition for guest and host.
 
     The constants become ``#define NAME ...`` (values from the compiler); the structs
     between the cdef-begin/cdef-end markers are plain C that cffi parses as is.
     """
-    with open(os.path.join(HERE, "guest", "abi.h")) as f:
+    with open(os.path.join(HERE, "guest_program", "abi.h")) as f:
         text = f.read()
     names = re.findall(r"^#define\s+(KVMCORE_[A-Z0-9_]+)\s+\S", text, re.MULTILINE)
     structs = text.split("cdef-begin")[1].split("*/", 1)[1].split("/* cdef-end */")[0]
@@ -345,7 +345,7 @@ SOURCE = r"""
 #include <sys/ioctl.h>
 #include <linux/kvm.h>
 #include <asm/kvm_para.h>
-#include "guest/abi.h"
+#include "guest_program/abi.h"
 #include "_uapi_newer.h"
 
 #define KVMCORE_RUN_EXIT_OFFSET offsetof(struct kvm_run, io)
@@ -362,7 +362,7 @@ struct kvmcore_exit_io {
 _Static_assert(sizeof(struct kvmcore_exit_io) == member_size(struct kvm_run, io),
                "kvm_run.io layout");
 _Static_assert(sizeof(struct kvmcore_steal_time) == sizeof(struct kvm_steal_time),
-               "guest/abi.h kvmcore_steal_time must match <asm/kvm_para.h>");
+               "guest_program/abi.h kvmcore_steal_time must match <asm/kvm_para.h>");
 _Static_assert(sizeof(struct pvclock_vcpu_time_info) == 32, "asm/pvclock-abi.h layout");
 _Static_assert(sizeof(struct kvmcore_runstate_info) == 0x30, "64-bit vcpu_runstate_info");
 
@@ -384,7 +384,7 @@ ffi.set_source(
     SOURCE,
     include_dirs=[HERE],
     extra_compile_args=["-Wall", "-Werror", "-Wno-unused-function"],
-    depends=[os.path.join(HERE, "_uapi_newer.h"), os.path.join(HERE, "guest", "abi.h")],
+    depends=[os.path.join(HERE, "_uapi_newer.h"), os.path.join(HERE, "guest_program", "abi.h")],
 )
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """The one rule for a guest's memory size, which every layer above checks against.
 
-The guest maps its memory with one page directory of 2 MiB pages (kvmcore/guest/
+The guest maps its memory with one page directory of 2 MiB pages (kvmcore/guest_program/
 and guest.py), so a size is a whole number of 2 MiB pages, at least what the
 guest program's layout needs (abi.h) and at most 1 GiB.
 """

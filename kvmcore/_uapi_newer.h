@@ -8,7 +8,7 @@
 #define KVMCORE_UAPI_NEWER_H
 
 #include <linux/kvm.h>
-#include "guest/abi.h"	/* struct pvclock_vcpu_time_info */
+#include "guest_program/abi.h"	/* struct pvclock_vcpu_time_info */
 
 /*
  * KVM_[GS]ET_CLOCK_GUEST: per-vCPU, x86_64. From the series "KVM: x86: Add

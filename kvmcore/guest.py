@@ -3,7 +3,7 @@
 The host prepares what firmware would (page tables, GDT, long-mode control
 registers, CPUID), the same way the KVM selftests do in
 tools/testing/selftests/kvm/lib/x86/processor.c; the guest program
-(kvmcore/guest/) does the rest itself.
+(kvmcore/guest_program/) does the rest itself.
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ _boot_pages: bytes | None = None
 
 
 def guest_image() -> bytes:
-    """guest.bin, built from kvmcore/guest/ by setup.py."""
+    """guest.bin, built from kvmcore/guest_program/ by setup.py."""
     global _image
     if _image is None:
         _image = (resources.files("kvmcore") / "guest.bin").read_bytes()

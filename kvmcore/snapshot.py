@@ -1,4 +1,4 @@
-"""What the guest reports: its snapshot, decoded from the report page (guest/abi.h)."""
+"""What the guest reports: its snapshot, decoded from the report page (guest_program/abi.h)."""
 
 from __future__ import annotations
 
