@@ -97,3 +97,13 @@ def test_a_negative_skew_needs_no_equals_sign() -> None:
     from xen_pair.scenario import split_dashdash
     assert split_dashdash(["--skew", "-250ms", "--", "--skew", "-1"]) == (
         ["--skew=-250ms"], ["--skew", "-1"])  # the migrate arguments are left alone
+
+
+def test_the_link_port_is_seen_listening_only_in_listen_state() -> None:
+    from xen_pair.run import listening
+    table = ("  sl  local_address rem_address   st\n"
+             "   0: 0100007F:10E1 00000000:0000 0A 00000000:00000000\n"
+             "   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000\n")
+    assert listening(0x10E1, table)
+    assert not listening(0x1F90, table)  # control: established, not listening
+    assert not listening(4322, table)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -92,7 +91,5 @@ def main(argv: Sequence[str] | None = None) -> int:
     except xen_lane.LaneError as e:
         progress(f"error: the pair failed: {e}")
         return xen_lane.EXIT_TIMEOUT if e.status == xen_lane.EXIT_TIMEOUT else 2
-    (options.results / "scenarios.json").write_text(
-        json.dumps([o.to_plain() for o in outcomes], indent=1) + "\n")
     progress(f"done in {facts['total_s']} s (results in {options.results})")
     return max(o.status for o in outcomes)

@@ -139,9 +139,13 @@ class Pair:
 
     def ping(self) -> float | None:
         """Round trip src -> dst over the link, best of 5 (ms); the link must carry packets."""
-        out = self.src.sh(f"busybox ping -c 5 -i 0.2 -W 2 {self.dst.address} || true", self.deadline)
-        times = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
-        if not times:
+        for _ in range(3):  # the first packets may wait for ARP under TCG
+            out = self.src.sh(f"busybox ping -c 5 -i 0.2 -W 2 {self.dst.address} || true",
+                              self.deadline)
+            times = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+            if times:
+                break
+        else:
             raise PairError(f"src cannot ping dst at {self.dst.address} over the link: {out.strip()}")
         return min(times)
 
@@ -198,6 +202,21 @@ class Pair:
                        self.references(), seconds)
 
 
+def listening(port: int, proc_net_tcp: str) -> bool:
+    """Whether /proc/net/tcp's text has a socket in LISTEN (0A) on 127.0.0.1:port. Read, not
+    probed: QEMU's socket netdev takes the first connection as its peer."""
+    want = f"0100007F:{port:04X}"
+    return any(f[1] == want and f[3] == "0A" for f in
+               (line.split() for line in proc_net_tcp.splitlines()[1:]) if len(f) > 3)
+
+
+def wait_listening(port: int, deadline: float) -> None:
+    while not listening(port, Path("/proc/net/tcp").read_text()):
+        if time.monotonic() > deadline:
+            raise PairError(f"src's QEMU never listened on 127.0.0.1:{port} for the link")
+        time.sleep(0.05)
+
+
 def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen_lane.Kernel,
                   initrd: Path, deadline: float) -> dict[str, Any]:
     """Start src, then (--boot-gap later) dst, on one fresh link; wait for both agents."""
@@ -209,6 +228,8 @@ def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen
             time.sleep(options.boot_gap_s)
         qemu = xen_lane.qemu_command(kernel.image, initrd, m.results)
         m.start([*qemu, *link_args(m.index, link)], deadline)
+        if m.index == 0:  # dst's QEMU connects once, at start: a refused connect leaves it unlinked
+            wait_listening(link, deadline)
     for m in machines:
         timings[f"{m.name}_ready_s"] = round(m.wait_ready(deadline), 2)
         progress(f"{m.name} up: agent ready {timings[f'{m.name}_ready_s']} s after QEMU started")
@@ -231,6 +252,7 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
     progress("compiling the agents' bytecode on the host")
     warm_agents_bytecode(options.python, pycache)
     facts: dict[str, Any] = {}
+    outcomes: list[Outcome] = []
     try:
         for attempt in (1, 2):
             progress(f"booting src and dst (attempt {attempt}/2)")
@@ -238,7 +260,7 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
             for m in machines:
                 m.results.mkdir(parents=True, exist_ok=True)
                 prepare(m, options.python, pycache)
-            outcomes: list[Outcome] = []
+            outcomes = []
             error: xen_lane.LaneError | None = None
             try:
                 facts.update(boot_machines(machines, options, kernel, initrd, deadline),
@@ -271,5 +293,7 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
         raise AssertionError("unreachable")
     finally:
         facts["total_s"] = round(time.monotonic() - t0, 2)
+        (options.results / "scenarios.json").write_text(
+            json.dumps([o.to_plain() for o in outcomes], indent=1) + "\n")
         (options.results / "timings.json").write_text(json.dumps(facts, indent=1) + "\n")
         initrd.unlink(missing_ok=True)
