@@ -107,3 +107,17 @@ def test_the_link_port_is_seen_listening_only_in_listen_state() -> None:
     assert listening(0x10E1, table)
     assert not listening(0x1F90, table)  # control: established, not listening
     assert not listening(4322, table)
+
+
+def test_bad_usage_exits_2_before_anything_boots(tmp_path, capsys) -> None:
+    from xen_pair import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--skew", "soon", "--"])
+    assert e.value.code == 2 and "cannot parse 'soon'" in capsys.readouterr().err
+    script = tmp_path / "s.txt"
+    script.write_text("--latency 5 -- --json\n")
+    assert cli.main(["--script", str(script), "--results", str(tmp_path / "r")]) == 2
+    assert f"{script}:1: '5' has no unit" in capsys.readouterr().err
+    assert cli.main(["--script", str(tmp_path / "missing.txt")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was booted or written

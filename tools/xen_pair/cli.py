@@ -68,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         or args.rate or args.boot_gap
     if args.test or not migration:
         return run_tests(args.python)
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        progress(f"error: --python {args.python}: not an executable file")
+        return 2
     try:
         scenarios = (parse_script(args.script.read_text(), str(args.script)) if args.script
                      else [scenario_from(args, migrate)])

@@ -103,7 +103,7 @@ class Machine:
             console = self.results / "console.log"
             oops = xen_lane.find_oops(xen_lane.log_text(console)) if console.exists() else None
             raise PairError(f"{self.name} exited before it could {doing}"
-                            + (f": kernel oops: {oops}" if oops else f" (console: {console})"))
+                            + (f": kernel oops: {oops}" if oops else f"; {self.last_words()}"))
         if time.monotonic() > deadline:
             raise PairError(f"{self.name} did not {doing} before the deadline", xen_lane.EXIT_TIMEOUT)
 
@@ -115,7 +115,8 @@ class Machine:
             except TimeoutError:
                 return None
             if not chunk:
-                raise PairError(f"{self.name}'s agent closed its control channel")
+                raise PairError(f"{self.name}'s agent closed its control channel; "
+                                f"{self.last_words()}")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
         return line
@@ -168,6 +169,13 @@ class Machine:
             self._sock.close()
         self._listener.close()
         self.control.unlink(missing_ok=True)
+
+    def last_words(self) -> str:
+        """The agent's last output lines (/init keeps them in output.log), for an error."""
+        log = self.results / "output.log"
+        lines = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+        return (f"its last output: {' | '.join(lines)}" if lines else "it printed nothing") + \
+            f" (console: {self.results / 'console.log'})"
 
     @property
     def console(self) -> str:

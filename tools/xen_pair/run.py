@@ -87,8 +87,12 @@ def warm_agents_bytecode(python: str, pycache: Path) -> None:
             " [compileall.compile_dir(d, quiet=2, workers=1) for d in dirs]")
     env = {**os.environ, "PYTHONPYCACHEPREFIX": str(pycache)}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
-    subprocess.run([python, "-c", code, str(xen_lane.REPO)], env=env, stdin=subprocess.DEVNULL,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300, check=False)
+    try:
+        subprocess.run([python, "-c", code, str(xen_lane.REPO)], env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+                       check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:  # costs start-up time only
+        progress(f"warning: could not pre-compile on the host ({e}); the agents start slower")
 
 
 def prepare(machine: Machine, python: str, pycache: Path) -> None:
