@@ -9,6 +9,9 @@ produce is null with the reason, and a verdict that depends on it is null
 from __future__ import annotations
 
 import datetime
+import json
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from kvmcore import Measurement
@@ -22,6 +25,26 @@ REPORT_VERSION = 1
 def iso(ns: int) -> str:
     return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(
         timespec="milliseconds").replace("+00:00", "Z")
+
+
+#: Set by the pair (tools/xen_pair): the hosts' clocks measured against a third clock over a path
+#: apart from the agents' link, as JSON. Copied into the report as ``clock_reference``.
+CLOCK_REFERENCE_ENV = "KVM_TESTBED_CLOCK_REFERENCE"
+
+
+def clock_reference(environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
+    """``{"clock_reference": ...}`` when the run has an outside time reference, else ``{}``
+    (the key is optional: only the pair can measure the hosts' clocks independently)."""
+    text = environ.get(CLOCK_REFERENCE_ENV)
+    if not text:
+        return {}
+    try:
+        reference = json.loads(text)
+    except ValueError:
+        reference = None
+    if not isinstance(reference, dict):
+        return {"clock_reference": {"error": f"{CLOCK_REFERENCE_ENV} is not a JSON object"}}
+    return {"clock_reference": reference}
 
 
 def _measurement(m: Measurement, **extra: Any) -> dict[str, Any]:
@@ -66,6 +89,7 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
         "clock_sync": {"offset_ns": offset, "uncertainty_ns": uncertainty,
                        "rtt_ns": m.clock.rtt_ns, "samples": m.clock.samples,
                        "consistent": m.clock.consistent},
+        **clock_reference(),
         "wall_gap": _measurement(a.wall_gap, uncertainty_ns=uncertainty),
         "downtime": phases,
         "measurements": {

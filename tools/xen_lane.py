@@ -29,7 +29,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -48,6 +48,7 @@ ROOT_MODULES = {
     "9p": "CONFIG_9P_FS",
     "sch_netem": "CONFIG_NET_SCH_NETEM",
     "veth": "CONFIG_VETH",  # the agents' two-namespace topology (source_agent.netem.open_topology)
+    "virtio_net": "CONFIG_VIRTIO_NET",  # the pair's link (tools/xen_pair.py); brings net_failover
 }
 
 DEBIAN_SUITE = "bookworm-backports"
@@ -549,9 +550,11 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
 
 
-def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
+def boot(argv: Sequence[str], deadline: float, console_log: Path, *, echo: bool = True,
+         started: Callable[[subprocess.Popen], None] | None = None) -> Boot:
     """Run QEMU until it exits or the deadline passes; log the console and stream the command's
-    output (between /init's BEGIN and END markers) to our stdout as it comes."""
+    output (between /init's BEGIN and END markers) to our stdout as it comes (unless not `echo`).
+    `started` gets the QEMU process (the pair kills a machine with it)."""
     start = time.monotonic()
     scanner = ConsoleScanner()
     buffer = b""
@@ -561,6 +564,8 @@ def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
     except FileNotFoundError as e:
         raise LaneError(f"{argv[0]} is not installed (qemu-system-x86; see .ci/xen-lane)",
                         EXIT_USAGE) from e
+    if started is not None:
+        started(proc)
     try:
         with console_log.open("wb") as log, selectors.DefaultSelector() as sel:
             sel.register(proc.stdout, selectors.EVENT_READ)
@@ -581,7 +586,10 @@ def boot(argv: Sequence[str], deadline: float, console_log: Path) -> Boot:
                     line = console_line(raw)
                     marker, is_output = scanner.feed(line, time.monotonic() - start)
                     if is_output:
-                        print(line, flush=True)
+                        if echo:
+                            print(line, flush=True)
+                    elif not echo:
+                        continue
                     elif marker == "INIT":
                         progress(f"/init reached {scanner.marks['INIT']:.1f} s after starting QEMU")
                     elif marker == "BEGIN":

@@ -18,12 +18,14 @@ CONFIG_NET_9P_VIRTIO=m
 CONFIG_9P_FS=m
 CONFIG_NET_SCH_NETEM=m
 CONFIG_VETH=m
+CONFIG_VIRTIO_NET=m
 """
 
 
 def test_config_with_kvm_xen_is_accepted(lane_tool) -> None:
     assert lane_tool.check_kernel_config(GOOD_CONFIG) == {
-        "kvm_amd": True, "9pnet_virtio": True, "9p": True, "sch_netem": True, "veth": True}
+        "kvm_amd": True, "9pnet_virtio": True, "9p": True, "sch_netem": True, "veth": True,
+        "virtio_net": True}
 
 
 def test_builtin_modules_need_no_loading(lane_tool) -> None:
@@ -35,6 +37,7 @@ def test_builtin_modules_need_no_loading(lane_tool) -> None:
     ("CONFIG_KVM_XEN=y", "# CONFIG_KVM_XEN is not set", "CONFIG_KVM_XEN=y (found not set)"),
     ("CONFIG_KVM_XEN=y", "CONFIG_KVM_XEN=m", "CONFIG_KVM_XEN=y (found m)"),  # a bool: m is bogus
     ("CONFIG_NET_SCH_NETEM=m", "", "CONFIG_NET_SCH_NETEM=y or =m"),
+    ("CONFIG_VIRTIO_NET=m", "", "CONFIG_VIRTIO_NET=y or =m"),  # the pair's link
 ])
 def test_config_without_kvm_xen_is_refused(lane_tool, line: str, replacement: str, named: str) -> None:
     """Negative control: bookworm's own 6.1 lacks CONFIG_KVM_XEN; such a kernel is refused, by name."""

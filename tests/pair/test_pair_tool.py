@@ -1,0 +1,123 @@
+"""Unit tests of tools/xen_pair's pure parts and the report's clock_reference key (no boot)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from agentcore.options import UsageError
+from source_agent.report import CLOCK_REFERENCE_ENV, clock_reference
+from xen_pair import machine, timeref
+from xen_pair.scenario import Scenario, parse_script, signed_duration_ns
+
+
+def test_the_probe_with_the_smallest_round_trip_is_kept() -> None:
+    # Guest 1000 ns ahead; the slow probe (rtt 5000) would say 3000 ahead, the fast one (rtt 200) 1000.
+    probes = [(0, 5500, 5000), (10_000, 11_100, 10_200)]
+    ref = timeref.best_probe(probes)
+    assert (ref.offset_ns, ref.uncertainty_ns, ref.probes) == (1000, 100, 2)
+
+
+def test_a_probe_only_bounds_the_offset_by_half_its_round_trip() -> None:
+    """Negative control: with the slow probe alone the bound widens, it does not shrink."""
+    ref = timeref.best_probe([(0, 5500, 5000)])
+    assert (ref.offset_ns, ref.uncertainty_ns) == (3000, 2500)
+    assert abs(1000 - ref.offset_ns) <= ref.uncertainty_ns  # the truth is still inside
+
+
+def test_a_host_clock_stepping_back_in_a_probe_is_refused() -> None:
+    with pytest.raises(ValueError, match="backwards"):
+        timeref.best_probe([(100, 150, 50)])
+
+
+def test_difference_of_two_references_adds_their_uncertainties() -> None:
+    dst, src = timeref.Reference(250_100, 300, 10), timeref.Reference(100, 200, 12)
+    assert dst.minus(src) == timeref.Reference(250_000, 500, 10)
+
+
+def test_measure_keeps_probing_for_the_duration() -> None:
+    clock = iter(range(0, 10**9 * 3, 10**8))  # 100 ms a read: ~1 s is 3 reads a probe
+    ref = timeref.measure(lambda: 7, lambda: next(clock), duration_s=1.0)
+    assert 2 <= ref.probes <= 4
+
+
+@pytest.mark.parametrize("text, ns", [("+250ms", 250_000_000), ("-250ms", -250_000_000),
+                                      ("5s", 5_000_000_000), ("0", 0)])
+def test_skew_is_signed(text: str, ns: int) -> None:
+    assert signed_duration_ns(text) == ns
+
+
+def test_a_skew_without_a_unit_is_refused() -> None:
+    with pytest.raises(UsageError, match="no unit"):
+        signed_duration_ns("-250")
+
+
+def test_script_lines_are_scenarios() -> None:
+    text = "# three\n\n-- --json\n--skew -250ms --latency 5ms --jitter 1ms -- --clock realtime\n" \
+           "--rate 100mbit\n"
+    a, b, c = parse_script(text)
+    assert a == Scenario(migrate_args=("--json",))
+    assert (b.skew_ns, b.netem(), b.migrate_args) == (
+        -250_000_000, ["delay", "5000us", "1000us"], ("--clock", "realtime"))
+    assert c.netem() == ["rate", "100000000bit"] and c.migrate_args == ()
+    assert a.netem() == []
+
+
+@pytest.mark.parametrize("text, message", [
+    ("-- --json\n--skew soon\n", "s.txt:2: cannot parse 'soon'"),
+    ("--bogus 1\n", "s.txt:1: unrecognized arguments: --bogus 1"),
+    ("# nothing\n", "s.txt: no scenarios"),
+])
+def test_a_bad_script_line_is_named(text: str, message: str) -> None:
+    with pytest.raises(UsageError) as e:
+        parse_script(text, "s.txt")
+    assert message in str(e.value)
+
+
+def test_src_listens_and_dst_connects_on_loopback() -> None:
+    src, dst = machine.link_args(0, 4321), machine.link_args(1, 4321)
+    assert "socket,id=link,listen=127.0.0.1:4321" in src
+    assert "socket,id=link,connect=127.0.0.1:4321" in dst
+    assert src[-1] != dst[-1]  # different MACs on one link
+
+
+def test_report_carries_the_clock_reference_only_when_the_pair_gives_one() -> None:
+    reference = {"destination_minus_source": {"offset_ns": 250_000_000, "uncertainty_ns": 400}}
+    assert clock_reference({CLOCK_REFERENCE_ENV: json.dumps(reference)}) == {
+        "clock_reference": reference}
+    assert clock_reference({}) == {}  # negative control: no pair, no key
+
+
+def test_a_malformed_clock_reference_is_reported_not_raised() -> None:
+    got = clock_reference({CLOCK_REFERENCE_ENV: "[1, 2"})
+    assert "not a JSON object" in got["clock_reference"]["error"]
+
+
+def test_a_negative_skew_needs_no_equals_sign() -> None:
+    from xen_pair.scenario import split_dashdash
+    assert split_dashdash(["--skew", "-250ms", "--", "--skew", "-1"]) == (
+        ["--skew=-250ms"], ["--skew", "-1"])  # the migrate arguments are left alone
+
+
+def test_the_link_port_is_seen_listening_only_in_listen_state() -> None:
+    from xen_pair.run import listening
+    table = ("  sl  local_address rem_address   st\n"
+             "   0: 0100007F:10E1 00000000:0000 0A 00000000:00000000\n"
+             "   1: 0100007F:1F90 0100007F:9C40 01 00000000:00000000\n")
+    assert listening(0x10E1, table)
+    assert not listening(0x1F90, table)  # control: established, not listening
+    assert not listening(4322, table)
+
+
+def test_bad_usage_exits_2_before_anything_boots(tmp_path, capsys) -> None:
+    from xen_pair import cli
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--skew", "soon", "--"])
+    assert e.value.code == 2 and "cannot parse 'soon'" in capsys.readouterr().err
+    script = tmp_path / "s.txt"
+    script.write_text("--latency 5 -- --json\n")
+    assert cli.main(["--script", str(script), "--results", str(tmp_path / "r")]) == 2
+    assert f"{script}:1: '5' has no unit" in capsys.readouterr().err
+    assert cli.main(["--script", str(tmp_path / "missing.txt")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing was booted or written

@@ -1,0 +1,98 @@
+"""`./dev pair`: boot the pair and run a migration (or a script of them, or the pair's tests)."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import xen_lane
+from agentcore.options import UsageError, parse_duration_ns
+
+from .run import PairOptions, progress, run_pair
+from .scenario import add_condition_options, parse_script, scenario_from, split_dashdash
+
+EPILOG = """\
+examples:
+  ./dev pair                                   # the pair's tests (pytest -m pair tests/pair)
+  ./dev pair --                                # one migration src -> dst, the report printed
+  ./dev pair -- --gap 50ms --json              # the same with source-agent migrate arguments
+  ./dev pair --skew +250ms -- --clock realtime --json
+  ./dev pair --boot-gap 5s --latency 5ms --jitter 1ms -- --tsc offset
+  ./dev pair --script scenarios.txt            # several scenarios on one boot (docs/pair.md)
+
+Each scenario prints the source's stdout; the exit status is the source-agent's (with --script the
+highest of them); 2 when the pair cannot boot or for bad usage, 124 on --timeout.
+Kept in --results: src/ and dst/ (console.log, the agents' HOME), scenarios.json, timings.json.
+"""
+
+
+def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
+    own, migrate = split_dashdash(argv)
+    parser = argparse.ArgumentParser(
+        prog="./dev pair", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
+        description="Two lane machines, src and dst, each its own kernel, clock and TSC, joined by "
+                    "a virtio-net link; dest-agent serves on dst, source-agent migrates from src. "
+                    "Their clocks are set from the host's over a separate virtio-serial path, which "
+                    "also measures them (the reference the report records as clock_reference).")
+    add_condition_options(parser)
+    parser.add_argument("--boot-gap", type=parse_duration_ns, default=0, metavar="DURATION",
+                        help="boot dst this long after src, so their TSCs differ by about it")
+    parser.add_argument("--script", type=Path, metavar="FILE",
+                        help="one scenario a line ([--skew ...] -- MIGRATE ARGS); one boot for all")
+    parser.add_argument("--results", type=Path, default=xen_lane.REPO / "results" / "pair",
+                        help="where consoles, reports and timings are kept (default %(default)s)")
+    parser.add_argument("--timeout", type=float, default=900,
+                        help="seconds for everything, retry included (default %(default)s)")
+    parser.add_argument("--python", default=sys.executable, help="the virtualenv's python")
+    parser.add_argument("--test", action="store_true",
+                        help="run the pair's tests (the default without arguments)")
+    try:
+        return parser.parse_args(own), migrate
+    except UsageError as e:
+        parser.error(str(e))
+
+
+def run_tests(python: str) -> int:
+    env = {**os.environ, "KVM_TESTBED_RUN_PAIR": "1"}
+    return subprocess.call([python, "-m", "pytest", "-m", "pair", "tests/pair", "-q", "-rA",
+                            "-p", "no:cacheprovider"], cwd=xen_lane.REPO, env=env)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args, migrate = parse_args(argv)
+    migration = "--" in argv or args.script or args.skew or args.latency or args.jitter \
+        or args.rate or args.boot_gap
+    if args.test or not migration:
+        return run_tests(args.python)
+    if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
+        progress(f"error: --python {args.python}: not an executable file")
+        return 2
+    try:
+        scenarios = (parse_script(args.script.read_text(), str(args.script)) if args.script
+                     else [scenario_from(args, migrate)])
+    except OSError as e:
+        progress(f"error: --script {args.script}: {e.strerror}")
+        return 2
+    except UsageError as e:
+        progress(f"error: {e}")
+        return 2
+    options = PairOptions(python=args.python, results=args.results.resolve(),
+                          timeout=args.timeout, boot_gap_s=args.boot_gap / 1e9)
+
+    def show(outcome) -> None:
+        sys.stdout.write(outcome.stdout)
+        sys.stdout.flush()
+        if outcome.status not in (0, 1):
+            progress(f"source-agent exited {outcome.status}: {outcome.stderr.strip()[-500:]}")
+
+    try:
+        outcomes, facts = run_pair(options, scenarios, show)
+    except xen_lane.LaneError as e:
+        progress(f"error: the pair failed: {e}")
+        return xen_lane.EXIT_TIMEOUT if e.status == xen_lane.EXIT_TIMEOUT else 2
+    progress(f"done in {facts['total_s']} s (results in {options.results})")
+    return max(o.status for o in outcomes)

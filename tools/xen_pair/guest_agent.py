@@ -1,0 +1,91 @@
+"""The control agent inside each pair machine: JSON lines over a virtio-serial port.
+
+The host drives both machines through it and measures their clocks through it, so this path is
+independent of the network link under test (virtio-net). One request, one reply, in order:
+
+  {"op": "time"}                      -> {"realtime_ns": N}      the host's time reference
+  {"op": "settime", "delta_ns": D}    -> {"realtime_ns": N}      CLOCK_REALTIME stepped by D
+  {"op": "run", "argv": [...], "timeout": S, "env": {...}} -> {"rc", "stdout", "stderr"}
+  {"op": "spawn", "argv": [...], "log": PATH, "env": {...}} -> {"pid"}   in the background
+  {"op": "exit"}                      -> {} and the agent exits (then /init powers off)
+
+A failing request replies {"error": "..."}; the agent keeps serving. Standard library only: it runs
+with the host's python from the read-only root, before anything else is set up.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+PORT_NAME = "testbed.ctl"
+
+
+def find_port() -> Path:
+    """The virtio-serial port QEMU named testbed.ctl (no udev here: look it up in sysfs)."""
+    for entry in Path("/sys/class/virtio-ports").glob("*"):
+        if (entry / "name").read_text().strip() == PORT_NAME:
+            return Path("/dev") / entry.name
+    raise SystemExit(f"no virtio-serial port named {PORT_NAME}")
+
+
+def handle(request: dict, children: list[subprocess.Popen]) -> dict:
+    op = request.get("op")
+    if op == "time":
+        return {"realtime_ns": time.clock_gettime_ns(time.CLOCK_REALTIME)}
+    if op == "settime":
+        now = time.clock_gettime_ns(time.CLOCK_REALTIME)
+        time.clock_settime_ns(time.CLOCK_REALTIME, now + int(request["delta_ns"]))
+        return {"realtime_ns": time.clock_gettime_ns(time.CLOCK_REALTIME)}
+    env = {**os.environ, **request.get("env", {})}
+    if op == "run":
+        try:
+            proc = subprocess.run(request["argv"], capture_output=True, text=True, env=env,
+                                  timeout=request.get("timeout", 300), stdin=subprocess.DEVNULL)
+        except subprocess.TimeoutExpired as e:
+            return {"error": f"timed out after {e.timeout} s: {request['argv']}"}
+        return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
+    if op == "spawn":
+        log = open(request["log"], "ab")
+        child = subprocess.Popen(request["argv"], stdout=log, stderr=subprocess.STDOUT, env=env,
+                                 stdin=subprocess.DEVNULL)
+        children.append(child)
+        return {"pid": child.pid}
+    if op == "poll":
+        child = next(c for c in children if c.pid == request["pid"])
+        return {"rc": child.poll()}
+    return {"error": f"unknown op {op!r}"}
+
+
+def main() -> int:
+    port = find_port()
+    children: list[subprocess.Popen] = []
+    fd = os.open(port, os.O_RDWR)  # a virtio port opens once: one descriptor both ways
+    os.write(fd, b'{"hello": true}\n')
+    buffer = b""
+    while True:
+        chunk = os.read(fd, 65536)
+        if not chunk:  # the host side is not connected (or went away): wait for it
+            time.sleep(0.05)
+            continue
+        buffer += chunk
+        while b"\n" in buffer:
+            line, buffer = buffer.split(b"\n", 1)
+            request = json.loads(line)
+            if request.get("op") == "exit":
+                os.write(fd, b"{}\n")
+                for child in children:
+                    child.terminate()
+                return 0
+            try:
+                reply = handle(request, children)
+            except Exception as e:  # a bad request must not end the agent
+                reply = {"error": f"{type(e).__name__}: {e}"}
+            os.write(fd, json.dumps(reply).encode() + b"\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

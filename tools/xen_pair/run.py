@@ -1,0 +1,303 @@
+"""Boot the pair, set it up, run scenarios on it, and keep everything on the host.
+
+Order of work: both machines boot (dst --boot-gap after src, so its TSC lags src's by that much);
+each gets its link address; both clocks are stepped onto the host's clock through the control
+channel, then dst's by the scenario's skew, and both are measured again (the reference, recorded
+in the report as `clock_reference`); dst serves `dest-agent serve` with a fresh key; src runs
+`source-agent migrate --to dst`. Results: <results>/{src,dst}/console.log, scenarios.json.
+"""
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import xen_lane
+
+from . import timeref
+from .machine import Machine, PairError, link_args
+from .scenario import Scenario
+
+AGENT = Path(__file__).resolve().parent / "guest_agent.py"
+DEST_PORT = 7400
+# How far a stepped clock may land from its target beyond the measurement's own bound: the step
+# is computed from a probe bounded by its own uncertainty (a few hundred us seen).
+STEP_TOLERANCE_NS = 2_000_000
+
+
+@dataclasses.dataclass(frozen=True)
+class PairOptions:
+    python: str
+    results: Path
+    timeout: float = 600
+    boot_gap_s: float = 0.0
+    kernel: xen_lane.Kernel | None = None
+
+
+@dataclasses.dataclass
+class Outcome:
+    """One scenario's result: the source's exit status and stdout, and the references."""
+
+    scenario: Scenario
+    status: int
+    stdout: str
+    stderr: str
+    reference_before: dict[str, Any]
+    reference_after: dict[str, Any]
+    seconds: float
+
+    def report(self) -> dict[str, Any] | None:
+        """The source's JSON report, if it printed one."""
+        try:
+            return json.loads(self.stdout)
+        except ValueError:
+            return None
+
+    def to_plain(self) -> dict[str, Any]:
+        return {"scenario": dataclasses.asdict(self.scenario), "status": self.status,
+                "stdout": self.stdout, "stderr": self.stderr, "seconds": round(self.seconds, 2),
+                "reference_before": self.reference_before, "reference_after": self.reference_after}
+
+
+def progress(message: str) -> None:
+    print(f"[pair] {message}", file=sys.stderr, flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def warm_agents_bytecode(python: str, pycache: Path) -> None:
+    """Compile the project and its virtualenv into the lane's pycache prefix on the host: the
+    agents' start-up under TCG is dominated by compiling otherwise (the root is read-only)."""
+    code = ("import sys, compileall, site; dirs = [*site.getsitepackages(), sys.argv[1]];"
+            " [compileall.compile_dir(d, quiet=2, workers=1) for d in dirs]")
+    env = {**os.environ, "PYTHONPYCACHEPREFIX": str(pycache)}
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    try:
+        subprocess.run([python, "-c", code, str(xen_lane.REPO)], env=env, stdin=subprocess.DEVNULL,
+                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=300,
+                       check=False)
+    except (OSError, subprocess.TimeoutExpired) as e:  # costs start-up time only
+        progress(f"warning: could not pre-compile on the host ({e}); the agents start slower")
+
+
+def prepare(machine: Machine, python: str, pycache: Path) -> None:
+    """The lane's per-machine files: results/<name>/lane/{path,tmp-binds,job.sh}."""
+    scratch = machine.results / "lane"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    (scratch / "path").write_text(f"{machine.results}\n")
+    (scratch / "tmp-binds").write_text("".join(
+        f"{n}\n" for n in xen_lane.tmp_binds([xen_lane.REPO, python, machine.results])))
+    env = xen_lane.lane_environment(os.environ, machine.results, pycache)
+    env["KVM_TESTBED_LANE"] = "pair"
+    env.pop("KVM_TESTBED_RUN_PAIR", None)  # never boot a pair from inside the pair
+    (scratch / "job.sh").write_text(xen_lane.job_script([python, "-P", str(AGENT)], xen_lane.REPO, env))
+
+
+class Pair:
+    """A booted pair (use `boot_pair`); `scenario` runs one migration on it."""
+
+    def __init__(self, src: Machine, dst: Machine, options: PairOptions, deadline: float) -> None:
+        self.src, self.dst, self.options, self.deadline = src, dst, options, deadline
+        self.skew_ns = 0
+        self.netem: list[str] = []
+        self.key = options.results / "psk"
+
+    def setup(self) -> dict[str, Any]:
+        """Addresses, clocks onto the host's, the key, dest-agent serve; returns measurements."""
+        facts: dict[str, Any] = {}
+        for m in (self.src, self.dst):
+            nic = m.sh("ls /sys/class/net | grep -v '^lo$' | head -n1", self.deadline).strip()
+            if not nic:
+                raise PairError(f"{m.name} has no network interface (virtio_net not loaded?)")
+            m.nic = nic
+            m.sh(f"ip link set {nic} up && ip addr add {m.address}/24 dev {nic}", self.deadline)
+            facts[f"{m.name}_boot_offset_ms"] = m.reference(self.deadline, 0.3).offset_ns / 1e6
+            self._set_clock(m, 0)
+        facts["ping_ms"] = self.ping()
+        self.key.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+        self.key.chmod(0o600)
+        serve = [self.options.python, "-P", "-m", "dest_agent", "serve", "--listen",
+                 f"{self.dst.address}:{DEST_PORT}", "--psk-file", str(self.key)]
+        t = time.monotonic()
+        self.dst.call({"op": "spawn", "argv": serve, "log": str(self.dst.results / "dest-agent.log")},
+                      self.deadline)
+        self.wait_for_dest()
+        facts["dest_agent_start_s"] = round(time.monotonic() - t, 2)
+        return facts
+
+    def ping(self) -> float | None:
+        """Round trip src -> dst over the link, best of 5 (ms); the link must carry packets."""
+        for _ in range(3):  # the first packets may wait for ARP under TCG
+            out = self.src.sh(f"busybox ping -c 5 -i 0.2 -W 2 {self.dst.address} || true",
+                              self.deadline)
+            times = [float(x) for x in re.findall(r"time=([\d.]+) ms", out)]
+            if times:
+                break
+        else:
+            raise PairError(f"src cannot ping dst at {self.dst.address} over the link: {out.strip()}")
+        return min(times)
+
+    def wait_for_dest(self) -> None:
+        probe = ("import socket,sys,time\nfor _ in range(600):\n try:\n  socket.create_connection("
+                 f"('{self.dst.address}',{DEST_PORT}),1).close(); sys.exit(0)\n"
+                 " except OSError: time.sleep(0.2)\nsys.exit(1)")
+        if self.src.run([self.options.python, "-c", probe], self.deadline)["rc"] != 0:
+            log = self.dst.results / "dest-agent.log"
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
+            raise PairError(f"dest-agent on dst never listened on {DEST_PORT}: {' | '.join(tail)}")
+
+    def _set_clock(self, m: Machine, skew_ns: int) -> timeref.Reference:
+        """Step m's CLOCK_REALTIME to host + skew_ns (two rounds: the first step is coarse)."""
+        for _ in range(2):
+            ref = m.reference(self.deadline, 0.3)
+            m.step_clock(skew_ns - ref.offset_ns, self.deadline)
+        ref = m.reference(self.deadline)
+        if abs(ref.offset_ns - skew_ns) > ref.uncertainty_ns + STEP_TOLERANCE_NS:
+            raise PairError(f"{m.name}'s clock is {ref.offset_ns / 1e6:+.3f} ms from the host's "
+                            f"after stepping it to {skew_ns / 1e6:+.3f} ms")
+        return ref
+
+    def references(self) -> dict[str, Any]:
+        src, dst = self.src.reference(self.deadline), self.dst.reference(self.deadline)
+        return {"source": src.to_plain(), "destination": dst.to_plain(),
+                "destination_minus_source": dst.minus(src).to_plain(),
+                "skew_requested_ns": self.skew_ns,
+                "mechanism": "each machine's CLOCK_REALTIME read over a virtio-serial port, "
+                             "bracketed by the physical host's CLOCK_REALTIME (best of ~1 s)"}
+
+    def apply(self, scenario: Scenario) -> None:
+        if scenario.skew_ns != self.skew_ns:
+            self._set_clock(self.dst, scenario.skew_ns)
+            self.skew_ns = scenario.skew_ns
+        if scenario.netem() != self.netem:
+            for m in (self.src, self.dst):
+                change = ["qdisc", "replace", "dev", m.nic, "root", "netem", *scenario.netem()] \
+                    if scenario.netem() else ["qdisc", "del", "dev", m.nic, "root"]
+                m.sh("tc " + " ".join(change), self.deadline)
+            self.netem = scenario.netem()
+
+    def scenario(self, scenario: Scenario) -> Outcome:
+        self.apply(scenario)
+        before = self.references()
+        argv = [self.options.python, "-P", "-m", "source_agent", "migrate",
+                "--to", f"{self.dst.address}:{DEST_PORT}", "--psk-file", str(self.key),
+                "--topology", "pair", *scenario.migrate_args]
+        t = time.monotonic()
+        reply = self.src.run(argv, self.deadline,
+                             env={"KVM_TESTBED_CLOCK_REFERENCE": json.dumps(before)})
+        seconds = time.monotonic() - t
+        return Outcome(scenario, reply["rc"], reply["stdout"], reply["stderr"], before,
+                       self.references(), seconds)
+
+
+def listening(port: int, proc_net_tcp: str) -> bool:
+    """Whether /proc/net/tcp's text has a socket in LISTEN (0A) on 127.0.0.1:port. Read, not
+    probed: QEMU's socket netdev takes the first connection as its peer."""
+    want = f"0100007F:{port:04X}"
+    return any(f[1] == want and f[3] == "0A" for f in
+               (line.split() for line in proc_net_tcp.splitlines()[1:]) if len(f) > 3)
+
+
+def wait_listening(port: int, deadline: float) -> None:
+    while not listening(port, Path("/proc/net/tcp").read_text()):
+        if time.monotonic() > deadline:
+            raise PairError(f"src's QEMU never listened on 127.0.0.1:{port} for the link")
+        time.sleep(0.05)
+
+
+def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen_lane.Kernel,
+                  initrd: Path, deadline: float) -> dict[str, Any]:
+    """Start src, then (--boot-gap later) dst, on one fresh link; wait for both agents."""
+    link = free_port()
+    timings: dict[str, Any] = {}
+    for m in machines:
+        if m.index == 1 and options.boot_gap_s:
+            progress(f"waiting {options.boot_gap_s:g} s before booting dst (--boot-gap)")
+            time.sleep(options.boot_gap_s)
+        qemu = xen_lane.qemu_command(kernel.image, initrd, m.results)
+        m.start([*qemu, *link_args(m.index, link)], deadline)
+        if m.index == 0:  # dst's QEMU connects once, at start: a refused connect leaves it unlinked
+            wait_listening(link, deadline)
+    for m in machines:
+        timings[f"{m.name}_ready_s"] = round(m.wait_ready(deadline), 2)
+        progress(f"{m.name} up: agent ready {timings[f'{m.name}_ready_s']} s after QEMU started")
+    return timings
+
+
+def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
+             on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+             ) -> tuple[list[Outcome], dict[str, Any]]:
+    """Boot the pair, run the scenarios in order, stop it; one retry on a kernel oops."""
+    t0 = time.monotonic()
+    deadline = t0 + options.timeout
+    kernel = options.kernel or xen_lane.cached_kernel(xen_lane.cache_root()) \
+        or xen_lane.fetch_debian_kernel(xen_lane.cache_root())
+    progress(f"kernel: {kernel.label}")
+    options.results.mkdir(parents=True, exist_ok=True)
+    initrd = options.results / "initrd.cpio"
+    xen_lane.build_initramfs(kernel, initrd, Path("/bin/busybox"))
+    pycache = xen_lane.cache_root() / "pycache"
+    progress("compiling the agents' bytecode on the host")
+    warm_agents_bytecode(options.python, pycache)
+    facts: dict[str, Any] = {}
+    outcomes: list[Outcome] = []
+    try:
+        for attempt in (1, 2):
+            progress(f"booting src and dst (attempt {attempt}/2)")
+            machines = [Machine(n, i, options.results / n) for i, n in enumerate(("src", "dst"))]
+            for m in machines:
+                m.results.mkdir(parents=True, exist_ok=True)
+                prepare(m, options.python, pycache)
+            outcomes = []
+            error: xen_lane.LaneError | None = None
+            try:
+                facts.update(boot_machines(machines, options, kernel, initrd, deadline),
+                             attempts=attempt)
+                pair = Pair(machines[0], machines[1], options, deadline)
+                facts.update(pair.setup())
+                progress(f"pair ready after {time.monotonic() - t0:.1f} s: ping "
+                         f"{facts['ping_ms']} ms, dest-agent up in {facts['dest_agent_start_s']} s")
+                for i, scenario in enumerate(scenarios, start=1):
+                    progress(f"scenario {i}/{len(scenarios)}: {scenario.label()}")
+                    outcomes.append(pair.scenario(scenario))
+                    on_outcome(outcomes[-1])
+            except xen_lane.LaneError as e:
+                error = e
+            finally:
+                for m in machines:
+                    m.stop()
+            oops = next((o for m in machines if (o := xen_lane.find_oops(m.console))), None)
+            if oops:
+                facts[f"oops_{attempt}"] = oops
+                for m in machines:
+                    shutil.copy(m.results / "console.log", m.results / f"console-oops-{attempt}.log")
+                if attempt == 1:
+                    progress(f"kernel oops on a machine, retrying once: {oops}")
+                    continue
+                raise PairError(f"kernel oops/panic twice: {oops}")
+            if error is not None:
+                raise error
+            return outcomes, facts
+        raise AssertionError("unreachable")
+    finally:
+        facts["total_s"] = round(time.monotonic() - t0, 2)
+        (options.results / "scenarios.json").write_text(
+            json.dumps([o.to_plain() for o in outcomes], indent=1) + "\n")
+        (options.results / "timings.json").write_text(json.dumps(facts, indent=1) + "\n")
+        initrd.unlink(missing_ok=True)
