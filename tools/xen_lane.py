@@ -3,7 +3,7 @@
 
 The machine's own kernel lacks CONFIG_KVM_XEN, but a Debian 6.12 kernel that has it boots under QEMU's
 software emulation with AMD SVM exposed, and KVM (with Xen) works inside it. This tool fetches and
-caches such a kernel, builds a small busybox initramfs (tools/xen_lane/init.sh is its /init), shares
+caches such a kernel, builds a small busybox initramfs (tools/lane_init.sh is its /init), shares
 the host root read-only and a results directory read-write over 9p, and runs the command in a chroot of
 the host root: the same paths, virtualenv and checkout as outside. The command's exit status is ours.
 
@@ -34,7 +34,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
-INIT_SCRIPT = HERE / "xen_lane" / "init.sh"
+INIT_SCRIPT = HERE / "lane_init.sh"
 
 EXIT_USAGE, EXIT_TIMEOUT, EXIT_LANE = 2, 124, 125
 
