@@ -2,24 +2,10 @@
 
     python bench/protocol_fuzz.py [--inputs 100000] [--seed 1]
 
-Five kinds of input, in equal shares (``KINDS``):
-
-0. random bytes fed to a fresh destination;
-1. a recorded, authenticated conversation with random byte flips, insertions,
-   deletions and truncations; every other input has its memory received straight
-   into a buffer through ``memory_window`` / ``memory_received`` (the path
-   `Channel.receive_memory` takes with ``recv_into``);
-2. random msgpack maps shaped like messages, framed with a valid MAC so that they
-   reach the decoder and the state machine rather than stopping at the MAC;
-3. the same from a hostile destination, to a source that is ready or waiting for
-   its REPORT;
-4. the same maps straight into the message validators (``from_wire``), where
-   only ``FieldError`` may come out.
-
-Any exception that is not a `protocol.ProtocolError` (``FieldError`` for kind 4)
-is printed with the input's index and the run exits 1.  The kinds live in
-tests/support/fuzz_inputs.py, which tests/robustness/test_fuzz.py runs under hypothesis in CI
-(2 000 inputs each); this script only runs many more of them.
+Runs the five kinds of input of tests/support/fuzz_inputs.py (``KINDS``, listed below), in equal
+shares; tests/robustness/test_fuzz.py runs the same kinds under hypothesis in CI (2 000 inputs
+each), this script many more. Any exception that is not a `protocol.ProtocolError` (``FieldError``
+for kind 4) is printed with the input's index and the run exits 1.
 """
 
 from __future__ import annotations
@@ -33,6 +19,7 @@ from pathlib import Path
 # The generators are the tests' (CI runs them): tests/support is pytest's pythonpath, and here.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests" / "support"))
 
+import fuzz_inputs  # noqa: E402
 from fuzz_inputs import KINDS, record, run_one  # noqa: E402
 
 import protocol  # noqa: E402
@@ -40,7 +27,7 @@ from protocol._frames import FieldError  # noqa: E402
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=f"{__doc__}\n{fuzz_inputs.__doc__}", formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inputs", type=int, default=100_000)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args()
