@@ -8,19 +8,6 @@ import pytest
 from agents_helpers import PSK, Run, run_cli
 
 from dest_agent import AGENT_VERSION, DestinationServer, ServerConfig
-from kvmcore import HostCapabilities, System, probe
-
-
-@pytest.fixture(scope="session")
-def caps() -> HostCapabilities:
-    with System() as kvm:
-        return probe(kvm)
-
-
-@pytest.fixture
-def kvm():
-    with System() as system:
-        yield system
 
 
 @pytest.fixture

@@ -7,7 +7,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
-from conftest import migrate
+from kvm_helpers import migrate
 
 from kvmcore import Strategy, analyse, xen
 from kvmcore.analysis import CHECK_NAMES, NO_XEN

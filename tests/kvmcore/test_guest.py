@@ -7,15 +7,9 @@ import time
 
 import pytest
 
-from kvmcore import Guest, GuestConfig, StateError, System
+from kvmcore import Guest, GuestConfig, StateError
 from kvmcore._kvm import lib
 from kvmcore.errors import GuestError
-
-
-@pytest.fixture
-def kvm():
-    with System() as system:
-        yield system
 
 
 def test_guest_reports_increasing_sequence(kvm):

@@ -6,7 +6,8 @@ import dataclasses
 import re
 
 import pytest
-from conftest import migrate, open_fds, require
+from common_helpers import open_fds
+from kvm_helpers import migrate, require
 
 from kvmcore import Guest, GuestConfig, StateError, Strategy, Unsupported, analyse, capture, restore
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import open_fds
+from common_helpers import open_fds
 
 from kvmcore import HostCapabilities, StateError, Strategy, System, probe
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from conftest import migrate, open_fds
+from common_helpers import open_fds
+from kvm_helpers import migrate
 
 from kvmcore import (Guest, GuestConfig, GuestMemory, GuestMemoryError, KvmIoctlError, Strategy,
                      System, capture, probe, restore)

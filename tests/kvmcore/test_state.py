@@ -6,7 +6,7 @@ import copy
 
 import msgpack
 import pytest
-from conftest import open_fds
+from common_helpers import open_fds
 
 from kvmcore import Guest, GuestConfig, GuestMemory, StateError, Strategy, VmState, capture, restore
 from kvmcore.state import FORMAT_VERSION

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import textwrap
@@ -10,16 +9,7 @@ from functools import partial
 
 import pytest
 import trio
-
-from source_agent.netem import _ip
-
-
-@pytest.fixture(autouse=True)
-def no_namespace_left_behind():
-    """Every test: no namespace of this process's survives it."""
-    yield
-    mine = [n for n in _ip.namespaces() if n.startswith(f"{_ip.PREFIX}{os.getpid()}-")]
-    assert mine == [], f"namespaces left behind: {mine}"
+from common_helpers import open_fds
 
 
 async def _echo(stream: trio.SocketStream) -> None:
@@ -83,10 +73,6 @@ async def round_trips(stream: trio.abc.Stream, count: int, size: int = 64) -> li
 @pytest.fixture
 def rtt():
     return round_trips
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @pytest.fixture

@@ -498,7 +498,7 @@ async def test_send_error_never_raises_when_the_peer_is_gone() -> None:
 
 
 async def test_a_replaced_stream_carries_the_channel_bytes() -> None:
-    # paced.py (tests/robustness) wraps a channel's stream to count what it sends.
+    # paced.py (tests/support) wraps a channel's stream to count what it sends.
     source, _ = channels()
     outgoing = trio.testing.MemorySendStream()
     source.stream = trio.StapledStream(outgoing, source.stream.receive_stream)  # type: ignore[attr-defined]

@@ -2,31 +2,12 @@
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-# The agents' tests' helpers (the key, key files, settle) are shared, not copied.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "agents"))
-
-from agents_helpers import PSK, key_file  # noqa: E402
-from robustness_helpers import Agent, DestAgent  # noqa: E402
-
-from kvmcore import HostCapabilities, System, probe  # noqa: E402
-
-
-@pytest.fixture(scope="session")
-def caps() -> HostCapabilities:
-    with System() as kvm:
-        return probe(kvm)
-
-
-@pytest.fixture
-def kvm() -> Iterator[System]:
-    with System() as system:
-        yield system
+from agents_helpers import PSK, key_file
+from robustness_helpers import Agent, DestAgent
 
 
 @pytest.fixture

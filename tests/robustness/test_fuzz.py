@@ -1,5 +1,5 @@
 """Hypothesis fuzzing of the frame decoder, the message validators and the state machine, sized
-for CI: the five input kinds of ``bench/protocol_fuzz.py`` (random bytes; a mutated authenticated
+for CI: the five input kinds of tests/support/fuzz_inputs.py (random bytes; a mutated authenticated
 conversation, half of it received straight into memory; MACed message-shaped frames to a
 destination and to a source; the validators) at 2 000 hypothesis-drawn seeds each = 10 000
 inputs, plus 2 000 hypothesis-structured random byte strings and 500 structured mutations
@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import functools
 import random
-import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
+import fuzz_inputs
 import pytest
+from common_helpers import PSK
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -28,16 +28,7 @@ import protocol
 from protocol import Session
 from protocol._frames import FieldError
 
-# The bench's generators: one source for CI and the 10^5 run. The bench puts the checkout first
-# on sys.path for itself; undone here, so everything else keeps importing the installed package.
-_saved_path = list(sys.path)
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-import protocol_fuzz  # noqa: E402
-
-sys.path[:] = _saved_path
-
 PER_KIND = 2_000
-PSK = b"robustness fuzzing key, 32 bytes"
 NONCE = b"D" * 32
 MEMORY = bytes(range(256)) * 48              # 3 pages, in chunks of 2 pages
 
@@ -84,7 +75,7 @@ def step(session: Session, data: bytes, sink: bytearray | None = None) -> None:
                 session.receive_data(b"")
             while (event := session.next_event()) not in (protocol.NEED_DATA,
                                                           protocol.END_OF_STREAM):
-                protocol_fuzz.replies(session, event, sink)
+                fuzz_inputs.replies(session, event, sink)
             if position >= len(data):
                 return
     except protocol.ProtocolError:
@@ -151,15 +142,15 @@ def test_mutated_conversation_into_guest_memory(data: bytes) -> None:
     step(Session("destination", PSK, nonce=NONCE), data, bytearray(len(MEMORY)))
 
 
-@pytest.mark.parametrize("kind", range(len(protocol_fuzz.KINDS)),
-                         ids=[k.replace(" ", "-") for k in protocol_fuzz.KINDS])
+@pytest.mark.parametrize("kind", range(len(fuzz_inputs.KINDS)),
+                         ids=[k.replace(" ", "-") for k in fuzz_inputs.KINDS])
 def test_bench_kinds_raise_only_protocol_errors(kind: int) -> None:
-    recorded = protocol_fuzz.record()
+    recorded = fuzz_inputs.record()
 
     @fuzz(st.integers(0, 2**64 - 1))
     def check(seed: int) -> None:
         try:
-            protocol_fuzz.run_one(kind, random.Random(seed), recorded)
+            fuzz_inputs.run_one(kind, random.Random(seed), recorded)
         except FieldError if kind == 4 else protocol.ProtocolError:
             pass
     check()
@@ -169,6 +160,6 @@ def test_fuzz_control_another_exception_is_not_swallowed(monkeypatch) -> None:
     """Negative control: a decoder raising something else than its own errors fails the run."""
     def broken(*args: Any) -> None:
         raise TypeError("not a protocol error")
-    monkeypatch.setattr(protocol_fuzz, "from_wire", broken)
+    monkeypatch.setattr(fuzz_inputs, "from_wire", broken)
     with pytest.raises(TypeError):
         test_bench_kinds_raise_only_protocol_errors(4)

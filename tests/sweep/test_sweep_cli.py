@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from fakes import FakeAgent, fake_dest_argv
-from sweep_helpers import dest_pids
+from sweep_helpers import SWEEP_SCRIPT, dest_pids
 
 from source_agent.netem import _ip, netns_unsupported
 from source_agent.results import ResultsStore
@@ -22,7 +22,7 @@ from source_agent.sweep import cli, ktap
 from source_agent.sweep.plots import check_png
 from source_agent.sweep.progress import PlainProgress, RichProgress, make_progress
 
-SCRIPT = Path(__file__).with_name("sweep_script.py")
+SCRIPT = SWEEP_SCRIPT
 
 
 def parse(*argv: str) -> argparse.Namespace:

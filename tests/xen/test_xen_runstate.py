@@ -6,7 +6,7 @@ import errno
 
 import pytest
 
-from kvmcore import Guest, GuestConfig, KvmIoctlError, System, xen
+from kvmcore import Guest, GuestConfig, KvmIoctlError, xen
 from kvmcore._kvm import lib
 
 AREA_GPA = 0x9000      # KVMCORE_RUNSTATE_GPA; 0xa000-0xffff is free guest memory
@@ -29,12 +29,6 @@ def set_data(g: Guest, rs: xen.Runstate) -> int:
     except KvmIoctlError as exc:
         return exc.errno
     return 0
-
-
-@pytest.fixture
-def kvm():
-    with System() as system:
-        yield system
 
 
 def test_sum_check_negative_control() -> None:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
+from common_helpers import PSK
+
 import protocol
 from protocol import Session, State
-
-PSK = b"a pre-shared key of 32 bytes...."
 MEMORY_SIZE = 5 * protocol.PAGE_SIZE
 CHUNK_SIZE = 2 * protocol.PAGE_SIZE
 STATE = {"vcpus": [{"regs": {"rip": 0xFFF0, "rflags": 2}, "xsave": b"\0" * 64}], "name": "g", "x": None}

@@ -1,25 +1,18 @@
-"""Helpers for the agents' tests (a uniquely named module: every tests/ folder has a conftest)."""
+"""Helpers for the agents' tests (and the robustness tests, which start agents too)."""
 
 from __future__ import annotations
 
 import json
 import os
 import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import trio
+from common_helpers import BIN, PSK, open_fds  # noqa: F401  (re-exported: the agents' tests import them from here)
 
 from dest_agent import DestinationServer
-
-BIN = Path(sys.executable).parent
-PSK = b"a-test-key-of-32-bytes-0123456789"
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
 
 
 @dataclass

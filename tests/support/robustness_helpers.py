@@ -18,7 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-BIN = Path(sys.executable).parent
+from common_helpers import BIN
+
 PACED = Path(__file__).resolve().parent / "paced.py"
 T = TypeVar("T")
 

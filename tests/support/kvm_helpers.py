@@ -1,8 +1,8 @@
-"""Fixtures for kvmcore's tests: all on the real /dev/kvm (nothing here mocks it)."""
+"""Helpers for kvmcore's tests: the strategy skip and an in-process migration, all on the real
+/dev/kvm (nothing here mocks it)."""
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 
@@ -10,23 +10,7 @@ import pytest
 
 from kvmcore import (Analysis, Guest, GuestConfig, GuestMemory, HostCapabilities,
                      RestoreRecord, Snapshot, Strategy, System, VmState, analyse, capture,
-                     probe, restore)
-
-
-@pytest.fixture(scope="session")
-def caps() -> HostCapabilities:
-    with System() as kvm:
-        return probe(kvm)
-
-
-@pytest.fixture
-def kvm():
-    with System() as system:
-        yield system
-
-
-def open_fds() -> int:
-    return len(os.listdir("/proc/self/fd"))
+                     restore)
 
 
 def require(strategy: Strategy, caps: HostCapabilities) -> None:

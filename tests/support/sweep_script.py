@@ -11,10 +11,7 @@ import sys
 from functools import partial
 
 import trio
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from fakes import FakeAgent, fake_dest_argv
+from fakes import FakeAgent, fake_dest_argv  # beside this script: sys.path[0]
 
 from source_agent.sweep import cli
 

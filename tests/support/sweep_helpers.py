@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 from fakes import FAKE_DEST, fake_dest_argv
@@ -13,6 +14,9 @@ from source_agent.sweep.injector import choose_injector
 from source_agent.sweep.plan import Axes, SweepPlan
 from source_agent.sweep.runner import run_sweep
 from source_agent.sweep.topology import open_endpoint
+
+#: ``python sweep_script.py NAME ...``: the sweep command with the test doubles (tests/sweep runs it).
+SWEEP_SCRIPT = Path(__file__).with_name("sweep_script.py")
 
 
 def small_plan(name: str = "s", *, latency=(0.0, 0.001, 0.005), repeat: int = 2,
