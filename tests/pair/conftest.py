@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(REPO / "tools"))  # tools/xen_pair and tools/xen_lane.py are scripts' modules
+# tools/xen_pair and tools/xen_lane.py are importable through pyproject's pytest pythonpath.
 
 SKIP_REASON = "boots the pair (two QEMU machines, ~90 s): run ./dev pair (KVM_TESTBED_RUN_PAIR=1)"
 
