@@ -20,8 +20,7 @@ from typing import Any
 
 from ._kvm import lib
 from ._layout import memory_size_problem
-from ._schema import (describe, check_int, check_record, check_timings, check_u64,
-                      optional)
+from ._schema import describe, check_int, check_record, check_u64, optional
 from .errors import StateError
 from .xen import Runstate
 
@@ -31,8 +30,8 @@ from .xen import Runstate
 #: 2: no guest_tsc (derivable from tsc_offset and clock.host_tsc, and never read) and no Xen
 #: layout fields (the guest program's ABI fixes them; restore never read the carried ones).
 #: 3: the runstate is a top-level ``runstate`` (xen.Runstate's fields), no ``xen`` wrapper;
-#: no capture_realtime_ns (clock.realtime is the capture instant); the REPORT has no
-#: capabilities and nothing twice (kvmcore.report_doc).
+#: no capture_realtime_ns (clock.realtime is the capture instant) and no timings (the
+#: source's own); the REPORT has no capabilities and nothing twice (kvmcore.report_doc).
 FORMAT_VERSION = 3
 
 MSR_IA32_TSC_ADJUST = 0x3B
@@ -85,7 +84,9 @@ class VmState:
     #: runstate GPAs, 64-bit mode) is the guest program's ABI (abi.h), the same at both ends.
     runstate: Runstate | None
     sequence: int                        # guest's last reported sequence number
-    timings: dict[str, int] = field(default_factory=dict)   # capture phases, ns
+    #: capture()'s phases (ns), for the source's own report: not on the wire (no destination
+    #: reads them), so a state from the wire has none.
+    timings: dict[str, int] = field(default_factory=dict, compare=False)
     format_version: int = FORMAT_VERSION
 
     SPEC = {
@@ -101,7 +102,6 @@ class VmState:
         "clock_guest": optional("struct pvclock_vcpu_time_info"),
         "runstate": optional(check_runstate),
         "sequence": check_u64,
-        "timings": check_timings,
     }
 
     @property
@@ -111,7 +111,8 @@ class VmState:
 
     def to_plain(self) -> dict[str, Any]:
         """As str-keyed dicts of ints, bytes, bools and None (msgpack-ready)."""
-        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "timings"}
         plain["runstate"] = self.runstate and self.runstate.to_plain()
         return plain
 
