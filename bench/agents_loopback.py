@@ -86,10 +86,11 @@ def main() -> int:
     with System() as kvm:
         samples = trio.run(agent_runs, kvm, size, args.runs)
         py = kvmcore_cycle.python_cycles(kvm, size, args.runs)
+        strategy = Strategy.best(probe(kvm))
     c = None if args.no_c else kvmcore_cycle.c_cycles(size, args.runs)
 
     med = {k: statistics.median(v) / 1e6 for k, v in samples.items()}
-    print(f"{args.memory_mib} MiB guest, strategy {Strategy.best(probe(kvm))}, "
+    print(f"{args.memory_mib} MiB guest, strategy {strategy}, "
           f"{args.runs} runs, medians in ms; load average {load_before} at start, {load()} at end "
           f"({os.cpu_count()} CPUs, shared)\n")
     print("agents over TCP (downtime by phase)")

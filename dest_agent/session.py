@@ -20,6 +20,8 @@ import trio
 
 import protocol
 from kvmcore import (
+    DestinationPhases,
+    DestinationReport,
     GuestMemory,
     HostCapabilities,
     KvmError,
@@ -133,13 +135,10 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
     finally:
         memory.close()  # receive_memory leaves no view of it behind, however it ended
     counters.add("migrations")
-    phases = {"receive_ns": t_commit - t_checked, "validate_ns": t_checked - t_migrate,
-              "restore_ns": record.restore_ns, "first_entry_ns": record.first_entry_ns or 0,
-              "close_ns": close_ns, "migrate_realtime_ns": rt_migrate,
-              "commit_realtime_ns": rt_commit}
-    await channel.send(protocol.Report({
-        "after": after.to_plain(), "restore_record": record.to_plain(), "phases": phases,
-        "capabilities": caps.to_plain()}))
+    phases = DestinationPhases(validate_ns=t_checked - t_migrate, receive_ns=t_commit - t_checked,
+                               close_ns=close_ns, migrate_realtime_ns=rt_migrate,
+                               commit_realtime_ns=rt_commit)
+    await channel.send(protocol.Report(DestinationReport(after, record, phases).to_plain()))
 
 
 def _check(migrate: protocol.Migrate, caps: HostCapabilities) -> RestorePlan:

@@ -21,9 +21,12 @@ The only code in the testbed that touches /dev/kvm. Public API::
             result = analyse(before, after, state2, g2.restore_record)
             result.to_plain()
 
-Lower level: System / Vm / Vcpu (one method per ioctl), kvmcore.xen (Xen ioctl
-argument packing). Per-phase timings: Guest.timings, VmState.timings,
-RestoreRecord.timings / restore_ns / first_entry_ns. See docs/kvmcore.md.
+The destination answers with a DestinationReport (the REPORT: ``after``, the
+RestoreRecord, its phases; ``to_plain``/``from_plain`` like VmState). Lower level:
+System / Vm / Vcpu (one method per ioctl), kvmcore.xen (Xen ioctl argument packing,
+the typed Runstate). Per-phase timings: Guest.timings, VmState.timings,
+RestoreRecord.timings / restore_ns, the first entry as ``after.host_run_ns``. See
+docs/kvmcore.md.
 """
 
 from __future__ import annotations
@@ -36,7 +39,8 @@ from .errors import (GuestError, GuestMemoryError, GuestTimeout, KvmError, KvmIo
                      ShortMsrAccess, StateError, StrategyError, Unsupported)
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
-from .migrate import RestoreRecord, capture, restore
+from .migrate import capture, restore
+from .report_doc import DestinationPhases, DestinationReport, RestoreRecord
 from .strategy import RestorePlan, Strategy
 from .snapshot import Pvclock, Snapshot
 from .state import VmState
@@ -46,7 +50,7 @@ from .vm import Vm
 
 __all__ = [
     "HUGE_PAGE", "MAX_MEMORY", "MIN_MEMORY", "memory_size_problem",
-    "Analysis", "Check", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
+    "Analysis", "Check", "DestinationPhases", "DestinationReport", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
     "GuestTimeout", "ShortMsrAccess",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
     "RestorePlan", "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",

@@ -200,17 +200,50 @@ def _checker_for_hint(hint: Any, where: str) -> Callable[[Any, str], None]:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if hint in _CHECK_FOR_TYPE:
         return _CHECK_FOR_TYPE[hint]
+    if isinstance(hint, type) and hasattr(hint, "from_plain"):
+        return lambda value, path: hint.from_plain(value, path)   # a nested document
     if origin is list and len(args) == 1:
         return list_of(_checker_for_hint(args[0], where))
+    if origin is dict and args == (str, int):
+        return check_timings
     if origin in (typing.Union, types.UnionType) and len(args) == 2 and type(None) in args:
         return optional(_checker_for_hint(next(a for a in args if a is not type(None)), where))
     raise TypeError(f"{where}: no wire check for the type {hint!r}")
 
 
+#: A dataclass field's metadata key for a check its type hint cannot say (a cffi struct's
+#: fields, a grammar): ``field(metadata={CHECK: spec})``, spec as check_record takes it.
+CHECK = "wire_check"
+
+
 @functools.cache
-def dataclass_spec(cls: type) -> dict[str, Callable[[Any, str], None]]:
-    """The checkers of a flat dataclass's fields, from its type hints (bool, int as u64, str,
-    list[X], X | None), so a document's fields and their wire checks cannot drift apart."""
-    hints = typing.get_type_hints(cls)
-    return {f.name: _checker_for_hint(hints[f.name], f"{cls.__name__}.{f.name}")
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.cache
+def dataclass_spec(cls: type) -> dict[str, Any]:
+    """The checkers of a dataclass's fields, from its type hints (bool, int as u64, str,
+    list[X], dict[str, int], X | None, a nested document with its own ``from_plain``) or
+    the field's ``CHECK`` metadata, so a document's fields and their wire checks cannot
+    drift apart."""
+    hints = _hints(cls)
+    return {f.name: f.metadata[CHECK] if CHECK in f.metadata
+            else _checker_for_hint(hints[f.name], f"{cls.__name__}.{f.name}")
             for f in dataclasses.fields(cls)}
+
+
+def dataclass_from_plain(cls: type, plain: Any, path: str) -> Any:
+    """An instance of ``cls`` from its wire form, checked exactly by dataclass_spec (every
+    field, no other; StateError names the field); nested documents are built by their own
+    ``from_plain``, so ``to_plain = dataclasses.asdict`` round-trips."""
+    check_record(plain, path, dataclass_spec(cls))
+    hints = _hints(cls)
+    values = {}
+    for name, value in plain.items():
+        hint = hints[name]
+        if typing.get_origin(hint) in (typing.Union, types.UnionType) and value is not None:
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        nested = isinstance(hint, type) and hasattr(hint, "from_plain") and value is not None
+        values[name] = hint.from_plain(value, f"{path}.{name}") if nested else value
+    return cls(**values)

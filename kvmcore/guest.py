@@ -25,7 +25,7 @@ from .snapshot import Snapshot
 from .vcpu import EXIT_NAMES
 
 if TYPE_CHECKING:
-    from .migrate import RestoreRecord
+    from .report_doc import RestoreRecord
     from .system import System
     from .vcpu import Vcpu
     from .vm import Vm
@@ -99,6 +99,8 @@ class Guest:
     #: The MSRs KVM_GET/SET_MSRS handle on this host (what capture may read).
     msr_indices: frozenset[int] = frozenset()
     timings: dict[str, int] = field(default_factory=dict)   # phase -> ns
+    #: What restore() did, set by restore() (None: a fresh guest). The guest never writes
+    #: it: its first entry is the host bracket of its first Snapshot.
     restore_record: RestoreRecord | None = None
     last_snapshot: Snapshot | None = None
 
@@ -164,11 +166,7 @@ class Guest:
         the next KVM_RUN (or capture) completes it. With ``timeout`` (seconds), a guest
         that has not reported by then is kicked out of KVM_RUN and GuestTimeout raised
         (needs install_kick_handler(); see kvmcore.deadline)."""
-        record = self.restore_record
         entry_realtime = time.clock_gettime_ns(time.CLOCK_REALTIME)
-        # Stamped into the record only once the run succeeded: a failed first run (say a
-        # GuestTimeout) must not leave a half-filled record behind.
-        first_entry = record is not None and record.first_entry_realtime_ns is None
         t0 = time.perf_counter_ns()
         vcpu = self.vcpu
         with contextlib.ExitStack() as stack:
@@ -192,10 +190,6 @@ class Guest:
         realtime, monotonic = clocks_ns()
         elapsed = time.perf_counter_ns() - t0
         self.timings["run"] = elapsed
-        if first_entry:
-            assert record is not None
-            record.first_entry_realtime_ns = entry_realtime
-            record.first_entry_ns = elapsed
         report = self.report_page()
         if report.magic != lib.KVMCORE_REPORT_MAGIC:
             raise GuestError(f"report page magic {report.magic:#x} is not "

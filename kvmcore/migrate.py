@@ -8,67 +8,22 @@ from __future__ import annotations
 import dataclasses
 import errno
 import time
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._kvm import lib
-from .errors import KvmIoctlError, StateError, StrategyError
+from .errors import KvmIoctlError, StateError
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
+from .report_doc import RestoreRecord
 from .strategy import RestorePlan, Strategy
-from ._schema import (check_record, check_timings, check_u64, optional, plain_to_struct,
-                      struct_to_plain)
-from .state import CLOCK_SPEC, MSRS, RUNSTATE_SPEC, VmState
+from ._schema import plain_to_struct, struct_to_plain
+from .state import MSRS, VmState
 
 if TYPE_CHECKING:
     from .system import System
 
 MASK64 = (1 << 64) - 1
-
-
-@dataclass
-class RestoreRecord:
-    """What restore() did and when: the host-side facts the analysis and report need."""
-
-    strategy: str
-    source_capture_realtime_ns: int
-    restore_ns: int = 0                                   # restore() start to return
-    timings: dict[str, int] = field(default_factory=dict)  # its phases
-    clock_after: dict[str, int] = field(default_factory=dict)  # KVM_GET_CLOCK after restore
-    tsc_offset_requested: int | None = None
-    tsc_offset_applied: int | None = None                 # read back
-    tsc_khz_source: int = 0
-    tsc_khz_destination: int = 0
-    runstate_restored: dict[str, int] | None = None
-    first_entry_realtime_ns: int | None = None            # CLOCK_REALTIME before 1st KVM_RUN
-    first_entry_ns: int | None = None                     # 1st KVM_RUN until the report
-
-    def to_plain(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_plain(cls, plain: Any, path: str = "restore_record") -> RestoreRecord:
-        """Validate a record from the wire (a destination's REPORT) exactly: every field,
-        no extra one, integers in range, a strategy that parses; StateError names the field."""
-        def check_strategy(value: Any, where: str) -> None:
-            if not isinstance(value, str):
-                raise StateError(where, f"expected a string, got {type(value).__name__}")
-            try:
-                Strategy.parse_exact(value)
-            except StrategyError as exc:
-                raise StateError(where, str(exc)) from None
-
-        u64 = optional(check_u64)
-        check_record(plain, path, {
-            "strategy": check_strategy, "source_capture_realtime_ns": check_u64,
-            "restore_ns": check_u64, "timings": check_timings, "clock_after": CLOCK_SPEC,
-            "tsc_offset_requested": u64, "tsc_offset_applied": u64,
-            "tsc_khz_source": check_u64, "tsc_khz_destination": check_u64,
-            "runstate_restored": optional(RUNSTATE_SPEC),
-            "first_entry_realtime_ns": u64, "first_entry_ns": u64,
-        })
-        return cls(**plain)
 
 
 def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
@@ -99,23 +54,27 @@ def capture(guest: Guest, *, close_runstate: bool = True) -> VmState:
     if guest.config.xen and close_runstate:
         # Right before the clock reading: the runnable period starts this close to it.
         vcpu.xen_set_attr(xen.vcpu_attr_runstate_current(xen.RUNSTATE_RUNNABLE))
+    t_clock = time.perf_counter_ns()
     clock = vm.get_clock()
+    # The capture instant, kept once: KVM's own CLOCK_REALTIME reading where it gives one.
+    realtime = (clock.realtime if clock.flags & lib.KVM_CLOCK_REALTIME
+                else time.clock_gettime_ns(time.CLOCK_REALTIME))
     has_offset = vcpu.has_device_attr(lib.KVM_VCPU_TSC_CTRL, lib.KVM_VCPU_TSC_OFFSET)
     tsc_offset = vcpu.get_tsc_offset() if has_offset else None
     clock_guest = _get_clock_guest(guest)
-    xen_state = _capture_xen(guest) if guest.config.xen else None
-    realtime = (clock.realtime if clock.flags & lib.KVM_CLOCK_REALTIME
-                else time.clock_gettime_ns(time.CLOCK_REALTIME))
+    runstate = (xen.Runstate.from_attr(vcpu.xen_get_attr(
+        lib.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA)) if guest.config.xen else None)
     t2 = time.perf_counter_ns()
     return VmState(
         memory_size=guest.memory.size,
         regs=struct_to_plain(regs), sregs=struct_to_plain(sregs), fpu=struct_to_plain(fpu),
         msrs=msrs, tsc_khz=tsc_khz, tsc_offset=tsc_offset,
-        clock={"clock": clock.clock, "flags": clock.flags, "realtime": clock.realtime,
+        clock={"clock": clock.clock, "flags": clock.flags, "realtime": realtime,
                "host_tsc": clock.host_tsc},
-        clock_guest=clock_guest, xen=xen_state, capture_realtime_ns=realtime,
+        clock_guest=clock_guest, runstate=runstate,
         sequence=guest.last_snapshot.sequence if guest.last_snapshot else 0,
-        timings={"complete_io": t1 - t0, "capture": t2 - t0})
+        # before_clock: from the capture's start to its instant (so the start is known too).
+        timings={"complete_io": t1 - t0, "before_clock": t_clock - t0, "capture": t2 - t0})
 
 
 def _get_clock_guest(guest: Guest) -> dict[str, Any] | None:
@@ -127,18 +86,13 @@ def _get_clock_guest(guest: Guest) -> dict[str, Any] | None:
         raise
 
 
-def _capture_xen(guest: Guest) -> dict[str, Any]:
-    attr = guest.vcpu.xen_get_attr(lib.KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA)
-    return {"runstate": xen.Runstate.from_attr(attr).to_plain()}
-
-
 def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
     """A new VM resuming ``plan.state``'s guest on ``memory`` (used as RAM, not copied).
 
     ``plan`` comes from Strategy.check, so nothing about the host or the state is
     checked again; only ``memory`` is (StateError before any VM exists). The returned
-    guest's ``restore_record`` says what was done; its first run_until_snapshot() fills
-    in the first-entry timestamps.
+    guest's ``restore_record`` says what was done; its first entry is the host bracket of
+    the Snapshot its first run_until_snapshot() returns.
     """
     state, strategy = plan.state, plan.strategy
     if memory.closed:
@@ -148,10 +102,8 @@ def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
                          f"{memory.size:#x} bytes")
 
     t0 = time.perf_counter_ns()
-    record = RestoreRecord(strategy=str(strategy),
-                           source_capture_realtime_ns=state.capture_realtime_ns,
-                           tsc_khz_source=state.tsc_khz)
-    config = GuestConfig(memory_size=state.memory_size, xen=state.xen is not None)
+    record = RestoreRecord(strategy=str(strategy))
+    config = GuestConfig(memory_size=state.memory_size, xen=state.runstate is not None)
     guest = Guest.with_memory(kvm, config, memory)
     try:
         t1 = time.perf_counter_ns()
@@ -225,14 +177,14 @@ def _restore_tsc(guest: Guest, state: VmState, strategy: Strategy,
     record.tsc_offset_applied = guest.vcpu.get_tsc_offset()
 
 
-def _restore_runstate(guest: Guest, state: VmState) -> dict[str, int]:
+def _restore_runstate(guest: Guest, state: VmState) -> xen.Runstate:
     """As the seed: RUNSTATE_DATA with the state forced to runnable (capture() has already
     made it so, unless close_runstate=False), so the first vcpu_load accounts
     (kvmclock now - state_entry_time) as runnable. Needs the kvmclock restored first:
     KVM refuses an entry time in the future with EINVAL (clock=none does exactly that). And
     last: a kernel without the 2026 negative-delta fix (6.12.95, docs/xen-lane.md) accounts a
     kvmclock set back after this as a huge (u64-wrapped) time at the next switch."""
-    assert state.xen is not None
-    runstate = dict(state.xen["runstate"], state=xen.RUNSTATE_RUNNABLE)
-    guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(xen.Runstate(**runstate)))
+    assert state.runstate is not None
+    runstate = dataclasses.replace(state.runstate, state=xen.RUNSTATE_RUNNABLE)
+    guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(runstate))
     return runstate

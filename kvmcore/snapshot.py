@@ -6,7 +6,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from ._schema import check_int, check_record, check_u64
-from .errors import StateError
+from .xen import Runstate
 
 MASK64 = (1 << 64) - 1
 
@@ -78,7 +78,7 @@ class Snapshot:
     pvclock_retries: int
     steal_ns: int                # struct kvm_steal_time.steal
     steal_version: int           # 0: KVM never wrote the steal record
-    runstate: tuple[int, int, int, int, int, int]  # state, entry time, times[4]; zeros without Xen
+    runstate: Runstate           # the guest's copy of its runstate area; zeros without Xen
     backwards_count: int         # times the guest's kvmclock went backwards, ever
     backwards_prev_ns: int
     backwards_next_ns: int
@@ -92,12 +92,11 @@ class Snapshot:
     @classmethod
     def from_report(cls, r: Any, host_entry_realtime_ns: int, host_realtime_ns: int,
                     host_monotonic_ns: int) -> Snapshot:
-        rs = r.runstate
         return cls(
             sequence=r.sequence, tsc=r.tsc, kvmclock_ns=r.kvmclock_ns,
             pvclock=Pvclock.from_c(r.pvclock), pvclock_retries=r.pvclock_retries,
             steal_ns=r.steal.steal, steal_version=r.steal.version,
-            runstate=(rs.state, rs.state_entry_time, *rs.time),
+            runstate=Runstate.from_guest(r.runstate),
             backwards_count=r.backwards_count, backwards_prev_ns=r.backwards_prev_ns,
             backwards_next_ns=r.backwards_next_ns,
             host_entry_realtime_ns=host_entry_realtime_ns, host_realtime_ns=host_realtime_ns,
@@ -107,27 +106,29 @@ class Snapshot:
     def from_plain(cls, plain: Any, path: str = "snapshot") -> Snapshot:
         """A snapshot from the wire (a destination's REPORT), validated exactly: every field
         present, no other, each an integer in its range; StateError names the field."""
-        def check_runstate(value: Any, where: str) -> None:
-            if not isinstance(value, list) or len(value) != 6:
-                raise StateError(where, "expected a list of 6 integers")
-            for i, item in enumerate(value):
-                check_int(item, f"{where}[{i}]")
-
         def check_pvclock(value: Any, where: str) -> None:
             Pvclock.from_plain(value, where)
+
+        def check_runstate(value: Any, where: str) -> None:
+            Runstate.from_plain(value, where)
 
         spec: dict[str, Any] = {name: check_u64 for name in cls.__dataclass_fields__}
         spec.update(pvclock=check_pvclock, runstate=check_runstate)
         check_record(plain, path, spec)
         return cls(**{**plain, "pvclock": Pvclock(**plain["pvclock"]),
-                      "runstate": tuple(plain["runstate"])})
+                      "runstate": Runstate(**plain["runstate"])})
 
     @property
     def runnable_ns(self) -> int:
         """Xen runstate time_runnable (steal) as the guest saw it."""
-        return self.runstate[3]
+        return self.runstate.time_runnable
+
+    @property
+    def host_run_ns(self) -> int:
+        """How long the KVM_RUN call that produced this report took, on the host's
+        CLOCK_REALTIME (the bracket's width): for a restored guest's first report, its
+        first entry."""
+        return self.host_realtime_ns - self.host_entry_realtime_ns
 
     def to_plain(self) -> dict[str, Any]:
-        plain = asdict(self)
-        plain["runstate"] = list(self.runstate)
-        return plain
+        return asdict(self)

@@ -20,13 +20,19 @@ from typing import Any
 
 from ._kvm import lib
 from ._layout import memory_size_problem
-from ._schema import (describe, check_int, check_record, check_timings, check_u64,
-                      optional)
+from ._schema import describe, check_int, check_record, check_u64, optional
 from .errors import StateError
+from .xen import Runstate
 
+#: The version of the documents kvmcore puts on the wire: this VmState (in MIGRATE) and the
+#: DestinationReport that answers it (in REPORT, kvmcore.report_doc). A destination refuses
+#: a state of another version before anything else, so one number covers both.
 #: 2: no guest_tsc (derivable from tsc_offset and clock.host_tsc, and never read) and no Xen
 #: layout fields (the guest program's ABI fixes them; restore never read the carried ones).
-FORMAT_VERSION = 2
+#: 3: the runstate is a top-level ``runstate`` (xen.Runstate's fields), no ``xen`` wrapper;
+#: no capture_realtime_ns (clock.realtime is the capture instant) and no timings (the
+#: source's own); the REPORT has no capabilities and nothing twice (kvmcore.report_doc).
+FORMAT_VERSION = 3
 
 MSR_IA32_TSC_ADJUST = 0x3B
 # The MSRs a VmState may carry, by the names the wire uses.
@@ -51,12 +57,10 @@ def check_msrs(value: Any, path: str) -> None:
 
 CLOCK_SPEC = {"clock": check_u64, "flags": check_u64, "realtime": check_u64,
               "host_tsc": check_u64}
-RUNSTATE_SPEC = {k: check_u64 for k in ("state", "state_entry_time", "time_running",
-                                        "time_runnable", "time_blocked", "time_offline")}
-#: Only what the source's KVM knows and the guest's memory does not: its RUNSTATE_DATA. The
-#: Xen layout (hypercall MSR, shared_info and runstate GPAs, 64-bit mode) is the guest
-#: program's ABI (abi.h), the same at both ends.
-XEN_SPEC = {"runstate": RUNSTATE_SPEC}
+
+
+def check_runstate(value: Any, path: str) -> None:
+    Runstate.from_plain(value, path)
 
 
 @dataclass
@@ -70,12 +74,19 @@ class VmState:
     msrs: dict[str, int]                 # by name, see MSRS
     tsc_khz: int                         # KVM_GET_TSC_KHZ at the source
     tsc_offset: int | None               # KVM_VCPU_TSC_OFFSET (None: no such attribute)
-    clock: dict[str, int]                # KVM_GET_CLOCK: clock, flags, realtime, host_tsc
+    #: KVM_GET_CLOCK: clock, flags, realtime, host_tsc. ``realtime`` is the capture instant
+    #: (CLOCK_REALTIME): KVM's own reading with KVM_CLOCK_REALTIME in flags, else capture()'s
+    #: clock_gettime right after the ioctl.
+    clock: dict[str, int]
     clock_guest: dict[str, Any] | None   # KVM_GET_CLOCK_GUEST's pvclock, where present
-    xen: dict[str, Any] | None           # Xen config and RUNSTATE_DATA, Xen guests only
-    capture_realtime_ns: int             # CLOCK_REALTIME of the capture (clock.realtime)
+    #: RUNSTATE_DATA, Xen guests only (None: not Xen-configured). Only what the source's KVM
+    #: knows and the guest's memory does not: the Xen layout (hypercall MSR, shared_info and
+    #: runstate GPAs, 64-bit mode) is the guest program's ABI (abi.h), the same at both ends.
+    runstate: Runstate | None
     sequence: int                        # guest's last reported sequence number
-    timings: dict[str, int] = field(default_factory=dict)   # capture phases, ns
+    #: capture()'s phases (ns), for the source's own report: not on the wire (no destination
+    #: reads them), so a state from the wire has none.
+    timings: dict[str, int] = field(default_factory=dict, compare=False)
     format_version: int = FORMAT_VERSION
 
     SPEC = {
@@ -89,15 +100,21 @@ class VmState:
         "tsc_offset": optional(check_u64),
         "clock": CLOCK_SPEC,
         "clock_guest": optional("struct pvclock_vcpu_time_info"),
-        "xen": optional(XEN_SPEC),
-        "capture_realtime_ns": check_u64,
+        "runstate": optional(check_runstate),
         "sequence": check_u64,
-        "timings": check_timings,
     }
+
+    @property
+    def capture_realtime_ns(self) -> int:
+        """CLOCK_REALTIME of the capture: ``clock["realtime"]``, the one place it is kept."""
+        return self.clock["realtime"]
 
     def to_plain(self) -> dict[str, Any]:
         """As str-keyed dicts of ints, bytes, bools and None (msgpack-ready)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        plain = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                 if f.name != "timings"}
+        plain["runstate"] = self.runstate and self.runstate.to_plain()
+        return plain
 
     @classmethod
     def from_plain(cls, plain: Any) -> VmState:
@@ -117,4 +134,5 @@ class VmState:
         problem = memory_size_problem(size)
         if problem:
             raise StateError("memory_size", problem)
-        return cls(**plain)
+        runstate = plain["runstate"]
+        return cls(**{**plain, "runstate": runstate and Runstate(**runstate)})

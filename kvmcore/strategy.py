@@ -86,7 +86,8 @@ REQUIREMENTS: dict[tuple[str, str], Requirement] = {
         "tsc=adjust needs it; missing"),
     ("runstate", "kernel"): Requirement(
         lambda caps: "KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE", lambda caps: caps.xen_runstate,
-        "xen", lambda s: s.xen is not None, "runstate=kernel needs a Xen-configured guest"),
+        "runstate", lambda s: s.runstate is not None,
+        "runstate=kernel needs a Xen-configured guest"),
 }
 #: A Xen-configured guest needs a Xen host whatever its runstate choice.
 XEN_GUEST = REQUIREMENTS["runstate", "kernel"]
@@ -177,7 +178,7 @@ class Strategy:
         (host) or StateError (state) otherwise. A destination calls this at MIGRATE, before
         it allocates or receives any guest memory, and restore() trusts the result."""
         self.check_host(caps)
-        if state.xen is not None and not XEN_GUEST.host(caps):
+        if state.runstate is not None and not XEN_GUEST.host(caps):
             raise Unsupported(XEN_GUEST.capability(caps))
         for choice in self.choices():
             need = REQUIREMENTS.get(choice)

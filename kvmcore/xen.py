@@ -8,10 +8,11 @@ and need ``KVM_CAP_XEN_HVM``.
 from __future__ import annotations
 
 import struct
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from ._kvm import ffi, lib
+from ._schema import CHECK, check_int, check_record, dataclass_spec
 
 RUNSTATE_RUNNING, RUNSTATE_RUNNABLE, RUNSTATE_BLOCKED, RUNSTATE_OFFLINE = range(4)
 # The guest's vcpu_runstate_info as KVM writes it (KVM_XEN_ATTR_TYPE_LONG_MODE selects):
@@ -44,14 +45,21 @@ def hvm_flag_names(bits: int) -> list[str]:
     return names
 
 
+def check_u32(value: Any, path: str) -> None:
+    check_int(value, path, 0, (1 << 32) - 1)
+
+
 @dataclass(frozen=True)
 class Runstate:
-    """KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_DATA: the vCPU's Xen runstate accounting (ns of kvmclock).
+    """The vCPU's Xen runstate accounting (ns of kvmclock), in its one typed form: what
+    capture reads (RUNSTATE_DATA), the VmState and the REPORT carry, restore writes back,
+    the guest's report holds and the analysis compares. Every other form -- the cffi
+    attribute, the guest's runstate area, the wire dict -- converts here.
 
     KVM's invariant: ``state_entry_time == sum of the four times``.
     """
 
-    state: int
+    state: int = field(metadata={CHECK: check_u32})   # a u32 in every layout
     state_entry_time: int
     time_running: int
     time_runnable: int
@@ -62,10 +70,24 @@ class Runstate:
         return asdict(self)
 
     @classmethod
+    def from_plain(cls, plain: Any, path: str = "runstate") -> Runstate:
+        """The wire form, validated exactly (six u64 fields, no other); StateError names
+        the field."""
+        check_record(plain, path, dataclass_spec(cls))
+        return cls(**plain)
+
+    @classmethod
     def from_attr(cls, attr: Any) -> Runstate:
+        """From KVM_XEN_VCPU_GET_ATTR's RUNSTATE_DATA (struct kvm_xen_vcpu_attr)."""
         rs = attr.u.runstate
         return cls(rs.state, rs.state_entry_time, rs.time_running, rs.time_runnable,
                    rs.time_blocked, rs.time_offline)
+
+    @classmethod
+    def from_guest(cls, info: Any) -> Runstate:
+        """From the guest's copy of its runstate area (struct kvmcore_runstate_info in the
+        report page: zeros unless the VM is Xen-configured)."""
+        return cls(info.state, info.state_entry_time, *info.time)
 
 
 def parse_runstate_area(data: bytes, long_mode: bool) -> Runstate:

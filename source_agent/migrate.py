@@ -22,11 +22,11 @@ import trio
 import protocol
 from kvmcore import (
     Analysis,
+    DestinationReport,
     Guest,
     GuestConfig,
     GuestMemory,
     HostCapabilities,
-    RestoreRecord,
     Snapshot,
     StateError,
     Strategy,
@@ -87,7 +87,6 @@ class SourceRun:
     state: VmState
     memory: GuestMemory       # the guest's, outliving its VM until sent
     warmup_reports: int
-    capture_start_realtime_ns: int
     create_ns: int
     destroy_ns: int
 
@@ -105,9 +104,7 @@ class Migration:
     gap_ns: int
     encode_ns: int
     send_start_realtime_ns: int
-    after: Snapshot
-    record: RestoreRecord
-    destination_phases: dict[str, int]
+    destination: DestinationReport   # the REPORT, validated
     analysis: Analysis
     source_phases: dict[str, int]     # connect, handshake, guest, send, report wait (ns)
 
@@ -121,11 +118,10 @@ def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> Source
         while time.perf_counter_ns() < deadline:
             before = guest.run_until_snapshot()
             reports += 1
-        capture_start = time.time_ns()
         state = capture(guest)
         t1 = time.perf_counter_ns()
-    return SourceRun(before, state, guest.memory, reports, capture_start,
-                     guest.timings["create"], time.perf_counter_ns() - t1)
+    return SourceRun(before, state, guest.memory, reports, guest.timings["create"],
+                     time.perf_counter_ns() - t1)
 
 
 async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> Migration:
@@ -176,11 +172,11 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
         if not isinstance(report, protocol.Report):
             raise PeerReportError(f"expected REPORT from the destination, got {report!r:.80}")
         await channel.bye()
-    after, record, phases = _validate_report(report.report, str(plan.strategy),
-                                             source.state.capture_realtime_ns)
+    destination = _validate_report(report.report, plan.strategy)
     offset = round(hs.clock.offset_ns)
     slack = DEFAULT_SLACK_NS + math.ceil(hs.clock.uncertainty_ns)
-    analysis = analyse(source.before, after, source.state, record, clock_offset_ns=offset,
+    analysis = analyse(source.before, destination.after, source.state,
+                       destination.restore_record, clock_offset_ns=offset,
                        slack_ns=slack, uncertainty_ns=math.ceil(hs.clock.uncertainty_ns),
                        requested_gap_ns=plan.gap_ns,
                        hosts_have_xen=caps.xen_runstate and dest_caps.xen_runstate)
@@ -188,10 +184,8 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
                      "guest_ns": t_gap - t_guest, "send_ns": t_sent - t_send,
                      "report_wait_ns": t_report - t_sent}
     return Migration(plan, caps, dest_caps, hs.peer.agent_version, hs.clock, source,
-                     t_encode - t_gap, encode_ns, send_start, after, record, phases, analysis,
+                     t_encode - t_gap, encode_ns, send_start, destination, analysis,
                      source_phases)
-
-
 
 
 def _peer_caps(plain: Any) -> HostCapabilities:
@@ -201,34 +195,10 @@ def _peer_caps(plain: Any) -> HostCapabilities:
         raise PeerReportError(f"the destination's HELLO capabilities: {exc}") from None
 
 
-PHASE_KEYS = ("receive_ns", "validate_ns", "restore_ns", "first_entry_ns", "close_ns",
-              "migrate_realtime_ns", "commit_realtime_ns")
-
-
-def _validate_report(plain: Any, strategy: str, capture_realtime_ns: int
-                     ) -> tuple[Snapshot, RestoreRecord, dict[str, int]]:
-    """The REPORT's fields, each validated before use (the peer may be faulty or hostile);
-    the restore it describes must be the one asked for, of the state that was sent."""
+def _validate_report(plain: Any, strategy: Strategy) -> DestinationReport:
+    """The REPORT, validated field by field before use (the peer may be faulty or hostile);
+    the restore it describes must be the one asked for."""
     try:
-        if not isinstance(plain, dict) or set(plain) != {"after", "restore_record", "phases",
-                                                         "capabilities"}:
-            raise StateError("report", "expected exactly after, restore_record, phases, "
-                             "capabilities")
-        after = Snapshot.from_plain(plain["after"], "report.after")
-        record = RestoreRecord.from_plain(plain["restore_record"], "report.restore_record")
-        HostCapabilities.from_plain(plain["capabilities"], "report.capabilities")
-        phases = plain["phases"]
-        if not isinstance(phases, dict) or set(phases) != set(PHASE_KEYS) or not all(
-                type(v) is int and v >= 0 for v in phases.values()):
-            raise StateError("report.phases", f"expected non-negative integers {PHASE_KEYS}")
-        if record.first_entry_realtime_ns is None or record.first_entry_ns is None:
-            raise StateError("report.restore_record.first_entry_ns", "the guest never ran")
-        if record.strategy != strategy:
-            raise StateError("report.restore_record.strategy",
-                             f"{record.strategy!r}, but {strategy!r} was asked for")
-        if record.source_capture_realtime_ns != capture_realtime_ns:
-            raise StateError("report.restore_record.source_capture_realtime_ns",
-                             "not the capture of the state that was sent")
+        return DestinationReport.from_plain(plain).check_answers(strategy)
     except StateError as exc:
         raise PeerReportError(f"the destination's REPORT: {exc.field}: {exc.reason}") from None
-    return after, record, dict(phases)

@@ -8,6 +8,7 @@ produce is null with the reason, and a verdict that depends on it is null
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -15,11 +16,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from kvmcore import Measurement
-from kvmcore.analysis import CHECK_NAMES
+from kvmcore.analysis import CHECK_NAMES, HOST_BRACKET_RULE
 
 from .migrate import Migration
 
-REPORT_VERSION = 1
+#: 2: ``restore_record`` without the first entry and the capture instant, which it repeated
+#: (the downtime and the ``after`` snapshot's bracket have them), and without the source's
+#: TSC kHz; ``destination_phases`` without restore_ns and first_entry_ns (in ``downtime``).
+REPORT_VERSION = 2
 
 
 def iso(ns: int) -> str:
@@ -53,22 +57,24 @@ def _measurement(m: Measurement, **extra: Any) -> dict[str, Any]:
 
 def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict[str, Any]:
     """The report of a completed migration (outcome passed or failed by its verdicts)."""
-    a, plan, dest = m.analysis, m.plan, m.destination_phases
+    a, plan, dest = m.analysis, m.plan, m.destination
+    state, after = m.source.state, dest.after
     offset = round(m.clock.offset_ns)
     uncertainty = round(m.clock.uncertainty_ns)
     phases = {
-        "capture_ns": m.source.state.timings["capture"],
+        "capture_ns": state.timings["capture"],
         "destroy_ns": m.source.destroy_ns,
         "gap_ns": m.gap_ns,
         "encode_ns": m.encode_ns,
-        "transfer_ns": dest["commit_realtime_ns"] - offset - m.send_start_realtime_ns,
-        "validate_ns": dest["validate_ns"],
-        "restore_ns": dest["restore_ns"],
-        "first_entry_ns": dest["first_entry_ns"],
+        "transfer_ns": dest.phases.commit_realtime_ns - offset - m.send_start_realtime_ns,
+        "validate_ns": dest.phases.validate_ns,
+        "restore_ns": dest.restore_record.restore_ns,
+        "first_entry_ns": after.host_run_ns,
     }
-    assert m.record.first_entry_realtime_ns is not None
-    total = (m.record.first_entry_realtime_ns + dest["first_entry_ns"] - offset
-             - m.source.capture_start_realtime_ns)
+    # From the capture's start (its instant less the part before the clock reading) to the
+    # destination's first report.
+    capture_start = state.capture_realtime_ns - state.timings["before_clock"]
+    total = after.host_realtime_ns - offset - capture_start
     phases["other_ns"] = total - sum(phases.values())
     phases["total_ns"] = total
     phases["uncertainty_ns"] = uncertainty
@@ -99,20 +105,17 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
             "xen_runnable_delta": _measurement(a.xen_runnable_delta),
             "host_interval": _measurement(a.host_interval),
         },
-        "bound": {"host_bracket_ns": list(a.host_bracket_ns),
-                  "detail": "guest interval must lie in the host bracket [after.entry - "
-                            "before.exit, after.exit - before.entry] (corrected by the clock "
-                            "offset) +- 50 us + 1000 ppm + the clock-sync uncertainty"},
+        "bound": {"host_bracket_ns": list(a.host_bracket_ns), "detail": HOST_BRACKET_RULE},
         "guest_saw_backwards": a.guest_saw_backwards,
         "backwards_step_ns": a.backwards_step_ns,
         "verdicts": {name: check.to_plain() for name, check in a.checks.items()},
         # The raw records a kernel engineer debugs a jump with, as the guest read them.
         "pvclock": {"before": m.source.before.pvclock.to_plain(),
-                    "after": m.after.pvclock.to_plain()},
+                    "after": after.pvclock.to_plain()},
         "hosts": {"source": m.source_caps.to_plain(), "destination": m.destination_caps.to_plain()},
         "source_phases": m.source_phases,
-        "destination_phases": dest,
-        "restore_record": m.record.to_plain(),
+        "destination_phases": dataclasses.asdict(dest.phases),
+        "restore_record": dest.restore_record.to_plain(),
         "outcome": "failed" if failed else "passed",
         "exit_code": 1 if failed else 0,
         "error": f"verdict failed: {', '.join(failed)}" if failed else None,

@@ -10,6 +10,8 @@ from agents_helpers import key_file
 
 import protocol
 from kvmcore import (
+    DestinationPhases,
+    DestinationReport,
     Guest,
     GuestConfig,
     RestoreRecord,
@@ -51,10 +53,16 @@ def migrated(kvm, caps):
     return before, after, record
 
 
-def test_snapshot_and_record_round_trip(migrated):
+PHASES = DestinationPhases(validate_ns=1, receive_ns=2, close_ns=3, migrate_realtime_ns=4,
+                           commit_realtime_ns=5)
+
+
+def test_snapshot_record_and_report_round_trip(migrated):
     _, after, record = migrated
     assert Snapshot.from_plain(after.to_plain()) == after
     assert RestoreRecord.from_plain(record.to_plain()) == record
+    report = DestinationReport(after, record, PHASES)
+    assert DestinationReport.from_plain(report.to_plain()) == report
 
 
 @pytest.mark.parametrize("path, value, words", [
@@ -63,7 +71,8 @@ def test_snapshot_and_record_round_trip(migrated):
     (("sequence",), True, "expected an integer"),
     (("pvclock", "tsc_shift"), 200, "'snapshot.pvclock.tsc_shift'"),
     (("pvclock", "flags"), 256, "outside [0, 255]"),
-    (("runstate",), [0, 0, 0], "list of 6"),
+    (("runstate",), [0, 0, 0, 0, 0, 0], "'snapshot.runstate': expected a dict"),
+    (("runstate", "time_runnable"), -1, "'snapshot.runstate.time_runnable'"),
     (("extra",), 1, "unexpected field"),
 ])
 def test_snapshot_from_plain_refuses(migrated, path, value, words):
@@ -82,7 +91,9 @@ def test_snapshot_from_plain_refuses(migrated, path, value, words):
     ("strategy", 7, "expected a string"),
     ("restore_ns", -5, "outside"),
     ("clock_after", {}, "missing"),
-    ("first_entry_ns", "soon", "expected an integer"),
+    ("tsc_offset_applied", "soon", "expected an integer"),
+    ("runstate_restored", {"state": 1}, "'restore_record.runstate_restored.state_entry_time'"),
+    ("timings", {"create": None}, "'restore_record.timings.create'"),
 ])
 def test_restore_record_from_plain_refuses(migrated, field, value, words):
     plain = migrated[2].to_plain()
@@ -92,28 +103,44 @@ def test_restore_record_from_plain_refuses(migrated, field, value, words):
     assert words in str(info.value)
 
 
-def test_report_validation_names_the_field(migrated, caps):
+def test_report_validation_names_the_field(migrated):
     _, after, record = migrated
-    phases = dict.fromkeys(("receive_ns", "validate_ns", "restore_ns", "first_entry_ns",
-                            "close_ns", "migrate_realtime_ns", "commit_realtime_ns"), 1)
-    good = {"after": after.to_plain(), "restore_record": record.to_plain(), "phases": phases,
-            "capabilities": caps.to_plain()}
-    asked = (record.strategy, record.source_capture_realtime_ns)
-    assert _validate_report(good, *asked)[0] == after               # negative control
-    relabelled = {**good, "restore_record": {**record.to_plain(),
+    good = DestinationReport(after, record, PHASES).to_plain()
+    asked = Strategy.parse_exact(record.strategy)
+    assert _validate_report(good, asked).after == after               # negative control
+    relabelled = {**good, "restore_record": {**good["restore_record"],
                                              "strategy": "clock=plain,tsc=none,runstate=off"}}
-    for bad, words in (({**good, "phases": {**phases, "restore_ns": -1}}, "report.phases"),
-                       ({**good, "after": {}}, "report.after"),
-                       ({**good, "x": 1}, "exactly"),
-                       ({**good, "capabilities": {**caps.to_plain(), "tsc_khz": "1"}},
-                        "report.capabilities.tsc_khz"),
+    for bad, words in (({**good, "phases": {**good["phases"], "close_ns": -1}},
+                        "report.phases.close_ns: -1 outside"),
+                       ({**good, "after": {}}, "report.after.sequence: missing"),
+                       ({**good, "x": 1}, "report.x: unexpected field"),
                        (relabelled, "but 'clock=realtime"),
-                       ({**good, "restore_record": {**record.to_plain(),
-                                                    "source_capture_realtime_ns": 1}},
-                        "not the capture")):
+                       ({**good, "restore_record": {**good["restore_record"],
+                                                    "strategy": "clock=sundial"}},
+                        "report.restore_record.strategy")):
         with pytest.raises(PeerReportError) as info:
-            _validate_report(bad, *asked)
+            _validate_report(bad, asked)
         assert words in str(info.value)
+
+
+def test_report_says_each_fact_once(migrated, caps):
+    """What the REPORT used to repeat is refused now, and each fact has one home: the
+    destination's capabilities (its HELLO's), the first entry (the after snapshot's
+    bracket), restore()'s duration (the record's) and the capture instant (the source's)."""
+    _, after, record = migrated
+    good = DestinationReport(after, record, PHASES).to_plain()
+    _validate_report(good, Strategy.parse_exact(record.strategy))     # negative control
+    for bad, words in (({**good, "capabilities": caps.to_plain()}, "report.capabilities"),
+                       ({**good, "phases": {**good["phases"], "restore_ns": 1}},
+                        "report.phases.restore_ns: unexpected"),
+                       ({**good, "phases": {**good["phases"], "first_entry_ns": 1}},
+                        "report.phases.first_entry_ns: unexpected"),
+                       ({**good, "restore_record": {**good["restore_record"],
+                                                    "source_capture_realtime_ns": 1}},
+                        "report.restore_record.source_capture_realtime_ns: unexpected")):
+        with pytest.raises(PeerReportError, match=words):
+            _validate_report(bad, Strategy.parse_exact(record.strategy))
+    assert after.host_run_ns > 0 and after.host_entry_realtime_ns > 0
 
 
 def test_check_host_refuses_only_what_the_host_lacks(caps):

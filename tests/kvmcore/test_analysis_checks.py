@@ -10,7 +10,8 @@ import pytest
 from kvm_helpers import migrate
 
 from kvmcore import Strategy, analyse, xen
-from kvmcore.analysis import CHECK_NAMES, NO_XEN
+from kvmcore.analysis import (CHECK_NAMES, DEFAULT_SLACK_NS, DEFAULT_SLACK_PPM, HOST_BRACKET_RULE,
+                             NO_XEN)
 
 
 @pytest.fixture
@@ -46,14 +47,14 @@ def test_kvmclock_check_compares_the_same_two_reports_and_prints_ms(migration):
 def as_xen(m, runnable_ns: int, *, open_ns: int = 100_000):
     """The same migration as if the guest had Xen runstate with ``runnable_ns`` accounted."""
     entry = m.state.clock["clock"] - open_ns
-    rs = {"state": xen.RUNSTATE_RUNNABLE, "state_entry_time": entry, "time_running": entry,
-          "time_runnable": 0, "time_blocked": 0, "time_offline": 0}
-    state = dataclasses.replace(m.state, xen={"runstate": rs})
+    rs = xen.Runstate(state=xen.RUNSTATE_RUNNABLE, state_entry_time=entry, time_running=entry,
+                      time_runnable=0, time_blocked=0, time_offline=0)
+    state = dataclasses.replace(m.state, runstate=rs)
     strategy = Strategy.parse(m.record.strategy)
     record = dataclasses.replace(m.record, strategy=str(dataclasses.replace(
         strategy, runstate="kernel")))
-    before = dataclasses.replace(m.before, runstate=(1, 0, 0, 0, 0, 0))
-    after = dataclasses.replace(m.after, runstate=(0, 0, 0, runnable_ns, 0, 0))
+    before = dataclasses.replace(m.before, runstate=xen.Runstate(1, 0, 0, 0, 0, 0))
+    after = dataclasses.replace(m.after, runstate=xen.Runstate(0, 0, 0, runnable_ns, 0, 0))
     return analyse(before, after, state, record, requested_gap_ns=10_000_000)
 
 
@@ -72,7 +73,7 @@ def test_runnable_window_passes_the_gap_and_fails_a_hidden_one(migration):
     assert hidden["xen_runnable_in_window"].failed
     assert hidden["seed_runnable"].ok is True
     assert "outside" in hidden["xen_runnable_in_window"].detail
-    lo, hi = xen.runnable_window(gap, m.record.first_entry_ns, 100_000)
+    lo, hi = xen.runnable_window(gap, m.after.host_run_ns, 100_000)
     assert (good["xen_runnable_in_window"].lo_ns, good["xen_runnable_in_window"].hi_ns) == (lo, hi)
 
 
@@ -85,3 +86,8 @@ def test_tsc_check_is_shown_but_does_not_decide_when_the_tsc_is_not_restored(mig
                                                                                 tsc=tsc)))
         check = analyse(m.before, wrong, m.state, record).checks["tsc_follows_gap"]
         assert check.ok is False and check.failed is decides
+
+
+def test_the_stated_host_bracket_rule_is_the_one_the_checks_use():
+    """Reports state the bound (report ``bound.detail``) from the analysis's own figures."""
+    assert f"+- {DEFAULT_SLACK_NS // 1000} us + {DEFAULT_SLACK_PPM} ppm" in HOST_BRACKET_RULE

@@ -95,7 +95,9 @@ def test_xen_guest_runs_with_the_capability(kvm, caps):
     with Guest.create(kvm, GuestConfig(xen=True)) as g:
         s = g.run_until_snapshot()
         s = g.run_until_snapshot()
-    assert s.runstate[1] == sum(s.runstate[2:])   # entry time = sum of the times
+    rs = s.runstate                                 # entry time = sum of the times
+    assert rs.state_entry_time == (rs.time_running + rs.time_runnable + rs.time_blocked
+                                   + rs.time_offline)
 
 
 def test_xen_guest_needs_the_capability(kvm, caps):

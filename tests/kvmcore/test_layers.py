@@ -18,7 +18,7 @@ LAYERS = [
     {"_kvm", "_build", "errors", "deadline", "_ioctl", "_schema", "_layout", "xen"},
     {"vcpu", "vm", "system"},
     {"memory", "snapshot", "guest"},
-    {"state", "strategy", "migrate"},
+    {"state", "strategy", "report_doc", "migrate"},
     {"caps"},
     {"analysis"},
     {"__init__", "__main__"},

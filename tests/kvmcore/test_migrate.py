@@ -117,7 +117,7 @@ def test_unsupported_strategy_fails_before_a_vm_exists(kvm, caps):
         elif text == "runstate=kernel":      # a host with Xen, a guest without
             with pytest.raises(StateError) as info:
                 strategy.check(caps, state)
-            assert info.value.field == "xen"
+            assert info.value.field == "runstate"
         else:
             assert strategy.check(caps, state).strategy == strategy
     # runstate=kernel is refused on every host for this non-Xen guest (control: the
@@ -126,3 +126,23 @@ def test_unsupported_strategy_fails_before_a_vm_exists(kvm, caps):
         Strategy.parse("runstate=kernel", base=Strategy.best(caps)).check(caps, state)
     assert Strategy.best(caps, state).check(caps, state).state is state
     assert open_fds() == fds
+
+
+def test_restore_makes_the_record_and_the_guest_only_runs(kvm, caps):
+    """restore() writes the RestoreRecord; running the guest leaves it as it was (the first
+    entry is the first Snapshot's host bracket, not a stamp in the record)."""
+    with Guest.create(kvm, GuestConfig()) as g:
+        before = g.run_until_snapshot()
+        state = capture(g)
+    with restore(kvm, Strategy.best(caps, state).check(caps, state), g.memory) as g2:
+        record = dataclasses.replace(g2.restore_record)     # a copy, before any run
+        assert g2.restore_record is not None and record.restore_ns > 0
+        first = g2.run_until_snapshot()
+        second = g2.run_until_snapshot()
+        assert g2.restore_record == record
+    g.memory.close()
+    assert first.sequence == before.sequence + 1
+    assert 0 < first.host_run_ns and first.host_entry_realtime_ns > state.capture_realtime_ns
+    assert second.host_entry_realtime_ns >= first.host_realtime_ns   # brackets do not overlap
+    a = analyse(before, first, state, record)
+    assert a.wall_gap.value_ns == first.host_entry_realtime_ns - state.capture_realtime_ns

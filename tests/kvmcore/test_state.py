@@ -9,6 +9,7 @@ import pytest
 from common_helpers import open_fds
 
 from kvmcore import Guest, GuestConfig, GuestMemory, StateError, Strategy, VmState, capture, restore
+from kvmcore import xen
 from kvmcore.state import FORMAT_VERSION
 
 
@@ -131,3 +132,46 @@ def test_negative_control_the_unchanged_state_passes(captured):
         for key in path.split("."):
             node = node[key]
         VmState.from_plain(corrupt(plain, path, node))
+
+
+RUNSTATE = {"state": 1, "state_entry_time": 60, "time_running": 30, "time_runnable": 20,
+            "time_blocked": 10, "time_offline": 0}
+
+
+def test_the_runstate_travels_as_its_typed_value(captured):
+    """A Xen guest's runstate is an xen.Runstate on both sides of the wire, its fields by
+    name (no xen wrapper, no tuple); a bad field is named down to the runstate's field."""
+    plain, memory = fresh(captured)
+    memory.close()
+    xen_plain = {**plain, "runstate": dict(RUNSTATE)}
+    state = VmState.from_plain(xen_plain)
+    assert state.runstate == xen.Runstate(**RUNSTATE)
+    assert state.to_plain() == xen_plain
+    assert VmState.from_plain(plain).runstate is None               # control: a non-Xen guest
+    for change, field in ((dict(path="runstate.time_runnable", value=-1),
+                           "state.runstate.time_runnable"),
+                          (dict(path="runstate.state", delete=True), "state.runstate.state"),
+                          (dict(path="runstate.state", value=1 << 32), "state.runstate.state"),
+                          (dict(path="runstate.extra", value=0), "state.runstate.extra")):
+        with pytest.raises(StateError) as info:
+            VmState.from_plain(corrupt(xen_plain, **change))
+        assert info.value.field == field, str(info.value)
+    with pytest.raises(StateError, match="'state.xen': unexpected field"):     # version 2's form
+        VmState.from_plain({**plain, "xen": {"runstate": dict(RUNSTATE)}})
+
+
+def test_the_capture_instant_is_kept_once(kvm):
+    """clock.realtime is the capture instant; version 2 repeated it as capture_realtime_ns.
+    The capture's timings stay at the source: no destination reads them."""
+    with Guest.create(kvm, GuestConfig()) as g:
+        g.run_until_snapshot()
+        captured = capture(g)
+    g.memory.close()
+    plain = captured.to_plain()
+    state = VmState.from_plain(plain)
+    assert state.capture_realtime_ns == plain["clock"]["realtime"] > 0
+    assert 0 < captured.timings["before_clock"] <= captured.timings["capture"]
+    assert "timings" not in plain and state.timings == {}
+    for extra in ("capture_realtime_ns", "timings"):
+        with pytest.raises(StateError, match=f"'state.{extra}': unexpected field"):
+            VmState.from_plain({**plain, extra: {} if extra == "timings" else 1})

@@ -13,6 +13,7 @@ import pytest
 
 from kvmcore import (Guest, GuestConfig, StateError, Strategy, StrategyError, System,
                      Unsupported, capture)
+from kvmcore import xen
 
 # Everything a host can offer, then each capability's removal and the choices that
 # removal (and only it) makes unsupported, with the words of the refusal.
@@ -95,14 +96,14 @@ def test_check_names_the_state_field_a_choice_needs(full, captured_state):
     state = captured_state
     Strategy("realtime", "none", "off").check(full, state)          # control
     for strategy, field in ((Strategy("guest", "none", "off"), "clock_guest"),
-                            (Strategy("plain", "none", "kernel"), "xen")):
-        stripped = dataclasses.replace(state, clock_guest=None, xen=None)
+                            (Strategy("plain", "none", "kernel"), "runstate")):
+        stripped = dataclasses.replace(state, clock_guest=None, runstate=None)
         with pytest.raises(StateError, match=field):
             strategy.check(full, stripped)
     no_realtime = dataclasses.replace(state, clock={**state.clock, "flags": 0})
     with pytest.raises(StateError, match="clock.flags"):
         Strategy("realtime", "none", "off").check(full, no_realtime)
     # A Xen guest needs a Xen host whatever the runstate choice.
-    xen_guest = dataclasses.replace(state, xen={"runstate": {}})
+    xen_guest = dataclasses.replace(state, runstate=xen.Runstate(0, 0, 0, 0, 0, 0))
     with pytest.raises(Unsupported, match="KVM_CAP_XEN_HVM"):
         Strategy("plain", "none", "off").check(dataclasses.replace(full, xen_hvm=[]), xen_guest)

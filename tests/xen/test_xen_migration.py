@@ -57,28 +57,28 @@ def test_seed_flow_in_process() -> None:
             for _ in range(3):
                 before = g.run_until_snapshot()
             state = capture(g)
-        assert state.xen is not None
-        captured = state.xen["runstate"]
-        open_ns = state.clock["clock"] - captured["state_entry_time"]
-        assert captured["state"] == xen.RUNSTATE_RUNNABLE      # closed at capture
+        captured = state.runstate
+        assert captured is not None
+        open_ns = state.clock["clock"] - captured.state_entry_time
+        assert captured.state == xen.RUNSTATE_RUNNABLE      # closed at capture
         assert 0 <= open_ns < OPEN_LIMIT_NS
         time.sleep(GAP_S)
         with restore(kvm, HEADLINE.check(caps, state), g.memory) as g2:
             after = g2.run_until_snapshot()
         record = g2.restore_record
-    assert record is not None and record.first_entry_ns is not None
-    assert record.runstate_restored == dict(captured, state=xen.RUNSTATE_RUNNABLE)
+    assert record is not None
+    assert record.runstate_restored == dataclasses.replace(captured, state=xen.RUNSTATE_RUNNABLE)
     assert record.tsc_offset_applied == record.tsc_offset_requested   # applies under nested SVM
     a = analyse(before, after, state, record, requested_gap_ns=GAP_NS,
                 runnable_slack_ppm=LANE_SLACK_PPM)
     delta, gap = a.xen_runnable_delta.value_ns, a.wall_gap.value_ns
     assert delta is not None and gap is not None
-    lo, hi = xen.runnable_window(gap, record.first_entry_ns, open_ns, slack_ppm=LANE_SLACK_PPM)
+    lo, hi = xen.runnable_window(gap, after.host_run_ns, open_ns, slack_ppm=LANE_SLACK_PPM)
     window = a.checks["xen_runnable_in_window"]
     assert (window.ok, window.lo_ns, window.hi_ns) == (True, lo, hi), window
     print(f"in-process: runnable delta {ms(delta)} ms, wall gap {ms(gap)} ms, window "
           f"[{ms(lo)}, {ms(hi)}] ms, open {ms(open_ns)} ms, first entry "
-          f"{ms(record.first_entry_ns)} ms")
+          f"{ms(after.host_run_ns)} ms")
     assert a.checks["seed_runnable"].ok is True
     assert lo <= delta <= hi
     assert all(c.ok for c in a.checks.values()), a.checks
@@ -87,16 +87,16 @@ def test_seed_flow_in_process() -> None:
 def check_agents_migration(m: Migration, label: str) -> dict:
     """The composed report's verdicts and the runnable window, from the source's own state."""
     report = compose(m, run_id="lane", started_ns=time.time_ns(), command=label)
-    state, a, record = m.source.state, m.analysis, m.record
-    assert state.xen is not None and record.first_entry_ns is not None
-    assert state.xen["runstate"]["state"] == xen.RUNSTATE_RUNNABLE          # closed at capture
+    state, a, record = m.source.state, m.analysis, m.destination.restore_record
+    assert state.runstate is not None
+    assert state.runstate.state == xen.RUNSTATE_RUNNABLE          # closed at capture
     assert record.runstate_restored is not None
-    assert record.runstate_restored["state"] == xen.RUNSTATE_RUNNABLE
-    open_ns = state.clock["clock"] - state.xen["runstate"]["state_entry_time"]
+    assert record.runstate_restored.state == xen.RUNSTATE_RUNNABLE
+    open_ns = state.clock["clock"] - state.runstate.state_entry_time
     delta, gap = a.xen_runnable_delta.value_ns, a.wall_gap.value_ns
     assert delta is not None and gap is not None
     uncertainty = round(m.clock.uncertainty_ns)
-    lo, hi = xen.runnable_window(gap, record.first_entry_ns, open_ns, uncertainty,
+    lo, hi = xen.runnable_window(gap, m.destination.after.host_run_ns, open_ns, uncertainty,
                                  LANE_SLACK_PPM)
     print(f"{label}: clock-sync RTT {ms(round(m.clock.rtt_ns))} ms (+-{ms(uncertainty)} ms), "
           f"runnable delta {ms(delta)} ms, wall gap {ms(gap)} ms, window [{ms(lo)}, {ms(hi)}] ms, "

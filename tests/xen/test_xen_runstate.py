@@ -50,7 +50,7 @@ def test_times_sum_to_entry_time(kvm) -> None:
                 assert rs.state == state
             snap = g.run_until_snapshot()
             rs = runstate(g)
-            area = xen.Runstate(*snap.runstate)
+            area = snap.runstate
             assert sum_ok(rs), rs
             assert sum_ok(area), area
             # Running since this KVM_RUN's entry (runnable only if the thread was preempted
@@ -175,7 +175,7 @@ def test_kvmclock_stepping_back_behind_the_entry_time(kvm) -> None:
         g.vm.set_clock(now - step)
         g.vcpu.xen_set_attr(xen.vcpu_attr_runstate_current(xen.RUNSTATE_BLOCKED))
         after = runstate(g)
-        area = xen.Runstate(*g.run_until_snapshot().runstate)
+        area = g.run_until_snapshot().runstate
     delta = (after.time_runnable - before.time_runnable + (1 << 63)) % (1 << 64) - (1 << 63)
     fixed = after.time_runnable == before.time_runnable and \
         after.state_entry_time == before.state_entry_time
