@@ -72,3 +72,11 @@ def test_build_failure_names_the_step_and_keeps_the_log(kvm_modules: ModuleType,
     assert "at step 'build'" in str(e.value) and str(build.log) in str(e.value)
     log = build.log.read_text()
     assert "== step patch" in log and "applied" in log and "error: boom" in log
+
+
+def test_lane_flag(lane_tool: ModuleType, capsys: pytest.CaptureFixture[str]) -> None:
+    assert lane_tool.parse_args(["--clock-guest"]).clock_guest is True
+    assert lane_tool.parse_args([]).clock_guest is False  # control: Debian's own modules
+    with pytest.raises(SystemExit):  # the modules are built for the Debian kernel only
+        lane_tool.parse_args(["--clock-guest", "--kernel", "bzImage"])
+    assert "not with --kernel" in capsys.readouterr().err

@@ -16,6 +16,7 @@ import pytest
 from xen_lane_probe import in_lane
 
 from kvmcore import Guest, GuestConfig, KvmIoctlError, System, probe
+from kvmcore._kvm import lib
 from kvmcore._schema import plain_to_struct, struct_to_plain
 from kvmcore.snapshot import pvclock_ns
 
@@ -63,7 +64,7 @@ def kvm() -> Iterator[System]:
 def guest(kvm: System) -> Iterator[Guest]:
     """A guest that has run with kvmclock on (the master clock is then in use)."""
     with Guest.create(kvm, GuestConfig()) as g:
-        g.run_until_snapshot(timeout=10)
+        g.run_until_snapshot()
         yield g
 
 
@@ -110,13 +111,16 @@ def test_get_returns_the_vcpus_record(guest: Guest) -> None:
 def test_get_einval_without_the_master_clock(guest: Guest) -> None:
     """A second vCPU whose TSC matches the first keeps the master clock (control: GET works on it);
     moving its TSC offset by 2^40 ends TSC matching, so the master clock and GET (EINVAL)."""
-    with guest.vm.create_vcpu(1) as second:
+    second = guest.vm.create_vcpu(1)
+    try:
         assert second.get_clock_guest().flags & 1  # control
         second.set_tsc_offset(guest.vcpu.get_tsc_offset() + (1 << 40))
         with pytest.raises(KvmIoctlError) as e:
             second.get_clock_guest()
         assert e.value.errno == errno.EINVAL, e.value
-        assert not guest.vm.get_clock().flags & 0x4  # KVM_CLOCK_HOST_TSC: master clock off
+        assert not guest.vm.get_clock().flags & lib.KVM_CLOCK_HOST_TSC  # master clock off
+    finally:
+        second.close()
 
 
 @needs_clock_guest
@@ -165,7 +169,7 @@ def round_trip_error(guest: Guest, shift_ns: int) -> tuple[int, int]:
     rec = get(guest)
     set_(guest, rec | {"system_time": rec["system_time"] + shift_ns})
     rec2 = get(guest)
-    snap = guest.run_until_snapshot(timeout=10)
+    snap = guest.run_until_snapshot()
     probe_tsc = rec2["tsc_timestamp"] + 10**9
     return snap.kvmclock_ns - ns_at(rec, snap.tsc), ns_at(rec2, probe_tsc) - ns_at(rec, probe_tsc)
 
