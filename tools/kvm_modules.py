@@ -36,6 +36,16 @@ CONFIG_BUILD_ONLY = {"CONFIG_BUILD_SALT", "CONFIG_MODULE_SIG_ALL", "CONFIG_MODUL
                      "CONFIG_SYSTEM_TRUSTED_KEYS"}
 
 
+# What the build runs, and the Debian package that has it (the headers' compiler is gcc-12).
+TOOLS = {"make": "make", "patch": "patch", "pahole": "dwarves", "x86_64-linux-gnu-gcc-12": "gcc-12",
+         "dpkg-deb": "dpkg", "tar": "tar", "xz": "xz-utils", "modinfo": "kmod"}
+
+
+def missing_tools(which=shutil.which) -> list[str]:
+    """The Debian packages to install for the programs the build needs and this host lacks."""
+    return sorted({package for program, package in TOOLS.items() if which(program) is None})
+
+
 def packages(release: str) -> list[str]:
     """The source and the three headers packages of kernel RELEASE (e.g. 6.12.95+deb12-amd64)."""
     base = release.removesuffix("-amd64")
@@ -99,6 +109,10 @@ def clock_guest_kernel(kernel, root: Path, lane: ModuleType):
     if cached(dest, lane):
         lane.progress(f"clock-guest modules: cached ({dest.name})")
         return dataclasses.replace(kernel, modules_dir=dest, label=f"{label} (cached {key})")
+    need = missing_tools()
+    if need:
+        raise lane.LaneError("clock-guest module build failed at step 'tools': install "
+                             + " ".join(need), lane.EXIT_USAGE)
     top.mkdir(parents=True, exist_ok=True)
     build = Build(top / f"build-{key}.log", lane)
     build.log.write_text(f"clock-guest module build {key}: {version} {release}, patch "

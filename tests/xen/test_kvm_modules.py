@@ -3,6 +3,7 @@ control. Fast, every host; the build itself runs with `./dev lane --clock-guest`
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -80,3 +81,22 @@ def test_lane_flag(lane_tool: ModuleType, capsys: pytest.CaptureFixture[str]) ->
     with pytest.raises(SystemExit):  # the modules are built for the Debian kernel only
         lane_tool.parse_args(["--clock-guest", "--kernel", "bzImage"])
     assert "not with --kernel" in capsys.readouterr().err
+
+
+def test_missing_tools_names_the_packages(kvm_modules: ModuleType) -> None:
+    assert kvm_modules.missing_tools(lambda program: f"/usr/bin/{program}") == []  # control
+    absent = {"pahole", "x86_64-linux-gnu-gcc-12"}
+    found = kvm_modules.missing_tools(lambda p: None if p in absent else f"/usr/bin/{p}")
+    assert found == ["dwarves", "gcc-12"]
+
+
+def test_cached_modules_are_checked_against_their_manifest(kvm_modules: ModuleType,
+                                                           lane_tool: ModuleType,
+                                                           tmp_path: Path) -> None:
+    (tmp_path / "kvm.ko").write_bytes(b"module")
+    (tmp_path / "manifest.json").write_text(json.dumps(
+        {"files": {"kvm.ko": lane_tool.sha256_file(tmp_path / "kvm.ko")}}))
+    assert kvm_modules.cached(tmp_path, lane_tool)
+    (tmp_path / "kvm.ko").write_bytes(b"modulf")  # negative control: a changed file rebuilds
+    assert not kvm_modules.cached(tmp_path, lane_tool)
+    assert not kvm_modules.cached(tmp_path / "absent", lane_tool)

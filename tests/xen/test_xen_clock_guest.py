@@ -110,15 +110,22 @@ def test_get_returns_the_vcpus_record(guest: Guest) -> None:
 @needs_clock_guest
 def test_get_einval_without_the_master_clock(guest: Guest) -> None:
     """A second vCPU whose TSC matches the first keeps the master clock (control: GET works on it);
-    moving its TSC offset by 2^40 ends TSC matching, so the master clock and GET (EINVAL)."""
+    moving its TSC offset by 2^40 ends TSC matching, so the master clock: GET and SET are EINVAL."""
+    rec = get(guest)
     second = guest.vm.create_vcpu(1)
     try:
-        assert second.get_clock_guest().flags & 1  # control
+        assert second.get_clock_guest().flags & 1  # controls: GET, and SET of the first's record
+        second.set_clock_guest(plain_to_struct(PVTI, rec))
         second.set_tsc_offset(guest.vcpu.get_tsc_offset() + (1 << 40))
         with pytest.raises(KvmIoctlError) as e:
             second.get_clock_guest()
         assert e.value.errno == errno.EINVAL, e.value
         assert not guest.vm.get_clock().flags & lib.KVM_CLOCK_HOST_TSC  # master clock off
+        # SET too: without the master clock the record is not the VM's kvmclock (the guest TSC is
+        # now 2^40 ticks further ahead of the record, so the TSC rule cannot be what refuses it).
+        with pytest.raises(KvmIoctlError) as e:
+            second.set_clock_guest(plain_to_struct(PVTI, rec))
+        assert e.value.errno == errno.EINVAL, e.value
     finally:
         second.close()
 
