@@ -159,6 +159,9 @@ def clock_guest_kernel(kernel, root: Path, lane: ModuleType):
             "compile_s": round(compile_s, 1), "files": files}, indent=1))
         shutil.rmtree(dest, ignore_errors=True)
         staged.rename(dest)
+        for old in top.glob("modules-*"):  # builds of an older patch or source: never used again
+            if old != dest:
+                shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     lane.progress(f"clock-guest modules built in {time.monotonic() - t0:.1f} s (compiling "
