@@ -124,14 +124,17 @@ def _probe_clock_guest(g: Guest, master_clock: bool) -> tuple[bool | None, str]:
     """On x86 an unknown vCPU ioctl is EINVAL, and so is GET_CLOCK_GUEST without the
     master clock: the answer means "absent" only on a vCPU that ran with kvmclock while
     KVM_GET_CLOCK reports TSC_STABLE."""
+    numbers = (f"KVM_GET_CLOCK_GUEST {lib.KVM_GET_CLOCK_GUEST:#x}, "
+               f"KVM_SET_CLOCK_GUEST {lib.KVM_SET_CLOCK_GUEST:#x}")
     try:
         g.vcpu.get_clock_guest()
     except KvmIoctlError as e:
         name = errno.errorcode.get(e.errno, str(e.errno))
         if e.errno in (errno.EINVAL, errno.ENOTTY) and master_clock:
-            return False, f"KVM_GET_CLOCK_GUEST: {name} with the master clock on"
-        return None, f"KVM_GET_CLOCK_GUEST: {name}, master clock {'on' if master_clock else 'off'}"
-    return True, "KVM_GET_CLOCK_GUEST returned the vCPU's pvclock"
+            return False, f"KVM_GET_CLOCK_GUEST: {name} with the master clock on ({numbers})"
+        return None, (f"KVM_GET_CLOCK_GUEST: {name}, master clock "
+                      f"{'on' if master_clock else 'off'} ({numbers})")
+    return True, f"KVM_GET_CLOCK_GUEST returned the vCPU's pvclock ({numbers})"
 
 
 def _probe_tsc_offset(g: Guest, tsc_before: int) -> tuple[bool, str]:

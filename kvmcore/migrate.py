@@ -110,7 +110,13 @@ def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
         _restore_registers(guest, state, strategy)
         t2 = time.perf_counter_ns()
         if strategy.clock == "guest":
-            # kvmclock is then a function of guest TSC: the TSC must be in place first.
+            # kvmclock is then a function of guest TSC: the TSC must be in place first. Its
+            # offset needs the master clock's host TSC, which 6.12 has only after a KVM_SET_CLOCK
+            # or the first KVM_RUN (the v6 series turns it on at vCPU creation): so first
+            # KVM_SET_CLOCK with REALTIME, as the series' own flow does; SET_CLOCK_GUEST then
+            # sets the kvmclock from the guest TSC alone (docs/clock-guest.md).
+            guest.vm.set_clock(state.clock["clock"], lib.KVM_CLOCK_REALTIME,
+                               state.clock["realtime"])
             _restore_tsc(guest, state, strategy, record)
             guest.vcpu.set_clock_guest(plain_to_struct("struct pvclock_vcpu_time_info",
                                                        state.clock_guest))
@@ -161,7 +167,7 @@ def _restore_tsc(guest: Guest, state: VmState, strategy: Strategy,
     and (tsc_dst, guest_dst) from KVM_GET_CLOCK here,
         ofs_dst = ofs_src + (guest_dst - guest_src) * freq + (tsc_src - tsc_dst),
     i.e. the guest TSC advances exactly as the (restored) kvmclock did. With
-    clock=guest the kvmclock is not set yet, so CLOCK_REALTIME measures the gap."""
+    clock=guest, CLOCK_REALTIME measures the gap."""
     if strategy.tsc != "offset":
         return
     assert state.tsc_offset is not None

@@ -627,6 +627,13 @@ def run(args: argparse.Namespace) -> int:
         if kernel is None:
             kernel = fetch_debian_kernel(root)
         timings["fetch_s"] = round(time.monotonic() - t0, 2)
+        if args.clock_guest:  # the project's KVM_[GS]ET_CLOCK_GUEST modules (tools/kvm_modules.py)
+            sys.path.insert(0, str(HERE))
+            import kvm_modules
+            kernel = kvm_modules.clock_guest_kernel(kernel, root, sys.modules[__name__])
+            os.environ["KVM_TESTBED_CLOCK_GUEST"] = "patched"  # the tests expect clock_guest: true
+            timings["clock_guest_s"] = round(time.monotonic() - t0 - timings["fetch_s"], 2)
+            deadline += timings["clock_guest_s"]  # --timeout is the lane's; a build is not
     progress(f"kernel: {kernel.label}")
 
     results = args.results.resolve()
@@ -744,6 +751,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--modules", type=Path,
                         help="its modules directory (like /lib/modules/RELEASE; .ko or .ko.xz)")
     parser.add_argument("--config", type=Path, help="its .config (else looked for next to it)")
+    parser.add_argument("--clock-guest", action="store_true",
+                        help="load kvm/kvm-amd built with the project's KVM_[GS]ET_CLOCK_GUEST "
+                             "(tools/kvm_modules.py; built once, cached; docs/clock-guest.md)")
     parser.add_argument("--results", type=Path, default=REPO / "results" / "xen-lane",
                         help="read-write results directory (default: %(default)s)")
     parser.add_argument("--timeout", type=float, default=270,
@@ -757,6 +767,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.modules and not args.kernel:
         parser.error("--modules needs --kernel")
+    if args.clock_guest and args.kernel:
+        parser.error("--clock-guest builds modules for the Debian kernel: not with --kernel")
     args.command = command
     return args
 

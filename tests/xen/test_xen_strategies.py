@@ -13,7 +13,10 @@ Rules (arch/x86/kvm/xen.c, Documentation/virt/kvm/api.rst, docs/xen-lane.md):
   kvmclock does); tsc=adjust writes MSR_IA32_TSC_ADJUST from the host, which only stores the MSR
   (and the source's is 0 anyway), like tsc=none: the guest TSC restarts at the new vCPU's;
 - clock=guest (KVM_SET_CLOCK_GUEST, the seed's method with tsc=adjust) needs the unmerged series:
-  unsupported on this kernel unless it carries it.
+  unsupported on this kernel unless it carries it (`./dev lane --clock-guest` loads the project's
+  reference implementation). With it, tsc=adjust leaves the restored guest TSC behind the source
+  pvclock's tsc_timestamp, which SET_CLOCK_GUEST refuses (EINVAL); tsc=offset (the series' own
+  method) carries the TSC first, and the kvmclock follows it.
 """
 from __future__ import annotations
 
@@ -32,6 +35,7 @@ CASES = [
     ("clock=none,tsc=offset", False),
     ("clock=none,tsc=adjust", False),
     ("clock=guest,tsc=adjust", False),
+    ("clock=guest,tsc=offset", False),
     ("clock=realtime,tsc=offset", True),
 ]
 
@@ -41,10 +45,13 @@ def expected(strategy: Strategy, clock_guest: bool | None) -> tuple[dict[str, ob
     if strategy.clock == "guest" and not clock_guest:
         return {"outcome": "unsupported on this host"}, \
             "unsupported: KVM_SET_CLOCK_GUEST is not in this kernel (unmerged series)"
+    if strategy.clock == "guest" and strategy.tsc != "offset":
+        return {"outcome": "refused"}, \
+            "EINVAL on KVM_SET_CLOCK_GUEST: the restored guest TSC is behind the source's tsc_timestamp"
     if strategy.clock == "none":
         return {"outcome": "refused"}, \
             "EINVAL on RUNSTATE_DATA: the new VM's kvmclock is behind the captured entry time"
-    tsc_ok = strategy.tsc == "offset" and strategy.clock == "realtime"
+    tsc_ok = strategy.tsc == "offset" and strategy.clock in ("realtime", "guest")
     tsc_why = ("TSC offset follows the restored kvmclock" if strategy.tsc == "offset" else
                "TSC_ADJUST written by the host does not move the TSC: it restarts" if
                strategy.tsc == "adjust" else "the new vCPU's TSC restarts")
@@ -73,6 +80,8 @@ def test_strategy_table() -> None:
                 why += ("; seed capture: the open running period (open ms) is accounted as "
                         "runnable too")
             rows.append((row, why))
+            if strategy.clock == "guest" and got.get("outcome") == "refused":
+                assert "KVM_SET_CLOCK_GUEST" in row.outcome and "EINVAL" in row.outcome, row.outcome
             if got != want:
                 mismatches.append(f"{row.label}: expected {want}, got {got} ({row.outcome})")
             if row.outcome == "ok":
@@ -85,15 +94,17 @@ def test_strategy_table() -> None:
     # follows from the tsc=adjust rows: the restored guest TSC (at the first report, so at
     # most this at restore) is behind the source pvclock's tsc_timestamp, and the series'
     # KVM_SET_CLOCK_GUEST refuses exactly that with EINVAL (docs/xen-lane.md).
+    # With the ioctls present (`--clock-guest`) the clock=guest rows show it directly instead.
     for row, _ in rows:
-        if row.outcome == "ok" and row.strategy.tsc in ("adjust", "none"):
+        if not caps.clock_guest and row.outcome == "ok" and row.strategy.tsc in ("adjust", "none"):
             assert row.dest_tsc is not None and row.src_tsc_timestamp is not None
             assert row.dest_tsc < row.src_tsc_timestamp, row.label
     adjust = next(r for r, _ in rows if r.label == "clock=realtime,tsc=adjust")
-    rows = [(row, why + (f"; with the series: EINVAL predicted (restored guest TSC "
-                         f"{adjust.dest_tsc} < source tsc_timestamp {adjust.src_tsc_timestamp}, "
-                         "row 2)" if row.strategy.clock == "guest" and not caps.clock_guest
-                         else "")) for row, why in rows]
+    numbers = (f"restored guest TSC {adjust.dest_tsc} < source tsc_timestamp "
+               f"{adjust.src_tsc_timestamp}, row 2")
+    rows = [(row, why + ("" if row.strategy.clock != "guest" or row.strategy.tsc == "offset" else
+                         f"; with the series: EINVAL predicted ({numbers})" if not caps.clock_guest
+                         else f"; as predicted ({numbers})")) for row, why in rows]
     print(f"\nStrategy table: Xen guest, gap {GAP_S * 1e3:.0f} ms, runstate=kernel, "
           f"kernel {caps.kernel_release}, tsc_offset_applies={caps.tsc_offset_applies}, "
           f"clock_guest={caps.clock_guest}")
