@@ -50,7 +50,8 @@ def test_probe_reports_clock_guest() -> None:
 
 
 @pytest.fixture(scope="module")
-def kvm() -> Iterator[System]:
+def clock_guest_kvm() -> Iterator[System]:
+    """/dev/kvm with the patched modules (a skip naming the ioctl elsewhere), for the module."""
     with System() as kvm:
         caps = probe(kvm)
         if PATCHED:
@@ -61,9 +62,9 @@ def kvm() -> Iterator[System]:
 
 
 @pytest.fixture
-def guest(kvm: System) -> Iterator[Guest]:
+def guest(clock_guest_kvm: System) -> Iterator[Guest]:
     """A guest that has run with kvmclock on (the master clock is then in use)."""
-    with Guest.create(kvm, GuestConfig()) as g:
+    with Guest.create(clock_guest_kvm, GuestConfig()) as g:
         g.run_until_snapshot()
         yield g
 
