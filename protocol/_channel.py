@@ -49,6 +49,11 @@ from ._state import END_OF_STREAM, NEED_DATA
 
 __all__ = ["Channel"]
 
+#: `send_memory` writes MEMORY frames in batches of at most this many frames (3 iovecs
+#: each, under Linux's IOV_MAX of 1024) or, past this many data bytes, as soon as reached.
+_BATCH_FRAMES = 256
+_BATCH_BYTES = 1 << 20
+
 #: How long the best-effort ERROR of `Channel.send_error` may take.
 _ERROR_SEND_TIMEOUT = 1.0
 
@@ -170,8 +175,9 @@ class Channel:
         """Send ``memory`` (any contiguous buffer, e.g. guest RAM) after MIGRATE, then COMMIT.
 
         The chunks the session says are due -- every run of the MIGRATE, in
-        order -- each go to the stream with one ``writev`` straight from
-        ``memory`` (header, the slice itself, tag): no copy is made.  Returns
+        order -- go to the stream by ``writev`` straight from ``memory``
+        (header, the slice itself, tag; several small chunks per call): no
+        copy is made.  Returns
         the COMMIT sent.  However it ends, no view of ``memory`` made here or
         by the session outlives the call: the caller may unmap it.
         """
@@ -186,19 +192,31 @@ class Channel:
         if len(view) < progress[1]:
             raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {progress[1]}")
         self._io.grow_buffer("SO_SNDBUF")
-        chunk: MemoryChunk | None = None
+        chunks: list[MemoryChunk] = []
         try:
-            while (due := session.memory_due()) is not None:
-                offset, size = due
-                chunk = MemoryChunk(offset=offset, data=view[offset : offset + size])
-                await self._write(session.send_iov(chunk), chunk)
-                _release(chunk)
+            due = session.memory_due()
+            while due is not None:
+                # Small chunks (a dirty round's single pages) share a writev: one
+                # system call per batch, not per page.
+                pieces: list[bytes | memoryview] = []
+                batched = 0
+                while due is not None and len(chunks) < _BATCH_FRAMES and batched < _BATCH_BYTES:
+                    offset, size = due
+                    chunks.append(MemoryChunk(offset=offset, data=view[offset : offset + size]))
+                    pieces += session.send_iov(chunks[-1])
+                    batched += size
+                    due = session.memory_due()
+                await self._write(pieces, chunks[-1])
+                for chunk in chunks:
+                    _release(chunk)
+                chunks.clear()
         except BaseException as exc:
             session.fail(f"the memory stream was abandoned ({type(exc).__name__})")
             raise
         finally:
-            _release(chunk)
-            del chunk
+            for chunk in chunks:
+                _release(chunk)
+            chunks.clear()
             view.release()
         commit = session.make_commit()
         await self.send(commit)

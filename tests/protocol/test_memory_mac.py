@@ -260,3 +260,40 @@ async def test_send_memory_sends_the_runs_straight_into_the_destination(transpor
     for offset, length in runs:
         expected[offset : offset + length] = MEMORY[offset : offset + length]
     assert sink == expected and destination.session.state is State.REPORT
+
+
+async def test_small_runs_share_a_writev(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A dirty round's single pages: one system call per batch, not per page."""
+    import protocol._io
+
+    size = 128 * PAGE
+    memory = os.urandom(size)
+    runs = [(offset, PAGE) for offset in range(0, size, 2 * PAGE)]  # 64 single-page runs
+    a, b = trio.socket.socketpair()
+    source = Channel(trio.SocketStream(a), Session("source", PSK))
+    destination = Channel(trio.SocketStream(b), Session("destination", PSK))
+    sink = bytearray(size)
+    writes: list[int] = []
+    real = protocol._io.os.writev
+
+    def counting(fd: int, pieces: list[bytes | memoryview]) -> int:
+        writes.append(len(pieces))
+        return real(fd, pieces)
+
+    async def send() -> None:
+        await protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
+        await source.send(migrate(runs, size=size))
+        monkeypatch.setattr(protocol._io.os, "writev", counting)
+        await source.send_memory(memory)
+
+    async def receive() -> None:
+        await protocol.destination_handshake(destination, agent_version="d", capabilities={})
+        assert isinstance(await destination.receive(), protocol.Migrate)
+        await destination.receive_memory(sink)
+
+    async with source, destination, trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        nursery.start_soon(receive)
+    assert all(sink[o : o + n] == memory[o : o + n] for o, n in runs)
+    assert writes[0] == 3 * len(runs)  # the whole round in the first writev (control: 3 without batching)
+    assert len(writes) <= 1 + 4  # that, the COMMIT, and a few more if the socket took only part
