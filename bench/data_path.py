@@ -38,6 +38,8 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from protocol_common import timed_migration  # noqa: E402
+
 import protocol  # noqa: E402
 from protocol import Channel, MiB, Session  # noqa: E402
 from source_agent.netem import Link, open_relay  # noqa: E402
@@ -73,7 +75,6 @@ async def serve(pipe: Any, size: int) -> None:
             assert isinstance(migrate, protocol.Migrate)
             await channel.receive_memory(into)  # the COMMIT tag is checked here
             await channel.send(protocol.Report({"received": len(into)}))
-            await channel.receive()  # BYE
 
     async with trio.open_nursery() as nursery:
         listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
@@ -94,23 +95,10 @@ def raw_transfer(port: int, memory: memoryview) -> float:
 
 
 async def agents_transfer(port: int, memory: memoryview, relay: bool) -> float:
-    async def migrate(host: str, port: int) -> float:
-        channel = await protocol.open_channel(host, port, Session("source", PSK))
-        async with channel:
-            await protocol.source_handshake(channel, agent_version="bench", capabilities={}, clock_rounds=1)
-            start = time.perf_counter()
-            await channel.send(protocol.Migrate({}, "full", len(memory), CHUNK))
-            await channel.send_memory(memory)
-            report = await channel.receive()
-            elapsed = time.perf_counter() - start
-            await channel.bye()
-        assert isinstance(report, protocol.Report) and report.report == {"received": len(memory)}
-        return elapsed
-
     if not relay:
-        return await migrate("127.0.0.1", port)
+        return await timed_migration("127.0.0.1", port, PSK, memory, CHUNK)
     async with open_relay(("127.0.0.1", port), up=Link(), down=Link()) as hop:
-        return await migrate(*hop.address)
+        return await timed_migration(*hop.address, PSK, memory, CHUNK)
 
 
 def spread(values: list[float]) -> str:

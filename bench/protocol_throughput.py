@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from protocol_common import authenticated_pair  # noqa: E402
+from protocol_common import authenticated_pair, timed_migration  # noqa: E402
 
 import protocol  # noqa: E402
 from protocol import Channel, MiB, Session  # noqa: E402
@@ -101,19 +101,6 @@ def destination_process(port_pipe: Any, size: int, count: int) -> None:
     trio.run(serve_destinations, port_pipe, size, count)
 
 
-async def tcp_migration(port: int, memory: memoryview) -> float:
-    channel = await protocol.open_channel("127.0.0.1", port, Session("source", PSK))
-    async with channel:
-        await protocol.source_handshake(channel, agent_version="bench", capabilities={}, clock_rounds=1)
-        start = time.perf_counter()
-        await channel.send(protocol.Migrate({}, "full", len(memory), CHUNK))
-        await channel.send_memory(memory)
-        report = await channel.receive()
-        elapsed = time.perf_counter() - start
-    assert isinstance(report, protocol.Report) and report.report == {"received": len(memory)}
-    return elapsed
-
-
 def tcp_migrations(memory: memoryview, runs: int) -> list[float]:
     """Times of ``runs`` migrations to a destination agent in another process (sorted)."""
     receiver, sender = multiprocessing.Pipe(duplex=False)
@@ -123,7 +110,7 @@ def tcp_migrations(memory: memoryview, runs: int) -> list[float]:
     child.start()
     try:
         port = receiver.recv()
-        return sorted(trio.run(tcp_migration, port, memory) for _ in range(runs))
+        return sorted(trio.run(timed_migration, "127.0.0.1", port, PSK, memory, CHUNK) for _ in range(runs))
     finally:
         child.join(60)
 

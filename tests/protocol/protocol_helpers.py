@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 
+import trio
+import trio.testing
+
 import protocol
-from protocol import Session, State
+from protocol import Channel, Session, State
 
 PSK = b"a pre-shared key of 32 bytes...."
 MEMORY_SIZE = 5 * protocol.PAGE_SIZE
@@ -93,3 +96,24 @@ def forge(sender: Session, message: protocol.Message) -> bytes:
     length = len(body) + (16 if mac is not None else 0)
     tag = mac.tag(length, [maced]) if mac is not None else b""
     return LENGTH.pack(length) + body + tag
+
+
+async def connected(transport: str) -> tuple[Channel, Channel]:
+    """Two authenticated channels over ``transport``: "memory" (the generic stream path) or
+    "socket" (the fd path)."""
+    if transport == "memory":
+        left, right = trio.testing.memory_stream_pair()
+        streams: tuple[trio.abc.Stream, trio.abc.Stream] = (left, right)
+    else:
+        a, b = trio.socket.socketpair()
+        streams = (trio.SocketStream(a), trio.SocketStream(b))
+    source = Channel(streams[0], Session("source", PSK))
+    destination = Channel(streams[1], Session("destination", PSK))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
+        )
+        nursery.start_soon(
+            lambda: protocol.destination_handshake(destination, agent_version="d", capabilities={})
+        )
+    return source, destination

@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import hmac
 import os
+from typing import Any
 
 import pytest
 import trio
-import trio.testing
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-from protocol_helpers import PSK, STATE, authenticated, forge, transfer
+from protocol_helpers import PSK, STATE, authenticated, connected, forge, transfer
 
 import protocol
 from protocol import Channel, IntegrityError, LimitExceeded, LocalProtocolError, RemoteProtocolError, Session, State
@@ -230,32 +230,33 @@ def test_no_runs_is_stop_and_copy_all_of_memory_in_order() -> None:
     assert source.state is State.COMMIT
 
 
-@pytest.mark.parametrize("transport", ["memory", "socket"])
-async def test_send_memory_sends_the_runs_straight_into_the_destination(transport: str) -> None:
-    if transport == "memory":
-        left, right = trio.testing.memory_stream_pair()
-        streams: tuple[trio.abc.Stream, trio.abc.Stream] = (left, right)
-    else:
-        a, b = trio.socket.socketpair()
-        streams = (trio.SocketStream(a), trio.SocketStream(b))
-    source = Channel(streams[0], Session("source", PSK))
-    destination = Channel(streams[1], Session("destination", PSK))
-    runs = [(PAGE, 3 * PAGE), (5 * PAGE, 2 * PAGE)]
-    sink = bytearray(SIZE)
+async def stream_runs(
+    transport: str, runs: list[tuple[int, int]], memory: bytes, sink: bytearray, before_memory: Any = None
+) -> Channel:
+    """MIGRATE with ``runs``, then ``send_memory`` into ``receive_memory(sink)``; the destination."""
+    source, destination = await connected(transport)
 
     async def send() -> None:
-        await protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
-        await source.send(migrate(runs))
-        await source.send_memory(MEMORY)
+        await source.send(migrate(runs, size=len(memory)))
+        if before_memory is not None:
+            before_memory()
+        await source.send_memory(memory)
 
     async def receive() -> None:
-        await protocol.destination_handshake(destination, agent_version="d", capabilities={})
         assert isinstance(await destination.receive(), protocol.Migrate)
         await destination.receive_memory(sink)
 
     async with source, destination, trio.open_nursery() as nursery:
         nursery.start_soon(send)
         nursery.start_soon(receive)
+    return destination
+
+
+@pytest.mark.parametrize("transport", ["memory", "socket"])
+async def test_send_memory_sends_the_runs_straight_into_the_destination(transport: str) -> None:
+    runs = [(PAGE, 3 * PAGE), (5 * PAGE, 2 * PAGE)]
+    sink = bytearray(SIZE)
+    destination = await stream_runs(transport, runs, MEMORY, sink)
     expected = bytearray(SIZE)
     for offset, length in runs:
         expected[offset : offset + length] = MEMORY[offset : offset + length]
@@ -269,9 +270,6 @@ async def test_small_runs_share_a_writev(monkeypatch: pytest.MonkeyPatch) -> Non
     size = 128 * PAGE
     memory = os.urandom(size)
     runs = [(offset, PAGE) for offset in range(0, size, 2 * PAGE)]  # 64 single-page runs
-    a, b = trio.socket.socketpair()
-    source = Channel(trio.SocketStream(a), Session("source", PSK))
-    destination = Channel(trio.SocketStream(b), Session("destination", PSK))
     sink = bytearray(size)
     writes: list[int] = []
     real = protocol._io.os.writev
@@ -280,20 +278,7 @@ async def test_small_runs_share_a_writev(monkeypatch: pytest.MonkeyPatch) -> Non
         writes.append(len(pieces))
         return real(fd, pieces)
 
-    async def send() -> None:
-        await protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
-        await source.send(migrate(runs, size=size))
-        monkeypatch.setattr(protocol._io.os, "writev", counting)
-        await source.send_memory(memory)
-
-    async def receive() -> None:
-        await protocol.destination_handshake(destination, agent_version="d", capabilities={})
-        assert isinstance(await destination.receive(), protocol.Migrate)
-        await destination.receive_memory(sink)
-
-    async with source, destination, trio.open_nursery() as nursery:
-        nursery.start_soon(send)
-        nursery.start_soon(receive)
+    await stream_runs("socket", runs, memory, sink, lambda: monkeypatch.setattr(protocol._io.os, "writev", counting))
     assert all(sink[o : o + n] == memory[o : o + n] for o, n in runs)
     assert writes[0] == 3 * len(runs)  # the whole round in the first writev (control: 3 without batching)
     assert len(writes) <= 1 + 4  # that, the COMMIT, and a few more if the socket took only part

@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 import trio.testing
-from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, PSK, drive_to, forge
+from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, connected, drive_to, forge
 
 import protocol
-from protocol import Channel, ConnectionClosed, Session, State
+from protocol import Channel, ConnectionClosed, State
 
 CHUNK = 4 * 4096
 MEMORY = os.urandom(16 * CHUNK)
@@ -113,27 +113,6 @@ def test_fail_keeps_the_first_reason_and_allows_only_error() -> None:
 
 
 # -- the trio channel ------------------------------------------------------------
-
-
-async def connected(transport: str) -> tuple[Channel, Channel]:
-    """Two authenticated channels over ``transport``: "memory" (the generic stream path) or
-    "socket" (the fd path)."""
-    if transport == "memory":
-        left, right = trio.testing.memory_stream_pair()
-        streams: tuple[trio.abc.Stream, trio.abc.Stream] = (left, right)
-    else:
-        a, b = trio.socket.socketpair()
-        streams = (trio.SocketStream(a), trio.SocketStream(b))
-    source = Channel(streams[0], Session("source", PSK))
-    destination = Channel(streams[1], Session("destination", PSK))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
-        )
-        nursery.start_soon(
-            lambda: protocol.destination_handshake(destination, agent_version="d", capabilities={})
-        )
-    return source, destination
 
 
 async def receive_into_ram(channel: Channel, ram: mmap.mmap) -> protocol.Commit:
