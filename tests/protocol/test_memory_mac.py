@@ -282,3 +282,69 @@ async def test_small_runs_share_a_writev(monkeypatch: pytest.MonkeyPatch) -> Non
     assert all(sink[o : o + n] == memory[o : o + n] for o, n in runs)
     assert writes[0] == 3 * len(runs)  # the whole round in the first writev (control: 3 without batching)
     assert len(writes) <= 1 + 4  # that, the COMMIT, and a few more if the socket took only part
+
+
+class FlipOneBit(trio.abc.Stream):
+    """On the path: flips one bit in the first write of exactly ``size`` bytes (a chunk's data)."""
+
+    def __init__(self, inner: trio.abc.Stream, size: int) -> None:
+        self.inner, self.size, self.flipped = inner, size, False
+
+    async def send_all(self, data: Any) -> None:
+        if not self.flipped and len(data) == self.size:
+            data = bytearray(data)
+            data[len(data) // 2] ^= 0x10
+            self.flipped = True
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def migrate_through(size: int) -> tuple[list[str], BaseException | None, BaseException | None]:
+    """A migration whose path flips a bit in a ``size``-byte write: what the destination did
+    (received, restored), and what each side raised."""
+    source, destination = await connected("memory")
+    source.stream = FlipOneBit(source.stream, size)
+    done: list[str] = []
+    raised: dict[str, BaseException | None] = {"source": None, "destination": None}
+
+    async def send() -> None:
+        try:
+            await source.send(migrate())
+            await source.send_memory(MEMORY)
+            assert isinstance(await source.receive(), protocol.Report)
+        except protocol.ProtocolError as exc:
+            raised["source"] = exc
+
+    async def receive() -> None:
+        try:
+            assert isinstance(await destination.receive(), protocol.Migrate)
+            await destination.receive_memory(bytearray(SIZE))
+            done.append("restored")  # what an agent would do next: only with the tag checked
+            await destination.send(protocol.Report({}))
+        except protocol.ProtocolError as exc:
+            raised["destination"] = exc
+
+    async with source, destination, trio.open_nursery() as nursery:
+        nursery.start_soon(send)
+        nursery.start_soon(receive)
+    return done, raised["source"], raised["destination"]
+
+
+async def test_a_bit_flipped_on_the_path_stops_the_destination_before_it_restores() -> None:
+    done, at_source, at_destination = await migrate_through(CHUNK)
+    assert done == []
+    assert isinstance(at_destination, IntegrityError)
+    assert isinstance(at_source, protocol.PeerError) and at_source.code == "integrity"
+
+
+async def test_path_control_an_honest_path_restores() -> None:
+    done, at_source, at_destination = await migrate_through(-1)
+    assert (done, at_source, at_destination) == (["restored"], None, None)
