@@ -1,6 +1,6 @@
 """The data path side by side: raw socket, the agents' memory stream, and through the relay at 0 ms.
 
-    python bench/data_path.py [--mib 256] [--runs 5]
+    python bench/data_path.py [--mib 256] [--runs 5] [--chunk-kib 1024]
 
 Issue 13, item 5.  The receiver runs in its own process, as on a real host,
 with one buffer of ``--mib`` MiB it writes every transfer into.  Each round,
@@ -94,11 +94,11 @@ def raw_transfer(port: int, memory: memoryview) -> float:
         return time.perf_counter() - start
 
 
-async def agents_transfer(port: int, memory: memoryview, relay: bool) -> float:
+async def agents_transfer(port: int, memory: memoryview, relay: bool, chunk: int = CHUNK) -> float:
     if not relay:
-        return await timed_migration("127.0.0.1", port, PSK, memory, CHUNK)
+        return await timed_migration("127.0.0.1", port, PSK, memory, chunk)
     async with open_relay(("127.0.0.1", port), up=Link(), down=Link()) as hop:
-        return await timed_migration(*hop.address, PSK, memory, CHUNK)
+        return await timed_migration(*hop.address, PSK, memory, chunk)
 
 
 def spread(values: list[float]) -> str:
@@ -109,6 +109,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=256)
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--chunk-kib", type=int, default=1024, help="MIGRATE.chunk_size (the agents send 1 MiB)")
     args = parser.parse_args()
     size = args.mib * MiB
     memory = memoryview(os.urandom(size))
@@ -118,15 +119,16 @@ def main() -> None:
     try:
         raw_port, agent_port = mine.recv()
         print(f"load average {open('/proc/loadavg').read().split()[0]} at start ({os.cpu_count()} CPUs, shared)")
-        print(f"{args.mib} MiB, receiver in its own process; GB/s per round")
+        print(f"{args.mib} MiB in {args.chunk_kib} KiB chunks, receiver in its own process; GB/s per round")
         print(f"{'round':>5} {'raw':>7} {'agents':>7} {'via relay':>10} {'agents/raw':>11} {'relay/direct':>13}")
         rates: dict[str, list[float]] = {"raw": [], "agents": [], "relay": []}
         ratios: dict[str, list[float]] = {"agents/raw": [], "relay/direct": []}
         raw_transfer(raw_port, memory)  # warm the receiver's buffer and both processes
         for i in range(args.runs):
             raw = size / raw_transfer(raw_port, memory) / 1e9
-            agents = size / trio.run(agents_transfer, agent_port, memory, False) / 1e9
-            relay = size / trio.run(agents_transfer, agent_port, memory, True) / 1e9
+            chunk = args.chunk_kib * 1024
+            agents = size / trio.run(agents_transfer, agent_port, memory, False, chunk) / 1e9
+            relay = size / trio.run(agents_transfer, agent_port, memory, True, chunk) / 1e9
             for key, value in (("raw", raw), ("agents", agents), ("relay", relay)):
                 rates[key].append(value)
             ratios["agents/raw"].append(agents / raw)
