@@ -12,8 +12,8 @@ hands this class the pieces of MEMORY frames.  It owns:
 * the memory MAC: Poly1305 over the data bytes in stream order, under the
   MIGRATE's one-time key (`_auth.memory_key`); COMMIT carries its tag.  It is
   computed inline, as the bytes go by: at 6-12 GB/s per core here it costs
-  less than the socket copy, and less than handing bytes to a worker thread
-  (`cryptography` holds the GIL while it runs; bench/memory_mac.py);
+  less than the socket copy, and less than handing it to ``trio.to_thread``
+  jobs did (docs/protocol.md, "Cost");
 * the receive path into the caller's buffer (the *sink*, guest RAM): a MEMORY
   frame whose header is the one due is written straight into the sink as its
   data arrives (`begin`, `window`, `absorb`), one copy from the kernel;
