@@ -117,3 +117,22 @@ async def connected(transport: str) -> tuple[Channel, Channel]:
             lambda: protocol.destination_handshake(destination, agent_version="d", capabilities={})
         )
     return source, destination
+
+
+class StreamWrapper(trio.abc.Stream):
+    """A stream passing everything to ``inner``: subclasses change what a path does to writes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

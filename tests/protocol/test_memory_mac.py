@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-from protocol_helpers import PSK, STATE, authenticated, connected, forge, transfer
+from protocol_helpers import PSK, STATE, StreamWrapper, authenticated, connected, forge, transfer
 
 import protocol
 from protocol import Channel, IntegrityError, LimitExceeded, LocalProtocolError, RemoteProtocolError, Session, State
@@ -284,27 +284,19 @@ async def test_small_runs_share_a_writev(monkeypatch: pytest.MonkeyPatch) -> Non
     assert len(writes) <= 1 + 4  # that, the COMMIT, and a few more if the socket took only part
 
 
-class FlipOneBit(trio.abc.Stream):
+class FlipOneBit(StreamWrapper):
     """On the path: flips one bit in the first write of exactly ``size`` bytes (a chunk's data)."""
 
     def __init__(self, inner: trio.abc.Stream, size: int) -> None:
-        self.inner, self.size, self.flipped = inner, size, False
+        super().__init__(inner)
+        self.size, self.flipped = size, False
 
-    async def send_all(self, data: Any) -> None:
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         if not self.flipped and len(data) == self.size:
             data = bytearray(data)
             data[len(data) // 2] ^= 0x10
             self.flipped = True
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def migrate_through(size: int) -> tuple[list[str], BaseException | None, BaseException | None]:
