@@ -126,7 +126,7 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
     try:
         view = memory.view()
         try:
-            await channel.receive_memory(view)            # COMMIT digest checked
+            await channel.receive_memory(view)            # COMMIT tag checked
         finally:
             view.release()
         t_commit, rt_commit = time.perf_counter_ns(), time.time_ns()
@@ -144,6 +144,11 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
 def _check(migrate: protocol.Migrate, caps: HostCapabilities) -> RestorePlan:
     """kvmcore's checks of the peer's state and strategy against this host, once, at
     MIGRATE (before any guest memory exists), mapped to ERROR codes."""
+    if migrate.runs is not None:
+        # Part of the memory would stay zero: only a precopy destination, which keeps the
+        # earlier rounds, may take runs (none does yet).
+        raise SessionRefused("unsupported", "MIGRATE with runs (part of the memory): this "
+                             "destination restores only a whole memory (stop-and-copy)")
     try:
         strategy = Strategy.parse_exact(migrate.strategy)
     except StrategyError as exc:

@@ -12,10 +12,9 @@ The private modules, one concern each (in the manner of h11 and httpcore):
     _messages    the messages and their field checks
     _auth        the key proofs and the frame MAC
     _state       the state table (and the NEED_DATA / END_OF_STREAM sentinels)
-    _memory      one MIGRATE's memory stream: the chunk rule, the digest, the sink
+    _memory      one MIGRATE's memory stream: its runs, the chunk rule, the MAC, the sink
     _session     the sans-IO session: framing, MAC, state, memory
     _io          the byte I/O a Channel needs (plain TCP fd path, any trio stream)
-    _hashing     the digest hashed in worker threads owned by a nursery
     _channel     Channel: a session driven over a trio stream, with timeouts
     _handshake   HELLO, AUTH and clock sync for the agents
     _tls         connecting over TCP and TLS
@@ -54,6 +53,7 @@ from ._messages import (
     Report,
     Role,
 )
+from ._memory import pack_runs
 from ._session import Session
 from ._state import END_OF_STREAM, NEED_DATA, State
 from ._channel import Channel
@@ -97,6 +97,7 @@ __all__ = [
     "Report",
     "Role",
     "Session",
+    "pack_runs",
     "State",
     "VersionMismatch",
     "destination_handshake",

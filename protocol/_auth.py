@@ -19,7 +19,13 @@ After the handshake, each direction has its own key
 sender's AUTH carries ``HMAC-SHA256(key, seq || length || body)[:16]`` with an
 implicit per-direction sequence number, so frames cannot be altered,
 dropped, reordered, replayed or injected without detection.
+
+The memory of each MIGRATE is covered by its own one-time Poly1305 key,
+``HMAC-SHA256(k_source>destination, LABEL || "memory" || n)`` for the n-th
+MIGRATE of the session (`memory_key`): derived from the session's source key,
+never from the PSK directly, and never used twice (a Poly1305 key must not be).
 """
+
 
 from __future__ import annotations
 
@@ -30,7 +36,15 @@ from collections.abc import Iterable
 
 from ._messages import Role
 
-__all__ = ["TAG_SIZE", "FrameMac", "derive_keys", "make_proof", "transcript_hash", "verify_proof"]
+__all__ = [
+    "TAG_SIZE",
+    "FrameMac",
+    "derive_keys",
+    "make_proof",
+    "memory_key",
+    "transcript_hash",
+    "verify_proof",
+]
 
 TAG_SIZE = 16
 _LABEL = b"kvm-migration-testbed/protocol/1\x00"
@@ -62,6 +76,16 @@ def derive_keys(psk: bytes, transcript: bytes) -> tuple[bytes, bytes]:
         hmac.digest(psk, _LABEL + b"key\x00source>destination\x00" + transcript, "sha256"),
         hmac.digest(psk, _LABEL + b"key\x00destination>source\x00" + transcript, "sha256"),
     )
+
+
+def memory_key(source_key: bytes, migration: int) -> bytes:
+    """The one-time Poly1305 key of the session's ``migration``-th memory stream (from 0).
+
+    ``source_key`` is the source's frame key (`derive_keys`): bound to the PSK
+    and to both fresh nonces, so unique per session; ``migration`` makes it
+    unique per MIGRATE within the session.
+    """
+    return hmac.digest(source_key, _LABEL + b"memory\x00" + migration.to_bytes(8, "big"), "sha256")
 
 
 class FrameMac:

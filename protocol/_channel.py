@@ -9,7 +9,7 @@ sends the peer an ERROR saying so before raising, so both users see why.
 
 The bytes go through one small interface (`_io.ByteIO`: the fd fast path
 for plain TCP, ``send_all``/``receive_some`` for anything else); the memory
-digest is hashed in worker threads owned by a nursery (`_hashing`).
+MAC is computed by the session as the bytes go by.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any
 
 import trio
 
@@ -30,7 +30,6 @@ from ._errors import (
     ProtocolTimeout,
     peer_error,
 )
-from ._hashing import HASH_AHEAD, HASH_MIN, MemoryHasher
 from ._io import open_io
 from ._limits import KiB
 from ._memory import byte_view
@@ -46,9 +45,14 @@ from ._messages import (
     name_of,
 )
 from ._session import Session
-from ._state import END_OF_STREAM, NEED_DATA, State
+from ._state import END_OF_STREAM, NEED_DATA
 
 __all__ = ["Channel"]
+
+#: `send_memory` writes MEMORY frames in batches of at most this many frames (3 iovecs
+#: each, under Linux's IOV_MAX of 1024) or, past this many data bytes, as soon as reached.
+_BATCH_FRAMES = 256
+_BATCH_BYTES = 1 << 20
 
 #: How long the best-effort ERROR of `Channel.send_error` may take.
 _ERROR_SEND_TIMEOUT = 1.0
@@ -80,8 +84,6 @@ class Channel:
         self.stream = stream
         self._frame_started: float | None = None
         self._broken: str | None = None
-        #: Inside `receive_memory`: runs the hash jobs over the memory received.
-        self._hasher: MemoryHasher | None = None
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -170,14 +172,14 @@ class Channel:
         return None
 
     async def send_memory(self, memory: Any) -> Commit:
-        """Send ``memory`` (any contiguous buffer, e.g. guest RAM) as chunks after MIGRATE, then COMMIT.
+        """Send ``memory`` (any contiguous buffer, e.g. guest RAM) after MIGRATE, then COMMIT.
 
-        The chunk data goes to the stream straight from ``memory``: no copy of
-        the whole memory is made.  The COMMIT digest is computed in worker
-        threads while the chunks are written (chunks are framed up to
-        ``HASH_AHEAD`` bytes ahead so the hashing keeps ahead of the writes).
-        Returns the COMMIT sent.  However it ends, no view of ``memory`` made
-        here or by the session outlives the call: the caller may unmap it.
+        The chunks the session says are due -- every run of the MIGRATE, in
+        order -- go to the stream by ``writev`` straight from ``memory``
+        (header, the slice itself, tag; several small chunks per call): no
+        copy is made.  Returns
+        the COMMIT sent.  However it ends, no view of ``memory`` made here or
+        by the session outlives the call: the caller may unmap it.
         """
         self._check_usable()
         session = self.session
@@ -186,37 +188,35 @@ class Channel:
             raise LocalProtocolError(
                 f"send_memory needs a MIGRATE sent first (state {session.state.name})"
             )
-        offset, size, chunk_size = progress
         view = byte_view(memory)
-        if len(view) < size:
-            raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {size}")
+        if len(view) < progress[1]:
+            raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {progress[1]}")
         self._io.grow_buffer("SO_SNDBUF")
-        queued: list[tuple[list[bytes | memoryview], MemoryChunk]] = []
-        chunk: MemoryChunk | None = None
-        ahead = 0
+        chunks: list[MemoryChunk] = []
         try:
-            async with trio.open_nursery() as nursery:
-                hasher = MemoryHasher(session, nursery)
-                while offset < size or queued:
-                    # Frame chunks ahead of the writes, so the hash job has work beside them.
-                    while offset < size and ahead < HASH_AHEAD:
-                        chunk = MemoryChunk(offset=offset, data=view[offset : offset + chunk_size])
-                        queued.append((session.send_iov(chunk, defer_hash=True), chunk))
-                        offset += len(chunk.data)
-                        ahead += len(chunk.data)
-                    hasher.start()
-                    pieces, chunk = queued.pop(0)
-                    ahead -= len(chunk.data)
-                    await self._write(pieces, chunk)
-                await hasher.finish()
+            due = session.memory_due()
+            while due is not None:
+                # Small chunks (a dirty round's single pages) share a writev: one
+                # system call per batch, not per page.
+                pieces: list[bytes | memoryview] = []
+                batched = 0
+                while due is not None and len(chunks) < _BATCH_FRAMES and batched < _BATCH_BYTES:
+                    offset, size = due
+                    chunks.append(MemoryChunk(offset=offset, data=view[offset : offset + size]))
+                    pieces += session.send_iov(chunks[-1])
+                    batched += size
+                    due = session.memory_due()
+                await self._write(pieces, chunks[-1])
+                for chunk in chunks:
+                    _release(chunk)
+                chunks.clear()
         except BaseException as exc:
-            _abandon(session, exc)
+            session.fail(f"the memory stream was abandoned ({type(exc).__name__})")
+            raise
         finally:
-            for pieces, queued_chunk in queued:
-                pieces.clear()
-                _release(queued_chunk)
-            queued.clear()
-            _release(chunk)
+            for chunk in chunks:
+                _release(chunk)
+            chunks.clear()
             view.release()
         commit = session.make_commit()
         await self.send(commit)
@@ -280,31 +280,25 @@ class Channel:
     async def receive_memory(self, into: Any) -> Commit:
         """After MIGRATE: receive every chunk straight into ``into`` (guest RAM), then COMMIT.
 
-        The COMMIT's digest has been checked when this returns.  If it raises
+        The COMMIT's tag has been checked when this returns.  If it raises
         (cancellation included) the session has failed and no view of
         ``into`` made here or by the session outlives the call.
         """
-        self.session.receive_memory_into(into, defer_hash=True)
+        self.session.receive_memory_into(into)
         self._io.grow_buffer("SO_RCVBUF")
         try:
-            async with trio.open_nursery() as nursery:
-                self._hasher = MemoryHasher(self.session, nursery)
-                while True:
-                    message = await self.receive()
-                    if isinstance(message, Commit):
-                        return message
-                    assert isinstance(message, MemoryChunk), message  # the session allows nothing else
-                    _release(message)  # a view of ``into``; nothing here reads it
+            while True:
+                message = await self.receive()
+                if isinstance(message, Commit):
+                    return message
+                assert isinstance(message, MemoryChunk), message  # the session allows nothing else
+                _release(message)  # a view of ``into``; nothing here reads it
         except BaseException as exc:
-            _abandon(self.session, exc)
-        finally:
-            self._hasher = None
+            self.session.fail(f"the memory stream was abandoned ({type(exc).__name__})")
+            raise
 
     async def _receive_one(self, scope: trio.CancelScope) -> Message:
         """The next event; waits under ``scope`` (the caller's), whose deadline this sets."""
-        hasher = self._hasher
-        if hasher is not None:
-            await self._hash_received(hasher)
         event = self._next_event()
         if event is not NEED_DATA:
             return event
@@ -313,8 +307,6 @@ class Channel:
         # needs the deadline (and the scheduler).
         await trio.lowlevel.checkpoint_if_cancelled()
         while self._receive_now():
-            if hasher is not None:
-                await self._hash_received(hasher)
             event = self._next_event()
             if event is not NEED_DATA:
                 return event
@@ -331,8 +323,6 @@ class Channel:
                 await self._io.receive(session)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
                 raise self._broke(exc) from exc
-            if hasher is not None:
-                await self._hash_received(hasher)
             event = self._next_event()
             if event is not NEED_DATA:
                 return event
@@ -342,13 +332,6 @@ class Channel:
             return self._io.receive_now(self.session)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise self._broke(exc) from exc
-
-    async def _hash_received(self, hasher: MemoryHasher) -> None:
-        """Destination: keep a hash job running over the memory received; finish it before COMMIT."""
-        if self.session.state is State.COMMIT:  # all memory is in: the digest is due with the COMMIT
-            await hasher.finish()
-        else:
-            hasher.start(HASH_MIN)
 
     async def _timed_out(self) -> ProtocolTimeout:
         """The receive deadline passed: tell the peer, fail the session, return the error."""
@@ -420,37 +403,6 @@ def _release(chunk: MemoryChunk | None) -> None:
     """Release a chunk's view of the caller's memory (made here, read by no one after)."""
     if chunk is not None and isinstance(chunk.data, memoryview):
         chunk.data.release()
-
-
-def _abandon(session: Session, exc: BaseException) -> NoReturn:
-    """A memory stream ends with ``exc``: fail the session (its views of the caller's
-    memory are released), then raise the error itself rather than the nursery's group.
-
-    A nursery collects its errors in the order they happened: the first that is not a
-    `trio.Cancelled` (which a failing task causes in the others) is the one that ended
-    the stream -- a hash job's or the stream's own -- and callers see it as they would
-    without a nursery.
-    """
-    chosen = exc
-    if isinstance(exc, BaseExceptionGroup):
-        flat = [leaf for leaf in _leaves(exc)]
-        chosen = next((leaf for leaf in flat if not isinstance(leaf, trio.Cancelled)), flat[0])
-    session.fail(f"the memory stream was abandoned ({type(chosen).__name__})")
-    if chosen is exc:
-        raise exc
-    context = chosen.__context__
-    try:
-        raise chosen
-    finally:
-        chosen.__context__ = context  # not the group: the error reads as if raised directly
-        del chosen, exc
-
-
-def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
-    leaves: list[BaseException] = []
-    for exc in group.exceptions:
-        leaves.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
-    return leaves
 
 
 def _reason(exc: BaseException) -> str:

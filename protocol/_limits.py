@@ -42,6 +42,8 @@ class Limits:
     max_memory_size: int = 4 * GiB
     #: Largest MEMORY chunk; must fit in a frame with its header.
     max_chunk_size: int = 4 * MiB
+    #: Most runs a MIGRATE may list (16 bytes each: 4 MiB at the default).
+    max_memory_runs: int = 1 << 18
     #: Most CLOCK_SYNC exchanges between two other requests.
     max_clock_sync_rounds: int = 256
 
@@ -61,6 +63,7 @@ class Limits:
             "max_depth",
             "max_memory_size",
             "max_chunk_size",
+            "max_memory_runs",
             "max_clock_sync_rounds",
         ):
             value = getattr(self, name)

@@ -34,14 +34,15 @@ __all__ = [
 ]
 
 #: Bumped on any change of the wire format; both sides must speak the same one.
-PROTOCOL_VERSION = 1
+#: 2: COMMIT carries a Poly1305 tag (was a SHA-256 digest); MIGRATE carries runs.
+PROTOCOL_VERSION = 2
 
 Role = Literal["source", "destination"]
 ROLES: tuple[Role, Role] = ("source", "destination")
 
 NONCE_SIZE = 32
 PROOF_SIZE = 32
-DIGEST_SIZE = 32
+MEMORY_TAG_SIZE = 16
 MAX_TEXT = 4096
 _INT64 = (-(2**63), 2**63 - 1)
 _UINT64_MAX = 2**64 - 1
@@ -109,6 +110,12 @@ def _chunk_size(value: Any, limits: Limits, where: str) -> None:
         raise FieldError(f"{where}: {value} is not a multiple of the page size {PAGE_SIZE}")
     if value > limits.max_chunk_size:
         raise LimitError(f"{where}: {value} bytes exceeds the limit {limits.max_chunk_size}")
+
+
+def _runs(value: Any, limits: Limits, where: str) -> None:
+    # Their content is checked with memory_size, by _memory.parse_runs.
+    if value is not None and not isinstance(value, (bytes, bytearray)):
+        raise FieldError(f"{where}: expected bytes or None, got {type(value).__name__}")
 
 
 _timestamp = _int(*_INT64)
@@ -193,8 +200,11 @@ class Migrate(Message):
 
     ``state`` is opaque here (kvmcore validates it deeply); the protocol only
     bounds its size, depth and entries, and allows int, bytes, str, bool,
-    None, lists and str-keyed maps.  ``memory_size`` bytes follow as MEMORY
-    chunks of ``chunk_size`` bytes (the last one shorter), then COMMIT.
+    None, lists and str-keyed maps.  ``runs`` says which memory follows:
+    None for all ``memory_size`` bytes (stop-and-copy), else `pack_runs` of
+    page-aligned ``(offset, length)`` runs, ascending and disjoint (the pages
+    a precopy round sends).  Each run follows, in order, as MEMORY chunks of
+    ``chunk_size`` bytes (its last one shorter), then COMMIT.
     """
 
     TYPE: ClassVar[str] = "migrate"
@@ -202,12 +212,13 @@ class Migrate(Message):
     strategy: str
     memory_size: int
     chunk_size: int
+    runs: bytes | None = None
 
 
 @dataclass(frozen=True)
 class MemoryChunk(Message):
-    """``data`` is guest memory at ``offset``; chunks are contiguous, in order, and exactly
-    cover ``memory_size``.
+    """``data`` is guest memory at ``offset``; chunks follow the MIGRATE's runs in order and
+    exactly cover them (all of ``memory_size`` without runs).
 
     On receipt into a buffer given to `Session.receive_memory_into`, ``data``
     is a view of that buffer where the bytes were written.
@@ -220,14 +231,15 @@ class MemoryChunk(Message):
 
 @dataclass(frozen=True)
 class Commit(Message):
-    """End of the memory stream: ``digest`` is SHA-256 of all memory bytes, in order.
+    """End of the memory stream: ``tag`` is the Poly1305 MAC of its data bytes, in order.
 
-    The destination compares it with what it received before it may use
-    the memory.  Build it with `Session.make_commit`.
+    Under the MIGRATE's one-time key (docs/security.md); the destination
+    checks it against what it received (`IntegrityError` if it differs)
+    before it may use the memory.  Build it with `Session.make_commit`.
     """
 
     TYPE: ClassVar[str] = "commit"
-    digest: bytes
+    tag: bytes
 
 
 @dataclass(frozen=True)
@@ -282,6 +294,7 @@ Migrate._CHECKS = {
     "strategy": _text(64, r"[A-Za-z0-9_,=\-]+"),
     "memory_size": _memory_size,
     "chunk_size": _chunk_size,
+    "runs": _runs,
 }
 def _buffer(value: Any, limits: Limits, where: str) -> None:
     try:
@@ -293,7 +306,7 @@ def _buffer(value: Any, limits: Limits, where: str) -> None:
 
 
 MemoryChunk._CHECKS = {"offset": _int(0, _UINT64_MAX), "data": _buffer}
-Commit._CHECKS = {"digest": _bytes(DIGEST_SIZE)}
+Commit._CHECKS = {"tag": _bytes(MEMORY_TAG_SIZE)}
 Report._CHECKS = {"report": _plain_map(allow_float=True)}
 Error._CHECKS = {"code": _text(32, r"[a-z][a-z0-9_]*"), "message": _text(MAX_TEXT)}
 Bye._CHECKS = {}

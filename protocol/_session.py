@@ -21,17 +21,16 @@ if the peer did.
 ERROR may be sent by either side in any state before BYE; it ends the session.
 
 This module frames messages, MACs them and feeds them through the state table
-(`_state.py`); one MIGRATE's memory (the chunk rule, the digest, the receive
+(`_state.py`); one MIGRATE's memory (its runs, the chunk rule, the MAC, the receive
 path straight into the caller's buffer) is `_memory.MemoryStream`.
 """
 
 from __future__ import annotations
 
 import secrets
-from collections.abc import Callable
 from typing import Any
 
-from ._auth import TAG_SIZE, FrameMac, derive_keys, make_proof, transcript_hash, verify_proof
+from ._auth import TAG_SIZE, FrameMac, derive_keys, make_proof, memory_key, transcript_hash, verify_proof
 from ._errors import (
     AuthenticationFailed,
     ConnectionClosed,
@@ -46,7 +45,7 @@ from ._errors import (
 )
 from ._frames import LENGTH, MEMORY_HEADER_SIZE, memory_header, pack, parse_memory_header, unpack
 from ._limits import Limits
-from ._memory import MemoryStream, byte_view
+from ._memory import MemoryStream, byte_view, parse_runs
 from ._messages import (
     NONCE_SIZE,
     PROTOCOL_VERSION,
@@ -119,6 +118,8 @@ class Session:
         self._clock_t1: int | None = None
         self._clock_rounds = 0
         self._memory: MemoryStream | None = None
+        #: MIGRATEs so far in this session: each one's memory MAC has its own key.
+        self._migrations = 0
         self._sent_error = False
 
     # -- building the messages only the session can fill in ------------------
@@ -141,10 +142,10 @@ class Session:
         return Auth(proof=make_proof(self._psk, self.role, self._transcript))
 
     def make_commit(self) -> Commit:
-        """The COMMIT closing the memory stream sent so far (its SHA-256 digest)."""
+        """The COMMIT closing the memory stream sent so far (its memory MAC's tag)."""
         if self.state is not State.COMMIT or self._memory is None or self.role != "source":
             raise LocalProtocolError(f"cannot build COMMIT in state {self.state.name} ({self.role})")
-        return Commit(digest=self._memory.finish())
+        return Commit(tag=self._memory.finish())
 
     # -- failure -----------------------------------------------------------------
 
@@ -164,45 +165,18 @@ class Session:
         if self._memory is not None:
             self._memory.release()
 
-    # -- deferred hashing of the memory stream --------------------------------
-
-    @property
-    def memory_hash_pending(self) -> int:
-        """Bytes of the memory stream sent or received but not hashed yet (deferred hashing)."""
-        stream = self._memory
-        return 0 if stream is None else stream.pending_bytes
-
-    def memory_hash_job(self) -> Callable[[], None] | None:
-        """A job hashing the memory bytes pending so far, in order; None if there are none.
-
-        For deferred hashing (``defer_hash`` of `send_iov` and
-        `receive_memory_into`): run the job anywhere (hashlib releases the GIL,
-        so a worker thread overlaps it with the I/O), then call
-        `memory_hash_done` before asking for the next job; the digest (COMMIT)
-        may be needed only when no job is running.  The job reads the caller's
-        buffer or the sink, which must stay valid until it returns.
-        """
-        stream = self._memory
-        return None if stream is None else stream.take_job()
-
-    def memory_hash_done(self) -> None:
-        """The job from `memory_hash_job` has returned."""
-        if self._memory is not None:
-            self._memory.job_done()
-
     # -- sending ---------------------------------------------------------------
 
     def send(self, message: Message) -> bytes:
         """The bytes that carry ``message`` to the peer; the state moves on."""
         return b"".join(self.send_iov(message))
 
-    def send_iov(self, message: Message, *, defer_hash: bool = False) -> list[bytes | memoryview]:
+    def send_iov(self, message: Message) -> list[bytes | memoryview]:
         """Like `send`, as pieces to write in order; a MEMORY chunk's data is not copied.
 
-        ``defer_hash`` (MEMORY only): leave the chunk's hashing to
-        `memory_hash_job`, which the caller runs beside its writes; the
-        session keeps a view of the data until then, so the buffer must stay
-        valid until the job ran, the COMMIT was built or the session failed.
+        A MEMORY chunk's pieces are its header, the caller's data itself (to be
+        written with ``writev``, straight from guest memory) and its tag; the
+        data is MACed here, so it must not change until it is written.
         """
         if self.state is State.ERROR and not (isinstance(message, Error) and not self._sent_error):
             raise LocalProtocolError(
@@ -215,7 +189,7 @@ class Session:
         if isinstance(message, MemoryChunk):
             data = byte_view(message.data)
             try:
-                return self._send_memory_iov(message.offset, data, defer_hash)
+                return self._send_memory_iov(message.offset, data)
             except BaseException:
                 data.release()  # refused: no view of the caller's memory stays behind
                 raise
@@ -242,7 +216,7 @@ class Session:
             self._sent_error = True
         return [frame]
 
-    def _send_memory_iov(self, offset: int, data: memoryview, defer: bool) -> list[bytes | memoryview]:
+    def _send_memory_iov(self, offset: int, data: memoryview) -> list[bytes | memoryview]:
         """A MEMORY chunk's pieces: header, the caller's data itself, tag; the state's check,
         then the stream's."""
         header = memory_header(offset, len(data))
@@ -256,7 +230,7 @@ class Session:
             self._refuse(self.role, MemoryChunk, local=True)
         assert stream is not None
         stream.check(offset, len(data), LocalProtocolError)
-        stream.hash(stream.track(data), offset, defer)
+        stream.hash(stream.track(data))
         if stream.advance(len(data)):
             self.state = State.COMMIT
         pieces: list[bytes | memoryview] = [LENGTH.pack(length) + header, data]
@@ -312,7 +286,7 @@ class Session:
         header = LENGTH.size + MEMORY_HEADER_SIZE
         if partial is None:
             need = header - len(self._buf) if self.state is State.MEMORY else 0
-        elif partial.got == partial.size and stream.offset + partial.size < stream.size:
+        elif partial.got == partial.size and stream.covered + partial.size < stream.total:
             need = (TAG_SIZE if self._recv_mac is not None else 0) + header - len(self._buf)
         else:
             return None
@@ -325,6 +299,13 @@ class Session:
             raise LocalProtocolError(f"memory_received({count}) outside the memory window")
         assert self._memory is not None
         self._memory.received(self._memory.track(window[:count]))
+
+    def memory_due(self) -> tuple[int, int] | None:
+        """``(offset, size)`` of the MEMORY chunk due next (the stream's rule), else None."""
+        stream = self._memory
+        if stream is None or self.state is not State.MEMORY:
+            return None
+        return stream.offset, stream.due
 
     @property
     def memory_progress(self) -> tuple[int, int, int] | None:
@@ -342,18 +323,17 @@ class Session:
             return len(self._buf) + LENGTH.size + MEMORY_HEADER_SIZE + stream.partial.got
         return len(self._buf)
 
-    def receive_memory_into(self, buffer: Any, *, defer_hash: bool = False) -> None:
+    def receive_memory_into(self, buffer: Any) -> None:
         """Write the coming MEMORY chunks' data straight into ``buffer`` at their offsets.
 
         Call after MIGRATE was received and before its first chunk; ``buffer``
         is any writable, contiguous buffer of at least ``memory_size`` bytes
-        (the guest's RAM, say), so the whole memory is never held twice.
-        ``defer_hash``: leave the digest's hashing to `memory_hash_job` (what
-        is still pending when COMMIT arrives is hashed here).  If the session
-        fails, it releases every view of ``buffer`` it made (`fail`).
+        (the guest's RAM, say), so the whole memory is never held twice.  The
+        data is MACed as it arrives.  If the session fails, it releases every
+        view of ``buffer`` it made (`fail`).
         """
         stream = self._memory
-        if self.state is not State.MEMORY or stream is None or stream.offset or self.role != "destination":
+        if self.state is not State.MEMORY or stream is None or stream.covered or self.role != "destination":
             raise LocalProtocolError(
                 f"receive_memory_into is for a destination before the first MEMORY chunk "
                 f"(state {self.state.name}, {self.role})"
@@ -365,7 +345,7 @@ class Session:
             raise LocalProtocolError(
                 f"receive_memory_into buffer holds {len(view)} bytes, memory_size is {stream.size}"
             )
-        stream.receive_into(view, defer_hash)
+        stream.receive_into(view)
 
     def next_event(self) -> Event:
         """The next message from the peer, or `NEED_DATA`, or `END_OF_STREAM`.
@@ -438,7 +418,7 @@ class Session:
         offset and size) qualifies; anything else waits for its whole frame
         and is judged there, MAC first.  The header's MAC is checked when the
         frame ends; the data it announces is written where the state says
-        it belongs, and is trusted only once COMMIT's digest matches.
+        it belongs, and is trusted only once COMMIT's tag matches.
         """
         if (
             stream.sink is None
@@ -477,7 +457,7 @@ class Session:
             self._verify_frame(partial.length, memoryview(partial.header), view[:tag_size])
         del buf[:tag_size]
         offset, data = stream.end_partial()
-        self.state = State.COMMIT if stream.offset == stream.size else State.MEMORY
+        self.state = State.COMMIT if stream.complete else State.MEMORY
         return MemoryChunk(offset=offset, data=data)
 
     def _read_frame(self, view: memoryview, length: int, body_end: int, end: int) -> Message:
@@ -528,15 +508,10 @@ class Session:
             self._refuse(self.peer_role, MemoryChunk, local=False)
         assert stream is not None
         stream.check(offset, len(data), RemoteProtocolError)
+        stream.hash(data)
         if stream.sink is not None:
-            # Into the sink first, so the digest (deferred or not) reads it there
-            # rather than from the frame buffer.
-            target = stream.store(offset, data)
-            stream.hash(target, offset, stream.defer_received)
-            chunk = MemoryChunk(offset=offset, data=target)
+            chunk = MemoryChunk(offset=offset, data=stream.store(offset, data))
         else:
-            # The data is in the frame buffer, which is reused: hash it now.
-            stream.hash(data, offset, defer=False)
             chunk = MemoryChunk(offset=offset, data=bytes(data))
         if stream.advance(len(data)):
             self.state = State.COMMIT
@@ -593,17 +568,24 @@ class Session:
         elif isinstance(message, Migrate):
             if message.chunk_size + MEMORY_HEADER_SIZE + TAG_SIZE + LENGTH.size > self.limits.max_frame_size:
                 raise limit_error(f"MIGRATE.chunk_size {message.chunk_size} does not fit max_frame_size")
+            try:
+                runs = parse_runs(message.runs, message.memory_size, self.limits)
+            except LimitError as exc:
+                raise limit_error(f"{exc} (state {self.state.name})") from None
+            except FieldError as exc:
+                raise error(f"{exc} (state {self.state.name})") from None
             self._clock_rounds = 0
-            self._memory = MemoryStream(message.memory_size, message.chunk_size)
+            key = memory_key(self._keys["source"], self._migrations)
+            self._migrations += 1
+            self._memory = MemoryStream(message.memory_size, message.chunk_size, runs, key)
         elif isinstance(message, Commit):
-            assert self._memory is not None
-            digest = self._memory.finish()
-            self._memory = None
-            if message.digest != digest:
+            stream, self._memory = self._memory, None
+            assert stream is not None
+            if not stream.verify(message.tag):
                 if local:
-                    raise LocalProtocolError("COMMIT.digest differs from the memory sent")
+                    raise LocalProtocolError("COMMIT.tag differs from the memory sent")
                 raise IntegrityError(
-                    "COMMIT.digest differs from the SHA-256 of the memory received: "
+                    "COMMIT.tag differs from the Poly1305 tag of the memory received: "
                     "the memory stream was corrupted"
                 )
         elif isinstance(message, Report):

@@ -221,6 +221,30 @@ async def test_a_bad_state_is_refused_at_migrate_before_any_memory(server, kvm, 
     assert server.counters.vms_created == 0
 
 
+async def test_a_migrate_with_runs_is_refused_before_any_memory(server, kvm):
+    """Runs (part of the memory) would leave the other pages zero: this destination restores
+    only a whole memory, and says so at MIGRATE (control: the same MIGRATE without runs
+    waits for its memory)."""
+    plain = await source_state(kvm)
+    for runs in (protocol.pack_runs([(0, 4096)]), None):
+        channel = await protocol.open_channel(*server.address, protocol.Session("source", PSK))
+        async with channel:
+            await protocol.source_handshake(channel, agent_version="test", capabilities={},
+                                            clock_rounds=1)
+            await channel.send(protocol.Migrate(plain, "clock=realtime,tsc=none,runstate=off",
+                                                2 * MiB, MiB, runs=runs))
+            if runs is None:
+                with trio.move_on_after(0.5) as waited:
+                    await channel.receive()
+                assert waited.cancelled_caught
+                continue
+            with trio.fail_after(5), pytest.raises(protocol.PeerError) as info:
+                await channel.receive()
+            assert info.value.code == "unsupported" and "runs" in info.value.message
+    await settle(server)
+    assert server.counters.vms_created == 0
+
+
 async def test_idle_client_is_dropped_at_the_handshake_timeout(server):
     stream = await trio.open_tcp_stream(*server.address)
     with trio.fail_after(15):

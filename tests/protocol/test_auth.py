@@ -205,8 +205,8 @@ def test_unaltered_memory_passes_the_commit_digest() -> None:
 
 def test_a_commit_with_another_digest_cannot_be_sent() -> None:
     source, _, _ = drive_to(State.COMMIT)
-    with pytest.raises(LocalProtocolError, match="COMMIT.digest differs"):
-        source.send(protocol.Commit(digest=b"\0" * 32))
+    with pytest.raises(LocalProtocolError, match="COMMIT.tag differs"):
+        source.send(protocol.Commit(tag=b"\0" * 16))
 
 
 def test_frame_mac_is_hmac_sha256_over_seq_length_and_body() -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import trio
 import trio.testing
-from protocol_helpers import PSK
+from protocol_helpers import PSK, StreamWrapper
 
 import protocol
 from protocol import Channel, ClockSample, Session, estimate_clock_offset
@@ -70,25 +70,16 @@ def test_no_samples_is_an_error() -> None:
         estimate_clock_offset([])
 
 
-class DelayedStream(trio.abc.Stream):
+class DelayedStream(StreamWrapper):
     """A stream whose every write arrives ``delay`` seconds later (for asymmetric paths)."""
 
     def __init__(self, inner: trio.abc.Stream, delay: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.delay = delay
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await trio.sleep(self.delay)
         await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
 
 
 async def test_channel_clock_sync_recovers_a_known_offset(autojump_clock: trio.testing.MockClock) -> None:

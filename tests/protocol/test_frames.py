@@ -174,7 +174,7 @@ _plain = st.recursive(
 _TYPES = ["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye"]
 _FIELDS = [
     "protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
-    "state", "strategy", "memory_size", "chunk_size", "offset", "data", "digest", "report", "code", "message",
+    "state", "strategy", "memory_size", "chunk_size", "offset", "data", "tag", "runs", "report", "code", "message",
 ]  # fmt: skip
 _message_like = st.builds(
     lambda kind, fields: {"type": kind, **fields},

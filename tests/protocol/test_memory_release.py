@@ -17,10 +17,10 @@ from collections.abc import AsyncIterator, Iterator
 import pytest
 import trio
 import trio.testing
-from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, PSK, drive_to, forge
+from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, connected, drive_to, forge
 
 import protocol
-from protocol import Channel, ConnectionClosed, Session, State
+from protocol import Channel, ConnectionClosed, State
 
 CHUNK = 4 * 4096
 MEMORY = os.urandom(16 * CHUNK)
@@ -71,7 +71,7 @@ def test_a_protocol_error_mid_stream_releases_the_sink() -> None:
     source, destination, memory = drive_to(State.MEMORY)
     ram = mmap.mmap(-1, MEMORY_SIZE)
     view = memoryview(ram)
-    destination.receive_memory_into(view, defer_hash=True)
+    destination.receive_memory_into(view)
     view.release()
     frame = bytearray(forge(source, protocol.MemoryChunk(0, memory[:CHUNK_SIZE])))
     frame[-1] ^= 1  # the tag: detected when the frame ends, after its data went to the sink
@@ -81,22 +81,16 @@ def test_a_protocol_error_mid_stream_releases_the_sink() -> None:
     assert not still_mapped(ram)
 
 
-def source_with_a_pending_chunk() -> tuple[Session, mmap.mmap]:
-    """A source that sent its first chunk from an mmap, the chunk's hashing left to a job."""
+def test_a_failed_source_releases_the_chunk_it_framed() -> None:
     source, _, _ = drive_to(State.MEMORY)
     ram = mmap.mmap(-1, MEMORY_SIZE)
-    with memoryview(ram) as view, view[:CHUNK_SIZE] as data:
-        source.send_iov(protocol.MemoryChunk(0, data), defer_hash=True)
-    return source, ram
-
-
-def test_a_failed_source_releases_the_chunks_it_keeps_for_hashing() -> None:
-    source, ram = source_with_a_pending_chunk()
-    assert source.memory_hash_pending == CHUNK_SIZE
-    assert still_mapped(ram)  # control: the pending chunk holds the map
+    view = memoryview(ram)
+    pieces = source.send_iov(protocol.MemoryChunk(0, view[:CHUNK_SIZE]))  # as the channel: a write pending
+    view.release()
+    assert still_mapped(ram)  # control: the unwritten chunk's data is a view of the map
     source.fail("write cut short")
-    assert source.memory_hash_pending == 0
     assert not still_mapped(ram)
+    assert len(pieces) == 3  # header, data, tag: still referenced, but released
 
 
 def test_a_refused_chunk_keeps_no_view() -> None:
@@ -106,17 +100,6 @@ def test_a_refused_chunk_keeps_no_view() -> None:
     with pytest.raises(protocol.LocalProtocolError, match="expected offset 0"):
         source.send_iov(protocol.MemoryChunk(CHUNK_SIZE, view[CHUNK_SIZE : 2 * CHUNK_SIZE]))
     view.release()
-    assert not still_mapped(ram)
-
-
-def test_a_view_released_while_a_hash_job_reads_it_waits_for_the_job() -> None:
-    source, ram = source_with_a_pending_chunk()
-    job = source.memory_hash_job()
-    assert job is not None
-    source.fail("stream broke")  # while the job "runs": its views must stay readable
-    job()
-    assert still_mapped(ram)
-    source.memory_hash_done()
     assert not still_mapped(ram)
 
 
@@ -130,27 +113,6 @@ def test_fail_keeps_the_first_reason_and_allows_only_error() -> None:
 
 
 # -- the trio channel ------------------------------------------------------------
-
-
-async def connected(transport: str) -> tuple[Channel, Channel]:
-    """Two authenticated channels over ``transport``: "memory" (the generic stream path) or
-    "socket" (the fd path)."""
-    if transport == "memory":
-        left, right = trio.testing.memory_stream_pair()
-        streams: tuple[trio.abc.Stream, trio.abc.Stream] = (left, right)
-    else:
-        a, b = trio.socket.socketpair()
-        streams = (trio.SocketStream(a), trio.SocketStream(b))
-    source = Channel(streams[0], Session("source", PSK))
-    destination = Channel(streams[1], Session("destination", PSK))
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(
-            lambda: protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
-        )
-        nursery.start_soon(
-            lambda: protocol.destination_handshake(destination, agent_version="d", capabilities={})
-        )
-    return source, destination
 
 
 async def receive_into_ram(channel: Channel, ram: mmap.mmap) -> protocol.Commit:

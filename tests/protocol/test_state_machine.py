@@ -35,7 +35,7 @@ def sample(kind: type[protocol.Message], sender: Session) -> protocol.Message:
         protocol.ClockSyncReply: protocol.ClockSyncReply(t1=1, t2=2, t3=3),
         protocol.Migrate: migrate_message(),
         protocol.MemoryChunk: protocol.MemoryChunk(0, b"\0" * CHUNK_SIZE),
-        protocol.Commit: protocol.Commit(digest=b"d" * 32),
+        protocol.Commit: protocol.Commit(tag=b"d" * 16),
         protocol.Report: protocol.Report({}),
         protocol.Bye: protocol.Bye(),
     }
@@ -189,7 +189,7 @@ def test_last_chunk_is_the_remainder_and_nothing_follows_it() -> None:
 
 def test_commit_before_all_memory_is_refused() -> None:
     source, destination, _ = drive_to(State.MEMORY)
-    destination.receive_data(forge(source, protocol.Commit(digest=b"d" * 32)))
+    destination.receive_data(forge(source, protocol.Commit(tag=b"d" * 16)))
     with pytest.raises(RemoteProtocolError, match="sent COMMIT in state MEMORY"):
         destination.next_event()
 

@@ -161,8 +161,11 @@ async def test_version_mismatch_is_reported_on_both_sides() -> None:
     source = Channel(left, FutureSession("source", PSK))
     destination = Channel(right, Session("destination", PSK))
     errors = await handshakes_failing(source, destination, VersionMismatch)
-    assert "the source speaks protocol version 2, this destination speaks version 1" in str(errors["destination"])
-    assert str(errors["source"]).startswith("the destination refused the session: the source speaks protocol version 2")
+    ours, future = protocol.PROTOCOL_VERSION, protocol.PROTOCOL_VERSION + 1
+    assert f"the source speaks protocol version {future}, this destination speaks version {ours}" in str(
+        errors["destination"]
+    )
+    assert str(errors["source"]).startswith(f"the destination refused the session: the source speaks protocol version {future}")
 
 
 async def test_same_version_control() -> None:

@@ -197,7 +197,7 @@ def preauth_peak(limits: protocol.Limits) -> float:
     caps = {f"k{i}": [b"%08x" % (i << 16 | j) for j in range(min(65536, limits.max_frame_size
                                                                       // 10))]
             for i in range(max(lists, 1))}
-    body = msgpack.packb({"type": "hello", "protocol_version": 1, "agent_version": "x",
+    body = msgpack.packb({"type": "hello", "protocol_version": protocol.PROTOCOL_VERSION, "agent_version": "x",
                           "role": "source", "capabilities": caps, "nonce": bytes(range(32))})
     body = body[:limits.max_frame_size - 4]          # truncated if over: refused, not waited for
     data = len(body).to_bytes(4, "big") + body

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 
+import trio
+import trio.testing
 from common_helpers import PSK
 
 import protocol
-from protocol import Session, State
+from protocol import Channel, Session, State
 MEMORY_SIZE = 5 * protocol.PAGE_SIZE
 CHUNK_SIZE = 2 * protocol.PAGE_SIZE
 STATE = {"vcpus": [{"regs": {"rip": 0xFFF0, "rflags": 2}, "xsave": b"\0" * 64}], "name": "g", "x": None}
@@ -93,3 +95,43 @@ def forge(sender: Session, message: protocol.Message) -> bytes:
     length = len(body) + (16 if mac is not None else 0)
     tag = mac.tag(length, [maced]) if mac is not None else b""
     return LENGTH.pack(length) + body + tag
+
+
+async def connected(transport: str) -> tuple[Channel, Channel]:
+    """Two authenticated channels over ``transport``: "memory" (the generic stream path) or
+    "socket" (the fd path)."""
+    if transport == "memory":
+        left, right = trio.testing.memory_stream_pair()
+        streams: tuple[trio.abc.Stream, trio.abc.Stream] = (left, right)
+    else:
+        a, b = trio.socket.socketpair()
+        streams = (trio.SocketStream(a), trio.SocketStream(b))
+    source = Channel(streams[0], Session("source", PSK))
+    destination = Channel(streams[1], Session("destination", PSK))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(
+            lambda: protocol.source_handshake(source, agent_version="s", capabilities={}, clock_rounds=0)
+        )
+        nursery.start_soon(
+            lambda: protocol.destination_handshake(destination, agent_version="d", capabilities={})
+        )
+    return source, destination
+
+
+class StreamWrapper(trio.abc.Stream):
+    """A stream passing everything to ``inner``: subclasses change what a path does to writes."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
