@@ -56,7 +56,7 @@ def python_cycles(kvm: System, memory_size: int, cycles: int) -> dict[str, int]:
 
 def c_cycles(memory_size: int, cycles: int) -> dict[str, int]:
     guest_bin = resources.files("kvmcore") / "guest.bin"
-    include = os.path.join(HERE, os.pardir, "kvmcore", "guest")
+    include = os.path.join(HERE, os.pardir, "kvmcore", "guest_program")
     with tempfile.TemporaryDirectory() as tmp, resources.as_file(guest_bin) as image:
         exe = os.path.join(tmp, "cycle")
         subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-I", include,
