@@ -124,6 +124,7 @@ class Guest:
     #: Dirty logging on the memory slot: None off, else whether KVM_CLEAR_DIRTY_LOG
     #: (manual protect) re-arms it rather than KVM_GET_DIRTY_LOG itself.
     dirty_log_manual: bool | None = None
+    _manual_protect: bool = field(default=False, repr=False)   # what the VM has enabled
 
     @classmethod
     def create(cls, kvm: System, config: GuestConfig) -> Guest:
@@ -189,12 +190,14 @@ class Guest:
         KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 first, so reading the log does not re-protect
         pages and dirty_bitmap() clears what it read with KVM_CLEAR_DIRTY_LOG (KVM then
         write-protects only the pages read, not the whole slot under one lock)."""
-        if manual_protect:
+        if manual_protect != self._manual_protect:
             bits = self.vm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
             if not bits & lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
                 raise Unsupported("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+            # VM-wide and sticky: turned off again (args 0) for a later automatic log.
             self.vm.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
-                               lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE)
+                               lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE if manual_protect else 0)
+            self._manual_protect = manual_protect
         self._set_slot_flags(lib.KVM_MEM_LOG_DIRTY_PAGES)
         self.dirty_log_manual = manual_protect
 

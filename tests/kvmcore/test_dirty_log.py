@@ -111,6 +111,11 @@ def test_clear_dirty_log_rearms_with_manual_protect(kvm, caps):
         assert len(again) and g.vm.get_dirty_log(0, pages) == again
         g.vm.clear_dirty_log(again)
         assert len(g.vm.get_dirty_log(0, pages)) == 0
+        # Back to an automatic log on the same VM: a read clears again.
+        g.stop_dirty_log()
+        g.start_dirty_log()
+        run_for(g, 0.01)
+        assert len(g.vm.get_dirty_log(0, pages)) and not len(g.vm.get_dirty_log(0, pages))
 
 
 def test_stopped_log_is_refused_and_restarts_empty(kvm):
