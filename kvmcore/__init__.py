@@ -23,7 +23,8 @@ The only code in the testbed that touches /dev/kvm. Public API::
 
 The destination answers with a DestinationReport (the REPORT: ``after``, the
 RestoreRecord, its phases; ``to_plain``/``from_plain`` like VmState). Lower level:
-System / Vm / Vcpu (one method per ioctl), kvmcore.xen (Xen ioctl argument packing,
+System / Vm / Vcpu (one method per ioctl), dirty logging (Guest.start_dirty_log,
+dirty_bitmap -> DirtyBitmap, dirty_runs), compare_memory (kvmcore.intact), kvmcore.xen (Xen ioctl argument packing,
 the typed Runstate). Per-phase timings: Guest.timings, VmState.timings,
 RestoreRecord.timings / restore_ns, the first entry as ``after.host_run_ns``. See
 docs/kvmcore.md.
@@ -35,9 +36,11 @@ from ._layout import HUGE_PAGE, MAX_MEMORY, MIN_MEMORY, memory_size_problem
 from .analysis import Analysis, Check, Measurement, analyse
 from .caps import HostCapabilities, probe
 from .deadline import install_kick_handler
+from .dirty import DirtyBitmap
 from .errors import (GuestError, GuestMemoryError, GuestTimeout, KvmError, KvmIoctlError,
                      ShortMsrAccess, StateError, StrategyError, Unsupported)
 from .guest import Guest, GuestConfig
+from .intact import MemoryComparison, PageMismatch, compare_memory
 from .memory import GuestMemory
 from .migrate import capture, restore
 from .report_doc import DestinationPhases, DestinationReport, RestoreRecord
@@ -50,7 +53,8 @@ from .vm import Vm
 
 __all__ = [
     "HUGE_PAGE", "MAX_MEMORY", "MIN_MEMORY", "memory_size_problem",
-    "Analysis", "Check", "DestinationPhases", "DestinationReport", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
+    "Analysis", "Check", "DestinationPhases", "DirtyBitmap", "MemoryComparison", "PageMismatch",
+    "compare_memory", "DestinationReport", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
     "GuestTimeout", "ShortMsrAccess",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
     "RestorePlan", "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import xen
+from .intact import MemoryComparison
 from .report_doc import RestoreRecord
 from .strategy import Strategy
 from .snapshot import Snapshot, signed64, tsc_ticks_to_ns
@@ -273,3 +274,21 @@ def _offset_note(record: RestoreRecord) -> str:
         return f"; offset {record.tsc_offset_requested:#x} applied"
     return (f"; offset {record.tsc_offset_requested:#x} requested but "
             f"{record.tsc_offset_applied:#x} read back")
+
+
+def memory_intact(comparison: MemoryComparison, shown: int = 3) -> Check:
+    """The ``memory_intact`` verdict from kvmcore.intact.compare_memory(): every page of
+    the destination is the source's, or was written by the guest itself after resuming
+    (its generation stamp is newer than the source's last). Not in CHECK_NAMES yet: the
+    caller that compared both memories adds it."""
+    c = comparison
+    scope = (f"{c.pages} pages, {c.working_set_pages} in the working set; "
+             f"{c.bookkeeping} bookkeeping pages not compared")
+    if c.ok:
+        after = (f"; {c.rewritten} rewritten after resuming (stamps in "
+                 f"({c.source_generation}, {c.destination_generation}])") if c.rewritten else ""
+        return Check(True, f"every page intact: {scope}{after}")
+    listed = "; ".join(str(m) for m in c.mismatches[:shown])
+    more = f"; and {len(c.mismatches) - shown} more" if len(c.mismatches) > shown else ""
+    return Check(False, f"{len(c.mismatches)} page(s) not the source's: {listed}{more} "
+                        f"({scope})")

@@ -30,8 +30,16 @@ CLOCK_FLAG_NAMES = {"TSC_STABLE": lib.KVM_CLOCK_TSC_STABLE, "REALTIME": lib.KVM_
 _PROBE_TSC_OFFSET = 1 << 40
 
 
+DIRTY_LOG_MANUAL_NAMES = {"MANUAL_PROTECT_ENABLE": lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+                          "INITIALLY_SET": lib.KVM_DIRTY_LOG_INITIALLY_SET}
+
+
 def clock_flag_names(flags: int) -> list[str]:
     return [name for name, bit in CLOCK_FLAG_NAMES.items() if flags & bit]
+
+
+def dirty_log_manual_names(bits: int) -> list[str]:
+    return [name for name, bit in DIRTY_LOG_MANUAL_NAMES.items() if bits & bit]
 
 
 @dataclass(frozen=True)
@@ -58,6 +66,10 @@ class HostCapabilities:
     kvmclock: bool                  # CPUID KVM_FEATURE_CLOCKSOURCE2
     kvmclock_stable_bit: bool       # CPUID KVM_FEATURE_CLOCKSOURCE_STABLE_BIT
     steal_time: bool                # CPUID KVM_FEATURE_STEAL_TIME
+    dirty_log: bool                 # KVM_GET_DIRTY_LOG saw the probe guest's report page
+    dirty_log_manual_protect: list[str]  # KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 bits ([] = no
+                                         # KVM_CLEAR_DIRTY_LOG)
+    dirty_log_ring: int             # KVM_CAP_DIRTY_LOG_RING: max ring bytes (0 = none)
 
     @property
     def xen_runstate(self) -> bool:
@@ -74,6 +86,7 @@ class HostCapabilities:
         spec = dict(dataclass_spec(cls))
         for name in ("get_clock_flags", "adjust_clock_flags"):
             spec[name] = list_of(one_of(CLOCK_FLAG_NAMES))
+        spec["dirty_log_manual_protect"] = list_of(one_of(DIRTY_LOG_MANUAL_NAMES))
         check_record(plain, path, spec)
         return cls(**plain)
 
@@ -83,6 +96,7 @@ def probe(kvm: System) -> HostCapabilities:
     cpuid = kvm.supported_cpuid()
     kvm_features = next((e.eax for e in cpuid.entries[0:cpuid.nent]
                          if e.function == lib.KVM_CPUID_FEATURES), 0)
+    manual_bits = kvm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
 
     with Guest.create(kvm, GuestConfig()) as g:
         vcpu = g.vcpu
@@ -95,6 +109,7 @@ def probe(kvm: System) -> HostCapabilities:
         tsc_scale_attr = vcpu.has_device_attr(lib.KVM_VCPU_TSC_CTRL, lib.KVM_VCPU_TSC_SCALE)
         applies, offset_detail = (_probe_tsc_offset(g, first.tsc) if tsc_offset_attr
                                   else (False, "no such vCPU attribute (ENXIO)"))
+        dirty_log = _probe_dirty_log(g)
 
     return HostCapabilities(
         kernel_release=os.uname().release,
@@ -117,7 +132,23 @@ def probe(kvm: System) -> HostCapabilities:
         kvmclock=bool(kvm_features & (1 << lib.KVM_FEATURE_CLOCKSOURCE2)),
         kvmclock_stable_bit=bool(kvm_features & (1 << lib.KVM_FEATURE_CLOCKSOURCE_STABLE_BIT)),
         steal_time=bool(kvm_features & (1 << lib.KVM_FEATURE_STEAL_TIME)),
+        dirty_log=dirty_log,
+        dirty_log_manual_protect=dirty_log_manual_names(manual_bits),
+        dirty_log_ring=kvm.check_extension(lib.KVM_CAP_DIRTY_LOG_RING),
     )
+
+
+def _probe_dirty_log(g: Guest) -> bool:
+    """Dirty logging has no capability of its own (KVM_MEM_LOG_DIRTY_PAGES is as old as
+    memory slots), so ask the kernel: log one guest report and look for its page."""
+    try:
+        g.start_dirty_log()
+        g.run_until_snapshot()
+        return lib.KVMCORE_REPORT_GPA // lib.KVMCORE_PAGE_SIZE in g.dirty_bitmap().pages()
+    except KvmIoctlError:
+        return False
+    finally:
+        g.stop_dirty_log()
 
 
 def _probe_clock_guest(g: Guest, master_clock: bool) -> tuple[bool | None, str]:

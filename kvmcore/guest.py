@@ -19,6 +19,7 @@ from . import xen
 from ._kvm import lib
 from ._layout import HUGE_PAGE, memory_size_problem
 from .deadline import RunDeadline
+from .dirty import PAGE_SIZE, DirtyBitmap
 from .errors import GuestError, GuestTimeout, StateError, Unsupported
 from .memory import GuestMemory
 from .snapshot import Snapshot
@@ -38,6 +39,8 @@ GDT_CODE64 = 0x00AF9B000000FFFF   # present, DPL0, execute/read, L=1, G=1
 GDT_DATA = 0x00CF93000000FFFF     # present, DPL0, read/write, D/B=1, G=1
 SEL_CODE, SEL_DATA = 0x08, 0x10
 RFLAGS_RESERVED = 1 << 1
+#: The one memory slot: all of guest RAM from guest-physical 0.
+MEMORY_SLOT = 0
 
 _image: bytes | None = None
 _boot_pages: bytes | None = None
@@ -80,11 +83,26 @@ class GuestConfig:
 
     memory_size: int = 2 << 20
     xen: bool = False        # configure KVM Xen emulation (shared_info + runstate area)
+    #: The dirtying workload (abi.h struct kvmcore_config), written into guest memory
+    #: before the first entry, so a restored guest carries it: bytes per second of
+    #: kvmclock time over ``working_set`` bytes from KVMCORE_WORKSET_GPA. 0 = none.
+    dirty_rate: int = 0
+    working_set: int = 0
 
     def __post_init__(self) -> None:
         problem = memory_size_problem(self.memory_size)
         if problem:
             raise StateError("memory_size", problem)
+        room = self.memory_size - lib.KVMCORE_WORKSET_GPA
+        if self.working_set % PAGE_SIZE or not 0 <= self.working_set <= room:
+            raise StateError("working_set", f"{self.working_set:#x} is not a multiple of "
+                             f"{PAGE_SIZE:#x} in [0, {room:#x}] (memory above "
+                             f"{lib.KVMCORE_WORKSET_GPA:#x})")
+        if not 0 <= self.dirty_rate <= lib.KVMCORE_DIRTY_RATE_MAX:
+            raise StateError("dirty_rate", f"{self.dirty_rate} is not in "
+                             f"[0, {lib.KVMCORE_DIRTY_RATE_MAX}] bytes/s")
+        if self.dirty_rate and not self.working_set:
+            raise StateError("dirty_rate", "a dirty rate needs a working_set to write")
 
 
 @dataclass
@@ -103,6 +121,10 @@ class Guest:
     #: it: its first entry is the host bracket of its first Snapshot.
     restore_record: RestoreRecord | None = None
     last_snapshot: Snapshot | None = None
+    #: Dirty logging on the memory slot: None off, else whether KVM_CLEAR_DIRTY_LOG
+    #: (manual protect) re-arms it rather than KVM_GET_DIRTY_LOG itself.
+    dirty_log_manual: bool | None = None
+    _manual_protect: bool = field(default=False, repr=False)   # what the VM has enabled
 
     @classmethod
     def create(cls, kvm: System, config: GuestConfig) -> Guest:
@@ -127,7 +149,7 @@ class Guest:
             require_xen(kvm)
         vm = kvm.create_vm()
         try:
-            vm.set_user_memory_region(0, 0, memory.size, memory.address)
+            vm.set_user_memory_region(MEMORY_SLOT, 0, memory.size, memory.address)
             vcpu = vm.create_vcpu(0)
             # Long mode needs CPUID.LM: KVM refuses EFER.LME without it.
             vcpu.set_cpuid2(kvm.cpuid())
@@ -141,6 +163,8 @@ class Guest:
     def _load_program(self) -> None:
         self.memory.write(lib.KVMCORE_CODE_GPA, guest_image())
         self.memory.write(lib.KVMCORE_PML4_GPA, boot_pages())
+        config = self.memory.cast("struct kvmcore_config *", lib.KVMCORE_CONFIG_GPA)
+        config.dirty_rate, config.working_set = self.config.dirty_rate, self.config.working_set
 
         sregs = self.vcpu.get_sregs()     # keep reset values for TR and LDT
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG
@@ -157,6 +181,49 @@ class Guest:
         regs.rip, regs.rsp, regs.rflags = (lib.KVMCORE_CODE_GPA, lib.KVMCORE_STACK_TOP,
                                            RFLAGS_RESERVED)
         self.vcpu.set_regs(regs)
+
+    # --- dirty logging on the memory slot (what pre-copy re-sends) ---
+
+    def start_dirty_log(self, manual_protect: bool = False) -> None:
+        """Log the guest's writes to its memory (KVM_SET_USER_MEMORY_REGION with
+        KVM_MEM_LOG_DIRTY_PAGES on the one slot). ``manual_protect``: enable
+        KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 first, so reading the log does not re-protect
+        pages and dirty_bitmap() clears what it read with KVM_CLEAR_DIRTY_LOG (KVM then
+        write-protects only the pages read, not the whole slot under one lock)."""
+        if manual_protect != self._manual_protect:
+            bits = self.vm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+            if not bits & lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE:
+                raise Unsupported("KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+            # VM-wide and sticky: turned off again (args 0) for a later automatic log.
+            self.vm.enable_cap(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+                               lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE if manual_protect else 0)
+            self._manual_protect = manual_protect
+        self._set_slot_flags(lib.KVM_MEM_LOG_DIRTY_PAGES)
+        self.dirty_log_manual = manual_protect
+
+    def stop_dirty_log(self) -> None:
+        """Stop logging (the slot's flags back to 0); the log's contents are dropped."""
+        self._set_slot_flags(0)
+        self.dirty_log_manual = None
+
+    def dirty_bitmap(self) -> DirtyBitmap:
+        """The pages written since logging started or since the last call, and re-arm:
+        the next call sees only later writes."""
+        if self.dirty_log_manual is None:
+            raise GuestError("dirty logging is off: start_dirty_log() first")
+        dirty = self.vm.get_dirty_log(MEMORY_SLOT, self.memory.size // PAGE_SIZE)
+        if self.dirty_log_manual and len(dirty):
+            self.vm.clear_dirty_log(dirty)
+        return dirty
+
+    def dirty_runs(self) -> list[tuple[int, int]]:
+        """dirty_bitmap() as page-aligned ``(offset, length)`` runs of guest memory,
+        the form of MIGRATE ``runs`` (protocol.pack_runs)."""
+        return self.dirty_bitmap().runs()
+
+    def _set_slot_flags(self, flags: int) -> None:
+        self.vm.set_user_memory_region(MEMORY_SLOT, 0, self.memory.size, self.memory.address,
+                                       flags)
 
     def report_page(self) -> Any:
         return self.memory.cast("struct kvmcore_report *", lib.KVMCORE_REPORT_GPA)

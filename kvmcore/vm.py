@@ -1,4 +1,5 @@
-"""A KVM VM file descriptor: memory slots, vCPUs, the VM-wide kvmclock, Xen config."""
+"""A KVM VM file descriptor: memory slots and their dirty log, vCPUs, the VM-wide kvmclock,
+Xen config."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 from . import xen
 from ._ioctl import ioctl, ioctl_int
 from ._kvm import ffi
+from .dirty import DirtyBitmap, bitmap_bytes
 from .vcpu import Vcpu
 
 
@@ -46,6 +48,33 @@ class Vm:
             "slot": slot, "flags": flags, "guest_phys_addr": guest_phys_addr,
             "memory_size": memory_size, "userspace_addr": userspace_addr})
         ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", region)
+
+    def enable_cap(self, cap: int, *args: int, flags: int = 0) -> None:
+        """KVM_ENABLE_CAP on the VM (e.g. KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2); up to 4 args."""
+        data = ffi.new("struct kvm_enable_cap *", {"cap": cap, "flags": flags,
+                                                   "args": list(args)})
+        ioctl(self.fd, "KVM_ENABLE_CAP", data, context=f"cap {cap}")
+
+    def get_dirty_log(self, slot: int, num_pages: int) -> DirtyBitmap:
+        """KVM_GET_DIRTY_LOG for a slot of ``num_pages`` pages (the slot must have
+        KVM_MEM_LOG_DIRTY_PAGES). Without manual protect KVM also clears the log and
+        write-protects the pages again, so each call sees the writes since the last."""
+        size = bitmap_bytes(num_pages)
+        buf = ffi.new("char[]", size)
+        log = ffi.new("struct kvm_dirty_log *", {"slot": slot})
+        log.dirty_bitmap = buf
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", log, context=f"slot {slot}")
+        return DirtyBitmap(slot, num_pages, ffi.unpack(buf, size))
+
+    def clear_dirty_log(self, dirty: DirtyBitmap) -> None:
+        """KVM_CLEAR_DIRTY_LOG (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 enabled): clear and
+        write-protect again the pages set in ``dirty`` (the whole slot from page 0, which
+        meets the kernel's rule that a range start at a multiple of 64)."""
+        buf = ffi.new("char[]", dirty.bitmap)
+        log = ffi.new("struct kvm_clear_dirty_log *", {
+            "slot": dirty.slot, "num_pages": dirty.num_pages, "first_page": 0})
+        log.dirty_bitmap = buf
+        ioctl(self.fd, "KVM_CLEAR_DIRTY_LOG", log, context=f"slot {dirty.slot}")
 
     def create_vcpu(self, vcpu_id: int = 0) -> Vcpu:
         fd = ioctl_int(self.fd, "KVM_CREATE_VCPU", vcpu_id)

@@ -25,9 +25,13 @@
 #define KVMCORE_STEAL_GPA	0x7000	/* MSR_KVM_STEAL_TIME target (64-byte aligned) */
 #define KVMCORE_SHINFO_GPA	0x8000	/* Xen shared_info page, when Xen-configured */
 #define KVMCORE_RUNSTATE_GPA	0x9000	/* Xen vcpu_runstate_info, when Xen-configured */
+#define KVMCORE_CONFIG_GPA	0xa000	/* struct kvmcore_config: written by the host, read-only to the guest */
 #define KVMCORE_CODE_GPA	0x10000	/* guest.bin is loaded here; entry point is its first byte */
 #define KVMCORE_STACK_TOP	0x80000	/* stack grows down towards the code */
 #define KVMCORE_MIN_MEMORY	0x200000 /* one 2 MiB page holds all of the above */
+#define KVMCORE_WORKSET_GPA	0x100000 /* the dirtying workload's pages: from here, working_set bytes */
+#define KVMCORE_PAGE_SIZE	0x1000	/* the unit of the workload and of KVM's dirty log */
+#define KVMCORE_DIRTY_RATE_MAX	0x100000000ULL /* 4 GiB/s: rate x 1 s of ns stays in 64 bits */
 
 #define KVMCORE_REPORT_PORT	0x4b4d	/* "KM": `out` here means "a snapshot is ready" */
 #define KVMCORE_REPORT_MAGIC	0x54504e534d564bULL /* "KVMSNPT" */
@@ -89,6 +93,28 @@ struct kvmcore_report {
 	uint64_t backwards_count;	/* times kvmclock_ns < last_kvmclock_ns */
 	uint64_t backwards_prev_ns;	/* the last such step: from ... */
 	uint64_t backwards_next_ns;	/* ... to */
+	/* The dirtying workload's progress (all zero while struct kvmcore_config asks for none). */
+	uint64_t dirty_generation;	/* stamps written so far; the newest page holds this value */
+	uint64_t dirty_cursor;		/* next page of the working set to write */
+	uint64_t dirty_last_ns;		/* kvmclock_ns when the workload last ran */
+	uint64_t dirty_credit;		/* rate x ns earned but not yet spent on a page */
+};
+
+/*
+ * What the host asks of the guest, written before its first entry and carried
+ * with memory like everything else (a destination never rewrites it). Zero is
+ * "no workload": the guest then writes nothing but its report page.
+ *
+ * The workload writes dirty_rate bytes per second of kvmclock time, one page
+ * at a time, round-robin over working_set bytes from KVMCORE_WORKSET_GPA.
+ * Writing a page stores ++dirty_generation in its first 8 bytes (QEMU's
+ * migration-test guest does the same with a byte), so a page's stamp says when
+ * it was last written: a copy of guest memory can be checked page by page, and
+ * a stamp newer than the source's last generation was written after a resume.
+ */
+struct kvmcore_config {
+	uint64_t dirty_rate;		/* bytes per second; 0 = no workload */
+	uint64_t working_set;		/* bytes, a multiple of KVMCORE_PAGE_SIZE */
 };
 
 /* cdef-end */

@@ -107,6 +107,45 @@ static void read_runstate(volatile struct kvmcore_report *r)
 	     sizeof(struct kvmcore_runstate_info));
 }
 
+#define NSEC_PER_SEC 1000000000ULL
+
+/*
+ * The dirtying workload (struct kvmcore_config): spend the bytes earned since
+ * the last pass, at dirty_rate per kvmclock second, on whole pages. A pass
+ * earns at most one second (a guest paused for a migration does not write a
+ * backlog of minutes) and writes each page at most once; a kvmclock that went
+ * backwards earns nothing.
+ */
+static void dirty_pages(volatile struct kvmcore_report *r)
+{
+	const volatile struct kvmcore_config *c = (void *)KVMCORE_CONFIG_GPA;
+	uint64_t pages = c->working_set / KVMCORE_PAGE_SIZE, now = r->kvmclock_ns, delta, n;
+
+	if (!c->dirty_rate || !pages)
+		return;
+	if (!r->dirty_last_ns || now < r->dirty_last_ns) {
+		r->dirty_last_ns = now;
+		return;
+	}
+	delta = now - r->dirty_last_ns;
+	r->dirty_last_ns = now;
+	if (delta > NSEC_PER_SEC)
+		delta = NSEC_PER_SEC;
+	r->dirty_credit += c->dirty_rate * delta;
+	n = r->dirty_credit / (NSEC_PER_SEC * KVMCORE_PAGE_SIZE);
+	r->dirty_credit -= n * NSEC_PER_SEC * KVMCORE_PAGE_SIZE;
+	if (n > pages)
+		n = pages;
+	while (n--) {
+		volatile uint64_t *stamp =
+			(void *)(KVMCORE_WORKSET_GPA + r->dirty_cursor * KVMCORE_PAGE_SIZE);
+
+		*stamp = ++r->dirty_generation;
+		if (++r->dirty_cursor == pages)
+			r->dirty_cursor = 0;
+	}
+}
+
 void guest_main(void)
 {
 	volatile struct kvmcore_report *r = (void *)KVMCORE_REPORT_GPA;
@@ -126,6 +165,7 @@ void guest_main(void)
 			r->backwards_next_ns = r->kvmclock_ns;
 		}
 		r->last_kvmclock_ns = r->kvmclock_ns;
+		dirty_pages(r);
 		report(r->sequence);
 	}
 }

@@ -15,9 +15,9 @@ PACKAGE = Path(kvmcore.__file__).parent
 #: Bottom-up: bindings and schema helpers; System/Vm/Vcpu; memory and the guest; the
 #: state, strategy, capture and restore; the probe; the analysis; the entry points.
 LAYERS = [
-    {"_kvm", "_build", "errors", "deadline", "_ioctl", "_schema", "_layout", "xen"},
+    {"_kvm", "_build", "errors", "deadline", "_ioctl", "_schema", "_layout", "xen", "dirty"},
     {"vcpu", "vm", "system"},
-    {"memory", "snapshot", "guest"},
+    {"memory", "snapshot", "guest", "intact"},
     {"state", "strategy", "report_doc", "migrate"},
     {"caps"},
     {"analysis"},

@@ -17,6 +17,7 @@ KEYS = {
     "get_clock_flags", "adjust_clock_flags", "xen_hvm", "clock_guest", "clock_guest_detail",
     "tsc_offset_attr", "tsc_offset_applies", "tsc_offset_detail", "tsc_scale_attr",
     "tsc_control", "tsc_adjust_msr", "kvmclock", "kvmclock_stable_bit", "steal_time",
+    "dirty_log", "dirty_log_manual_protect", "dirty_log_ring",
 }
 
 

@@ -1,0 +1,69 @@
+"""KVM's dirty log in typed form: which pages of a memory slot the guest (or KVM) wrote.
+
+KVM_GET_DIRTY_LOG hands back one bit per 4 KiB page of a slot; a migration wants
+them as page-aligned ``(offset, length)`` runs, the form protocol's MIGRATE
+``runs`` carries (``protocol.pack_runs``). This module is that conversion and
+nothing else; the ioctls are ``Vm.get_dirty_log`` / ``Vm.clear_dirty_log`` and
+the guest-level switch is ``Guest.start_dirty_log``.
+
+Only writes through the guest's page tables and KVM's own writes to guest memory
+(kvmclock, steal time) are logged; the host writing the mapping directly is not.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ._kvm import lib
+
+PAGE_SIZE = lib.KVMCORE_PAGE_SIZE
+
+
+def bitmap_bytes(num_pages: int) -> int:
+    """The buffer KVM_GET_DIRTY_LOG fills: one bit per page, in whole 64-bit words (KVM
+    writes longs, so a shorter buffer would be overrun)."""
+    return (num_pages + 63) // 64 * 8
+
+
+@dataclass(frozen=True)
+class DirtyBitmap:
+    """One KVM_GET_DIRTY_LOG answer for a slot of ``num_pages`` pages (bit n = page n,
+    little-endian words as the kernel's ``unsigned long`` on x86-64)."""
+
+    slot: int
+    num_pages: int
+    bitmap: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.bitmap) != bitmap_bytes(self.num_pages):
+            raise ValueError(f"dirty bitmap of {len(self.bitmap)} bytes for {self.num_pages} "
+                             f"pages (needs {bitmap_bytes(self.num_pages)})")
+
+    def pages(self) -> list[int]:
+        """Indices of the dirty pages, ascending."""
+        value = int.from_bytes(self.bitmap, "little")
+        out = []
+        while value:
+            low = value & -value
+            page = low.bit_length() - 1
+            if page >= self.num_pages:
+                break
+            out.append(page)
+            value ^= low
+        return out
+
+    def __len__(self) -> int:
+        """How many pages are dirty."""
+        return int.from_bytes(self.bitmap, "little").bit_count()
+
+    def runs(self, page_size: int = PAGE_SIZE) -> list[tuple[int, int]]:
+        """The dirty pages as ascending, disjoint, maximal ``(offset, length)`` byte runs
+        from the slot's start: what ``protocol.pack_runs`` takes."""
+        runs: list[tuple[int, int]] = []
+        for page in self.pages():
+            offset = page * page_size
+            if runs and runs[-1][0] + runs[-1][1] == offset:
+                runs[-1] = (runs[-1][0], runs[-1][1] + page_size)
+            else:
+                runs.append((offset, page_size))
+        return runs
