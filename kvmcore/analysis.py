@@ -42,6 +42,9 @@ CLOCK_MECHANISM = {
     "guest": "KVM_SET_CLOCK_GUEST: source pvclock re-applied to the guest TSC",
     "realtime": "KVM_SET_CLOCK with KVM_CLOCK_REALTIME: kvmclock advanced by the "
                 "CLOCK_REALTIME elapsed since the source's KVM_GET_CLOCK",
+    "realtime-synced": "KVM_SET_CLOCK with KVM_CLOCK_REALTIME, the source's realtime first "
+                       "translated into the destination's timescale by the clock-sync offset: "
+                       "kvmclock advanced by the elapsed CLOCK_REALTIME alone",
     "plain": "KVM_SET_CLOCK without KVM_CLOCK_REALTIME (QEMU's way): kvmclock resumes at "
              "the captured value, the gap is hidden",
     "none": "kvmclock not restored: the destination VM's own kvmclock",
@@ -125,6 +128,9 @@ class Analysis:
     backwards_step_ns: int | None       # the last backwards step the guest saw (negative)
     checks: dict[str, Check]
     host_bracket_ns: tuple[int, int]    # bounds on the guest's interval between reports
+    #: How far the hosts' clocks disagree (destination CLOCK_REALTIME minus source's, by
+    #: clock sync), in words too: hosts_clocks().
+    hosts_clock_offset: Measurement | None = None
 
     def to_plain(self) -> dict[str, Any]:
         plain = dataclasses.asdict(self)
@@ -207,8 +213,12 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
         "xen_runnable_in_window": _runnable_window(runnable, wall_gap, state, after,
                                                    uncertainty_ns, runnable_slack_ppm),
         "seed_runnable": _seed(runnable, requested_gap_ns),
-        "kvmclock_follows_gap": _within(kvmclock_jump, host_interval, lo, hi, slack),
-        "tsc_follows_gap": tsc_check,
+        "kvmclock_follows_gap": name_the_cause(
+            _within(kvmclock_jump, host_interval, lo, hi, slack), strategy, clock_offset_ns,
+            uncertainty_ns),
+        "tsc_follows_gap": (name_the_cause(tsc_check, strategy, clock_offset_ns,
+                                           uncertainty_ns)
+                            if strategy.tsc == "offset" else tsc_check),
         "never_backwards": Check(not backwards, "guest saw kvmclock go backwards by "
                                     f"{-step} ns" if step is not None else "never backwards"),
         "sequence_continues": Check(after.sequence == before.sequence + 1,
@@ -217,7 +227,41 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     assert tuple(checks) == CHECK_NAMES
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
                     kvmclock_jump, tsc_jump, steal, runnable, backwards, step, checks,
-                    (lo, hi))
+                    (lo, hi), hosts_clock_offset=hosts_clocks(clock_offset_ns, uncertainty_ns))
+
+
+def clock_disagreement(offset_ns: int, uncertainty_ns: int) -> str | None:
+    """"the destination's realtime is N ms ahead of the source's" when clock sync says so
+    (|offset| beyond its uncertainty), else None: the hosts' clocks agree as far as known."""
+    if abs(offset_ns) <= uncertainty_ns:
+        return None
+    return (f"the destination's realtime is {ms(abs(offset_ns))} "
+            f"{'ahead of' if offset_ns > 0 else 'behind'} the source's (clock sync +- "
+            f"{ms(uncertainty_ns)})")
+
+
+def hosts_clocks(offset_ns: int, uncertainty_ns: int) -> Measurement:
+    """How far the hosts' clocks disagree: the offset the analysis corrects by, in words."""
+    return Measurement(offset_ns, "protocol clock sync (NTP-style, minimum RTT): destination "
+                       "CLOCK_REALTIME minus source's; " + (
+                           clock_disagreement(offset_ns, uncertainty_ns)
+                           or f"the two clocks agree within +- {ms(uncertainty_ns)}"))
+
+
+def name_the_cause(check: Check, strategy: Strategy, offset_ns: int,
+                   uncertainty_ns: int) -> Check:
+    """A failed kvmclock (or offset-carried TSC) verdict under clock=realtime, between hosts
+    whose clocks disagree: KVM_SET_CLOCK with KVM_CLOCK_REALTIME advanced the kvmclock by the
+    destination's realtime minus the source's, so the disagreement is in the guest's clock.
+    The detail says so, with the error next to the offset."""
+    disagreement = clock_disagreement(offset_ns, uncertainty_ns)
+    if check.ok is not False or strategy.clock != "realtime" or disagreement is None:
+        return check
+    error = check.error_ns
+    return dataclasses.replace(check, detail=(
+        f"{check.detail}; cause: {disagreement}, and KVM_SET_CLOCK with KVM_CLOCK_REALTIME "
+        f"carried it into the kvmclock (error {(error or 0) / 1e6:+.3f} ms, offset "
+        f"{offset_ns / 1e6:+.3f} ms; clock=realtime-synced translates it)"))
 
 
 def _within(guest: Measurement, host: Measurement, lo: int, hi: int, slack: int) -> Check:
