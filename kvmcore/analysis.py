@@ -177,9 +177,7 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     kvmclock_jump = Measurement(signed64(after.kvmclock_ns - before.kvmclock_ns),
                                 f"guest kvmclock (pvclock read); {CLOCK_MECHANISM[strategy.clock]}")
     tsc_ticks = signed64(after.tsc - before.tsc)
-    khz_note = ("" if record.tsc_khz_destination in (0, state.tsc_khz) else
-                f"; TSC kHz differs: source {state.tsc_khz}, destination "
-                f"{record.tsc_khz_destination}")
+    khz_note = tsc_rate_note(state, record)
     tsc_jump = Measurement(tsc_ticks_to_ns(tsc_ticks, state.tsc_khz),
                            f"guest rdtsc at {state.tsc_khz} kHz; {TSC_MECHANISM[strategy.tsc]}"
                            + _offset_note(record) + khz_note)
@@ -258,10 +256,31 @@ def name_the_cause(check: Check, strategy: Strategy, offset_ns: int,
     if check.ok is not False or strategy.clock != "realtime" or disagreement is None:
         return check
     error = check.error_ns
+    if check.expected_ns is not None and check.expected_ns + offset_ns < 0:
+        # Behind by more than the gap: the destination's realtime at restore was still
+        # before the source's capture instant, and KVM adds only a positive elapsed time.
+        how = ("so at restore its realtime was still before the source's capture instant, and "
+               "KVM_SET_CLOCK with KVM_CLOCK_REALTIME advances the kvmclock only by a positive "
+               "elapsed time: it resumed at the captured value, the gap hidden")
+    else:
+        how = "and KVM_SET_CLOCK with KVM_CLOCK_REALTIME carried it into the kvmclock"
     return dataclasses.replace(check, detail=(
-        f"{check.detail}; cause: {disagreement}, and KVM_SET_CLOCK with KVM_CLOCK_REALTIME "
-        f"carried it into the kvmclock (error {(error or 0) / 1e6:+.3f} ms, offset "
-        f"{offset_ns / 1e6:+.3f} ms; clock=realtime-synced translates it)"))
+        f"{check.detail}; cause: {disagreement}, {how} (error {(error or 0) / 1e6:+.3f} ms, "
+        f"offset {offset_ns / 1e6:+.3f} ms; clock=realtime-synced translates it)"))
+
+
+def tsc_rate_note(state: VmState, record: RestoreRecord) -> str:
+    """The TSC rate across the migration: both KVM TSC kHz; carried (KVM_SET_TSC_KHZ) or
+    the ppm not carried."""
+    src, dst = state.tsc_khz, record.tsc_khz_destination
+    if record.tsc_khz_set is not None:
+        return (f"; TSC rate carried: KVM_SET_TSC_KHZ {record.tsc_khz_set} kHz (source "
+                f"{src} kHz), the restored vCPU runs at {dst} kHz")
+    if dst in (0, src):
+        return ""
+    ppm = (dst - src) * 1e6 / src
+    return (f"; TSC kHz differs: source {src}, destination {dst}: {ppm:+.1f} ppm not carried "
+            "(the destination does not scale: no KVM_CAP_TSC_CONTROL)")
 
 
 def _within(guest: Measurement, host: Measurement, lo: int, hi: int, slack: int) -> Check:

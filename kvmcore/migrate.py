@@ -109,6 +109,10 @@ def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
         t1 = time.perf_counter_ns()
         _restore_registers(guest, state, strategy)
         t2 = time.perf_counter_ns()
+        if plan.tsc_khz is not None:
+            # The rate before any TSC or clock figure is derived from it.
+            guest.vcpu.set_tsc_khz(plan.tsc_khz)
+            record.tsc_khz_set = plan.tsc_khz
         if strategy.clock == "guest":
             # kvmclock is then a function of guest TSC: the TSC must be in place first. Its
             # offset needs the master clock's host TSC, which 6.12 has only after a KVM_SET_CLOCK

@@ -33,7 +33,7 @@ from .xen import Runstate
 #: no capture_realtime_ns (clock.realtime is the capture instant) and no timings (the
 #: source's own); the REPORT has no capabilities and nothing twice (kvmcore.report_doc).
 #: 4: ``clock_sync``, the source's clock-sync estimate of the destination's clock (for
-#: clock=realtime-synced).
+#: clock=realtime-synced); the REPORT's restore_record has ``tsc_khz_set``.
 FORMAT_VERSION = 4
 
 MSR_IA32_TSC_ADJUST = 0x3B

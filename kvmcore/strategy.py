@@ -198,7 +198,11 @@ class Strategy:
             need = REQUIREMENTS.get(choice)
             if need is not None and not need.state(state):
                 raise StateError(need.state_field, need.state_reason)
-        return RestorePlan(self, state)
+        # The TSC rate: carried where the rates differ and this host can scale
+        # (KVM_CAP_TSC_CONTROL, KVM_SET_TSC_KHZ); else the analysis names the ppm not carried.
+        scale = (state.tsc_khz if caps.tsc_control and state.tsc_khz
+                 and state.tsc_khz != caps.tsc_khz else None)
+        return RestorePlan(self, state, scale)
 
 
 @dataclass(frozen=True)
@@ -208,3 +212,5 @@ class RestorePlan:
 
     strategy: Strategy
     state: VmState
+    #: KVM_SET_TSC_KHZ to the source's rate (None: the rates agree or this host cannot scale).
+    tsc_khz: int | None = None

@@ -106,3 +106,32 @@ def test_realtime_synced_needs_the_estimate(kvm, caps):
     with pytest.raises(StateError):
         strategy.check(caps, past)
     g.memory.close()
+
+
+def test_kvm_adds_only_a_positive_elapsed_realtime(kvm, caps):
+    """What a destination behind by more than the gap meets, on the real kernel: a realtime
+    given to KVM_SET_CLOCK that lies in the future (here: the state claims the destination 1 s
+    ahead) does not set the kvmclock back; it resumes at the captured value, the gap hidden."""
+    a = migrate_with_offset(kvm, caps, "realtime-synced", 1_000_000_000)
+    assert 0 <= a.kvmclock_jump.value_ns < GAP_S * 1e9, a.kvmclock_jump
+    assert not a.guest_saw_backwards
+    # Control: the same restore with the offset 0 carries the gap.
+    assert migrate_with_offset(kvm, caps, "realtime-synced", 0).kvmclock_jump.value_ns \
+        >= GAP_S * 1e9
+
+
+def test_the_cause_says_which_way_the_kernel_took_it():
+    """name_the_cause from the figures: behind by more than the host's interval, the kvmclock
+    resumed at the captured value (the pair's -3 s); behind by less, the offset was carried."""
+    from kvmcore.analysis import Check, name_the_cause
+    failed = Check(False, "outside", value_ns=5_000_000, expected_ns=370_000_000)
+    realtime = Strategy("realtime", "none", "off")
+    far = name_the_cause(failed, realtime, -3_000_000_000, 2_000_000).detail
+    assert "3000.000 ms behind the source's" in far and "resumed at the captured value" in far
+    near = name_the_cause(failed, realtime, -250_000_000, 2_000_000).detail
+    assert "carried it into the kvmclock" in near and "resumed" not in near
+    # Controls: a passing check, or another strategy, is left as it is.
+    assert name_the_cause(dataclasses.replace(failed, ok=True), realtime, -3_000_000_000,
+                          0).detail == "outside"
+    assert name_the_cause(failed, Strategy("plain", "none", "off"), -3_000_000_000,
+                          0).detail == "outside"

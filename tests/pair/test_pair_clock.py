@@ -23,9 +23,13 @@ SKEWS_MS = (0, 250, -250)
 MIGRATE = ("--json", "--clock", "realtime", "--runstate", "off", "--gap", "20ms")
 SYNCED = ("--json", "--clock", "realtime-synced", "--runstate", "off", "--gap", "20ms")
 #: The seed's flow (10 ms gap, Xen runstate restored) with dst behind by more than the gap.
+BEHIND_MS = 3000
 XEN = ("--json", "--runstate", "kernel", "--tsc", "offset", "--gap", "10ms")
 EXTRA = {("realtime-synced", 250): (250, SYNCED),
          ("xen realtime", -250): (-250, (*XEN, "--clock", "realtime")),
+         # Behind by more than the gap (the wall gap is ~0.6 s under TCG: 250 ms is not).
+         ("xen realtime", -BEHIND_MS): (-BEHIND_MS, (*XEN, "--clock", "realtime")),
+         ("xen realtime-synced", -BEHIND_MS): (-BEHIND_MS, (*XEN, "--clock", "realtime-synced")),
          ("xen realtime-synced", -250): (-250, (*XEN, "--clock", "realtime-synced"))}
 
 pytestmark = pytest.mark.pair
@@ -151,22 +155,59 @@ def test_realtime_synced_keeps_the_skew_out_of_the_kvmclock(pair_runs):
 
 
 def test_destination_behind_with_the_xen_runstate_is_a_clear_failure(pair_runs):
-    """Item 4: dst 250 ms behind (more than the 10 ms gap), runstate=kernel: clock=realtime sets
-    the kvmclock behind the runstate's entry time; the kernel refuses RUNSTATE_DATA (EINVAL) or
-    accounts a wrapped delta. Either way a clear failure with a report, never a crash (exit 4);
-    clock=realtime-synced on the same pair is the control and passes the seed's flow."""
+    """Item 4, runstate=kernel. Behind by less than the gap (250 ms against a ~0.6 s gap):
+    clock=realtime leaves the kvmclock ahead of the runstate's entry time, and the runnable
+    delta is short by the skew (xen_runnable_in_window fails). Behind by more than the gap
+    (3 s): KVM_SET_CLOCK with KVM_CLOCK_REALTIME adds only a positive elapsed time, so 6.12
+    resumes the kvmclock at the captured value (measured: never EINVAL on RUNSTATE_DATA, no
+    wrapped delta), the gap hidden: runnable ~5 ms, the window fails and the verdict names the
+    cause. A kernel that set the kvmclock behind the entry time would refuse RUNSTATE_DATA
+    (EINVAL): then the error names it. Never a crash (exit 4). clock=realtime-synced on the
+    same pair at both skews is the control: the seed's flow passes."""
     o = pair_runs["xen realtime", -250]
     r = report(o)
-    print(f"xen realtime -250 ms: exit {o.status}, {r.get('error')}")
+    runnable = r["verdicts"]["xen_runnable_in_window"]
+    print(f"xen realtime -250 ms: exit {o.status}, {runnable['detail']}")
+    assert o.status == 1 and runnable["ok"] is False
+    assert r["wall_gap"]["value_ns"] > 250_000_000            # less than the gap behind
+    assert abs(runnable["error_ns"] + 250e6) < 10e6           # short by the skew
+    o = pair_runs["xen realtime", -BEHIND_MS]
+    r = report(o)
+    print(f"xen realtime -{BEHIND_MS} ms: exit {o.status}, {r.get('error')}")
     assert o.status in (1, 3), (o.status, o.stderr[-800:])
     if o.status == 3:
         assert "RUNSTATE_DATA: the kvmclock as restored" in r["error"], r["error"]
         assert "behind the runstate's entry time" in r["error"] and "EINVAL" in r["error"]
     else:
         assert r["verdicts"]["xen_runnable_in_window"]["ok"] is False
-    synced = pair_runs["xen realtime-synced", -250]
-    rs = report(synced)
-    print(f"xen realtime-synced -250 ms: exit {synced.status}, "
-          f"{rs['verdicts']['xen_runnable_in_window']['detail']}")
-    assert synced.status == 0, rs.get("error") or rs["verdicts"]
-    assert rs["verdicts"]["xen_runnable_in_window"]["ok"] is True
+        assert r["wall_gap"]["value_ns"] < BEHIND_MS * 1_000_000    # behind by more than it
+        detail = r["verdicts"]["kvmclock_follows_gap"]["detail"]
+        assert f"cause: the destination's realtime is " in detail, detail
+        assert "it resumed at the captured value, the gap hidden" in detail, detail
+    for skew_ms in (-250, -BEHIND_MS):
+        synced = pair_runs["xen realtime-synced", skew_ms]
+        rs = report(synced)
+        print(f"xen realtime-synced {skew_ms} ms: exit {synced.status}, "
+              f"{rs['verdicts']['xen_runnable_in_window']['detail']}")
+        assert synced.status == 0, rs.get("error") or rs["verdicts"]
+        assert rs["verdicts"]["xen_runnable_in_window"]["ok"] is True
+
+
+def test_both_tsc_rates_are_reported_and_a_difference_is_carried_or_named(runs):
+    """Item 3: the two lane kernels calibrate different TSC rates from one emulated CPU. The
+    report has both; the destination scales (KVM_SET_TSC_KHZ) where it can, else the tsc_jump
+    mechanism names the ppm not carried."""
+    r = report(runs[0])
+    src, dst = r["hosts"]["source"]["tsc_khz"], r["hosts"]["destination"]["tsc_khz"]
+    mechanism = r["measurements"]["tsc_jump"]["mechanism"]
+    print(f"TSC kHz: source {src}, destination {dst}, KVM_CAP_TSC_CONTROL on the destination "
+          f"{r['hosts']['destination']['tsc_control']}: {mechanism}")
+    assert src > 0 and dst > 0
+    if src == dst:
+        assert "ppm not carried" not in mechanism
+    elif r["hosts"]["destination"]["tsc_control"]:
+        assert r["restore_record"]["tsc_khz_set"] == src
+        assert "TSC rate carried" in mechanism
+    else:
+        assert r["restore_record"]["tsc_khz_set"] is None
+        assert f"{(dst - src) * 1e6 / src:+.1f} ppm not carried" in mechanism
