@@ -43,6 +43,9 @@ CLOCK_MECHANISM = {
     "guest": "KVM_SET_CLOCK_GUEST: source pvclock re-applied to the guest TSC",
     "realtime": "KVM_SET_CLOCK with KVM_CLOCK_REALTIME: kvmclock advanced by the "
                 "CLOCK_REALTIME elapsed since the source's KVM_GET_CLOCK",
+    "realtime-synced": "KVM_SET_CLOCK with KVM_CLOCK_REALTIME, the source's realtime first "
+                       "translated into the destination's timescale by the clock-sync offset: "
+                       "kvmclock advanced by the elapsed CLOCK_REALTIME alone",
     "plain": "KVM_SET_CLOCK without KVM_CLOCK_REALTIME (QEMU's way): kvmclock resumes at "
              "the captured value, the gap is hidden",
     "none": "kvmclock not restored: the destination VM's own kvmclock",
@@ -126,6 +129,9 @@ class Analysis:
     backwards_step_ns: int | None       # the last backwards step the guest saw (negative)
     checks: dict[str, Check]
     host_bracket_ns: tuple[int, int]    # bounds on the guest's interval between reports
+    #: How far the hosts' clocks disagree (destination CLOCK_REALTIME minus source's, by
+    #: clock sync), in words too: hosts_clocks().
+    hosts_clock_offset: Measurement | None = None
 
     def to_plain(self) -> dict[str, Any]:
         plain = dataclasses.asdict(self)
@@ -172,9 +178,7 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     kvmclock_jump = Measurement(signed64(after.kvmclock_ns - before.kvmclock_ns),
                                 f"guest kvmclock (pvclock read); {CLOCK_MECHANISM[strategy.clock]}")
     tsc_ticks = signed64(after.tsc - before.tsc)
-    khz_note = ("" if record.tsc_khz_destination in (0, state.tsc_khz) else
-                f"; TSC kHz differs: source {state.tsc_khz}, destination "
-                f"{record.tsc_khz_destination}")
+    khz_note = tsc_rate_note(state, record)
     tsc_jump = Measurement(tsc_ticks_to_ns(tsc_ticks, state.tsc_khz),
                            f"guest rdtsc at {state.tsc_khz} kHz; {TSC_MECHANISM[strategy.tsc]}"
                            + _offset_note(record) + khz_note)
@@ -208,8 +212,12 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
         "xen_runnable_in_window": _runnable_window(runnable, wall_gap, state, after,
                                                    uncertainty_ns, runnable_slack_ppm),
         "seed_runnable": _seed(runnable, requested_gap_ns),
-        "kvmclock_follows_gap": _within(kvmclock_jump, host_interval, lo, hi, slack),
-        "tsc_follows_gap": tsc_check,
+        "kvmclock_follows_gap": name_the_cause(
+            _within(kvmclock_jump, host_interval, lo, hi, slack), strategy, clock_offset_ns,
+            uncertainty_ns),
+        "tsc_follows_gap": (name_the_cause(tsc_check, strategy, clock_offset_ns,
+                                           uncertainty_ns)
+                            if strategy.tsc == "offset" else tsc_check),
         "never_backwards": Check(not backwards, "guest saw kvmclock go backwards by "
                                     f"{-step} ns" if step is not None else "never backwards"),
         "sequence_continues": Check(after.sequence == before.sequence + 1,
@@ -218,7 +226,62 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     assert tuple(checks) == CHECK_NAMES
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
                     kvmclock_jump, tsc_jump, steal, runnable, backwards, step, checks,
-                    (lo, hi))
+                    (lo, hi), hosts_clock_offset=hosts_clocks(clock_offset_ns, uncertainty_ns))
+
+
+def clock_disagreement(offset_ns: int, uncertainty_ns: int) -> str | None:
+    """"the destination's realtime is N ms ahead of the source's" when clock sync says so
+    (|offset| beyond its uncertainty), else None: the hosts' clocks agree as far as known."""
+    if abs(offset_ns) <= uncertainty_ns:
+        return None
+    return (f"the destination's realtime is {ms(abs(offset_ns))} "
+            f"{'ahead of' if offset_ns > 0 else 'behind'} the source's (clock sync +- "
+            f"{ms(uncertainty_ns)})")
+
+
+def hosts_clocks(offset_ns: int, uncertainty_ns: int) -> Measurement:
+    """How far the hosts' clocks disagree: the offset the analysis corrects by, in words."""
+    return Measurement(offset_ns, "protocol clock sync (NTP-style, minimum RTT): destination "
+                       "CLOCK_REALTIME minus source's; " + (
+                           clock_disagreement(offset_ns, uncertainty_ns)
+                           or f"the two clocks agree within +- {ms(uncertainty_ns)}"))
+
+
+def name_the_cause(check: Check, strategy: Strategy, offset_ns: int,
+                   uncertainty_ns: int) -> Check:
+    """A failed kvmclock (or offset-carried TSC) verdict under clock=realtime, between hosts
+    whose clocks disagree: KVM_SET_CLOCK with KVM_CLOCK_REALTIME advanced the kvmclock by the
+    destination's realtime minus the source's, so the disagreement is in the guest's clock.
+    The detail says so, with the error next to the offset."""
+    disagreement = clock_disagreement(offset_ns, uncertainty_ns)
+    if check.ok is not False or strategy.clock != "realtime" or disagreement is None:
+        return check
+    error = check.error_ns
+    if check.expected_ns is not None and check.expected_ns + offset_ns < 0:
+        # Behind by more than the gap: the destination's realtime at restore was still
+        # before the source's capture instant, and KVM adds only a positive elapsed time.
+        how = ("so at restore its realtime was still before the source's capture instant, and "
+               "KVM_SET_CLOCK with KVM_CLOCK_REALTIME advances the kvmclock only by a positive "
+               "elapsed time: it resumed at the captured value, the gap hidden")
+    else:
+        how = "and KVM_SET_CLOCK with KVM_CLOCK_REALTIME carried it into the kvmclock"
+    return dataclasses.replace(check, detail=(
+        f"{check.detail}; cause: {disagreement}, {how} (error {(error or 0) / 1e6:+.3f} ms, "
+        f"offset {offset_ns / 1e6:+.3f} ms; clock=realtime-synced translates it)"))
+
+
+def tsc_rate_note(state: VmState, record: RestoreRecord) -> str:
+    """The TSC rate across the migration: both KVM TSC kHz; carried (KVM_SET_TSC_KHZ) or
+    the ppm not carried."""
+    src, dst = state.tsc_khz, record.tsc_khz_destination
+    if record.tsc_khz_set is not None:
+        return (f"; TSC rate carried: KVM_SET_TSC_KHZ {record.tsc_khz_set} kHz (source "
+                f"{src} kHz), the restored vCPU runs at {dst} kHz")
+    if dst in (0, src):
+        return ""
+    ppm = (dst - src) * 1e6 / src
+    return (f"; TSC kHz differs: source {src}, destination {dst}: {ppm:+.1f} ppm not carried "
+            "(the destination does not scale: no KVM_CAP_TSC_CONTROL)")
 
 
 def _within(guest: Measurement, host: Measurement, lo: int, hi: int, slack: int) -> Check:

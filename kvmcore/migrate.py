@@ -109,6 +109,10 @@ def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
         t1 = time.perf_counter_ns()
         _restore_registers(guest, state, strategy)
         t2 = time.perf_counter_ns()
+        if plan.tsc_khz is not None:
+            # The rate before any TSC or clock figure is derived from it.
+            guest.vcpu.set_tsc_khz(plan.tsc_khz)
+            record.tsc_khz_set = plan.tsc_khz
         if strategy.clock == "guest":
             # kvmclock is then a function of guest TSC: the TSC must be in place first. Its
             # offset needs the master clock's host TSC, which 6.12 has only after a KVM_SET_CLOCK
@@ -157,6 +161,12 @@ def _restore_clock(guest: Guest, state: VmState, strategy: Strategy) -> None:
     if strategy.clock == "realtime":
         guest.vm.set_clock(state.clock["clock"], lib.KVM_CLOCK_REALTIME,
                            state.clock["realtime"])
+    elif strategy.clock == "realtime-synced":
+        # The source's realtime read on the destination's clock: KVM then advances the
+        # kvmclock by the elapsed time alone, not by the hosts' clock difference too.
+        assert state.synced_realtime_ns is not None   # Strategy.check
+        guest.vm.set_clock(state.clock["clock"], lib.KVM_CLOCK_REALTIME,
+                           state.synced_realtime_ns)
     elif strategy.clock == "plain":
         guest.vm.set_clock(state.clock["clock"])
 
@@ -192,5 +202,18 @@ def _restore_runstate(guest: Guest, state: VmState) -> xen.Runstate:
     kvmclock set back after this as a huge (u64-wrapped) time at the next switch."""
     assert state.runstate is not None
     runstate = dataclasses.replace(state.runstate, state=xen.RUNSTATE_RUNNABLE)
-    guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(runstate))
+    try:
+        guest.vcpu.xen_set_attr(xen.vcpu_attr_runstate_data(runstate))
+    except KvmIoctlError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        # Say which of KVM's EINVAL cases it is when the figures show it: a kvmclock behind
+        # the entry time (between hosts: a destination clock behind the source's, carried by
+        # clock=realtime).
+        now = guest.vm.get_clock().clock
+        behind = runstate.state_entry_time - now
+        why = (f"RUNSTATE_DATA: the kvmclock as restored ({now} ns) is {behind / 1e6:.3f} ms "
+               f"behind the runstate's entry time ({runstate.state_entry_time} ns)"
+               if behind > 0 else "RUNSTATE_DATA")
+        raise KvmIoctlError("KVM_XEN_VCPU_SET_ATTR", exc.errno, why) from None
     return runstate

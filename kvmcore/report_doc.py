@@ -52,6 +52,8 @@ class RestoreRecord:
     tsc_offset_requested: int | None = None
     tsc_offset_applied: int | None = None                 # read back
     tsc_khz_destination: int = 0                          # the source's is VmState.tsc_khz
+    #: KVM_SET_TSC_KHZ given (the source's rate, where this host scales); None: not scaled
+    tsc_khz_set: int | None = None
     runstate_restored: Runstate | None = None             # RUNSTATE_DATA as written
 
     def to_plain(self) -> dict[str, Any]:

@@ -32,7 +32,9 @@ from .xen import Runstate
 #: 3: the runstate is a top-level ``runstate`` (xen.Runstate's fields), no ``xen`` wrapper;
 #: no capture_realtime_ns (clock.realtime is the capture instant) and no timings (the
 #: source's own); the REPORT has no capabilities and nothing twice (kvmcore.report_doc).
-FORMAT_VERSION = 3
+#: 4: ``clock_sync``, the source's clock-sync estimate of the destination's clock (for
+#: clock=realtime-synced); the REPORT's restore_record has ``tsc_khz_set``.
+FORMAT_VERSION = 4
 
 MSR_IA32_TSC_ADJUST = 0x3B
 # The MSRs a VmState may carry, by the names the wire uses.
@@ -57,6 +59,14 @@ def check_msrs(value: Any, path: str) -> None:
 
 CLOCK_SPEC = {"clock": check_u64, "flags": check_u64, "realtime": check_u64,
               "host_tsc": check_u64}
+
+
+#: |offset| bound: far beyond any real pair of clocks, and far from u64 overflow.
+MAX_CLOCK_OFFSET_NS = 1 << 62
+CLOCK_SYNC_SPEC = {
+    "offset_ns": lambda v, path: check_int(v, path, -MAX_CLOCK_OFFSET_NS, MAX_CLOCK_OFFSET_NS),
+    "uncertainty_ns": check_u64,
+}
 
 
 def check_runstate(value: Any, path: str) -> None:
@@ -84,6 +94,12 @@ class VmState:
     #: runstate GPAs, 64-bit mode) is the guest program's ABI (abi.h), the same at both ends.
     runstate: Runstate | None
     sequence: int                        # guest's last reported sequence number
+    #: The source's estimate of the destination's CLOCK_REALTIME minus its own, from the
+    #: protocol's clock sync at the handshake: {offset_ns, uncertainty_ns} (None: not
+    #: measured, as capture() leaves it; the source agent sets it before MIGRATE). Only the
+    #: source can know it -- the destination sees t2/t3 of the exchanges, never t4 -- so it
+    #: travels in the MIGRATE's state, checked with it; clock=realtime-synced reads it.
+    clock_sync: dict[str, int] | None = None
     #: capture()'s phases (ns), for the source's own report: not on the wire (no destination
     #: reads them), so a state from the wire has none.
     timings: dict[str, int] = field(default_factory=dict, compare=False)
@@ -102,12 +118,23 @@ class VmState:
         "clock_guest": optional("struct pvclock_vcpu_time_info"),
         "runstate": optional(check_runstate),
         "sequence": check_u64,
+        "clock_sync": optional(CLOCK_SYNC_SPEC),
     }
 
     @property
     def capture_realtime_ns(self) -> int:
         """CLOCK_REALTIME of the capture: ``clock["realtime"]``, the one place it is kept."""
         return self.clock["realtime"]
+
+    @property
+    def synced_realtime_ns(self) -> int | None:
+        """The capture instant in the destination's timescale (capture realtime + the
+        clock-sync offset), what clock=realtime-synced gives KVM_SET_CLOCK; None without an
+        estimate or outside u64."""
+        if self.clock_sync is None:
+            return None
+        value = self.clock["realtime"] + self.clock_sync["offset_ns"]
+        return value if 0 <= value < 1 << 64 else None
 
     def to_plain(self) -> dict[str, Any]:
         """As str-keyed dicts of ints, bytes, bools and None (msgpack-ready)."""

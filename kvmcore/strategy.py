@@ -6,6 +6,10 @@ Parts and choices:
                       function of guest TSC; the unmerged series);
          ``realtime`` KVM_SET_CLOCK with KVM_CLOCK_REALTIME: KVM advances the kvmclock by
                       the CLOCK_REALTIME elapsed since the source's KVM_GET_CLOCK;
+         ``realtime-synced`` the same, with the source's realtime first translated into
+                      the destination's timescale by the measured clock-sync offset
+                      (``VmState.clock_sync``, dst - src): the hosts' clock difference
+                      stays out of the kvmclock;
          ``plain``    KVM_SET_CLOCK without it, as QEMU does: the gap is hidden;
          ``none``     the new VM's own kvmclock (starts near 0: goes backwards).
 - tsc:   ``offset``   devices/vcpu.rst's KVM_VCPU_TSC_OFFSET algorithm: the guest TSC
@@ -40,7 +44,9 @@ if TYPE_CHECKING:
 PARTS = ("clock", "tsc", "runstate")
 #: Each part's choices, most faithful first: `best` takes the first one the host can do.
 CHOICES: dict[str, tuple[str, ...]] = {
-    "clock": ("guest", "realtime", "plain", "none"),
+    # realtime-synced after realtime: it needs what realtime does and a clock-sync estimate
+    # besides, so `best` (which checks the host only, before any clock sync) keeps realtime.
+    "clock": ("guest", "realtime", "realtime-synced", "plain", "none"),
     "tsc": ("offset", "adjust", "none"),
     "runstate": ("kernel", "off"),
 }
@@ -75,6 +81,14 @@ REQUIREMENTS: dict[tuple[str, str], Requirement] = {
         lambda caps: "REALTIME" in caps.adjust_clock_flags,
         "clock.flags", lambda s: bool(s.clock["flags"] & lib.KVM_CLOCK_REALTIME),
         "clock=realtime needs the source's KVM_GET_CLOCK realtime (KVM_CLOCK_REALTIME not set)"),
+    ("clock", "realtime-synced"): Requirement(
+        lambda caps: "KVM_CLOCK_REALTIME in KVM_SET_CLOCK",
+        lambda caps: "REALTIME" in caps.adjust_clock_flags,
+        "clock_sync", lambda s: (bool(s.clock["flags"] & lib.KVM_CLOCK_REALTIME)
+                                 and s.clock_sync is not None
+                                 and s.synced_realtime_ns is not None),
+        "clock=realtime-synced needs the source's KVM_GET_CLOCK realtime and its clock-sync "
+        "estimate of the destination's clock (clock_sync), the translated realtime within u64"),
     ("tsc", "offset"): Requirement(
         _offset_applies, lambda caps: caps.tsc_offset_attr and caps.tsc_offset_applies,
         "tsc_offset",
@@ -184,7 +198,11 @@ class Strategy:
             need = REQUIREMENTS.get(choice)
             if need is not None and not need.state(state):
                 raise StateError(need.state_field, need.state_reason)
-        return RestorePlan(self, state)
+        # The TSC rate: carried where the rates differ and this host can scale
+        # (KVM_CAP_TSC_CONTROL, KVM_SET_TSC_KHZ); else the analysis names the ppm not carried.
+        scale = (state.tsc_khz if caps.tsc_control and state.tsc_khz
+                 and state.tsc_khz != caps.tsc_khz else None)
+        return RestorePlan(self, state, scale)
 
 
 @dataclass(frozen=True)
@@ -194,3 +212,5 @@ class RestorePlan:
 
     strategy: Strategy
     state: VmState
+    #: KVM_SET_TSC_KHZ to the source's rate (None: the rates agree or this host cannot scale).
+    tsc_khz: int | None = None

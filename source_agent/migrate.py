@@ -11,6 +11,7 @@ before, the state and the clock-sync estimate are.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import ssl
 import time
@@ -148,6 +149,11 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
         config = GuestConfig(memory_size=plan.memory_size, xen=plan.strategy.runstate == "kernel")
         t_guest = time.perf_counter_ns()
         source = await trio.to_thread.run_sync(run_source_guest, kvm, config, plan.warmup_ns)
+        # The clock-sync estimate travels in the state (only this side can make it: it alone
+        # has all four timestamps); clock=realtime-synced reads it at the destination.
+        source.state = dataclasses.replace(source.state, clock_sync={
+            "offset_ns": round(hs.clock.offset_ns),
+            "uncertainty_ns": math.ceil(hs.clock.uncertainty_ns)})
         memory = source.memory
         try:
             t_gap = time.perf_counter_ns()

@@ -48,6 +48,8 @@ def render(report: dict[str, Any], file: IO[str]) -> None:
                   f"(clock offset {ms(sync['offset_ns'])}, rtt {ms(sync['rtt_ns'])}, "
                   f"{report['memory_size'] >> 20} MiB guest, gap requested "
                   f"{ms(report['gap_requested_ns'])})")
+    if report.get("hosts_clocks"):
+        console.print(f"host clocks {report['hosts_clocks']['mechanism']}")
 
     down = Table(title="downtime by phase", title_justify="left")
     down.add_column("phase")

@@ -96,6 +96,9 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
                        "rtt_ns": m.clock.rtt_ns, "samples": m.clock.samples,
                        "consistent": m.clock.consistent},
         **clock_reference(),
+        # How far the hosts' clocks disagree, in kvmcore.analysis's words.
+        "hosts_clocks": _measurement(a.hosts_clock_offset, uncertainty_ns=uncertainty)
+        if a.hosts_clock_offset else None,
         "wall_gap": _measurement(a.wall_gap, uncertainty_ns=uncertainty),
         "downtime": phases,
         "measurements": {

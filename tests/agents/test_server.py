@@ -9,6 +9,7 @@ import threading
 import pytest
 import trio
 from agents_helpers import PSK, open_fds, settle
+from kvm_helpers import require
 
 import protocol
 from kvmcore import GuestConfig, Strategy
@@ -278,3 +279,26 @@ async def test_a_strategy_the_destination_lacks_is_refused_before_any_guest(nurs
     await migrate(MigrationPlan(*srv.address, psk=PSK, warmup_ns=0,
                                 strategy=Strategy("plain", "none", "off")), kvm, caps)
     assert srv.counters.vms_created == 1
+
+
+async def test_realtime_synced_without_the_estimate_is_refused_naming_it(server, kvm, caps):
+    """clock=realtime-synced needs the clock-sync estimate the source puts in the state: a
+    MIGRATE without it is refused before any memory or VM (the control, the same state with
+    an estimate, waits for its memory)."""
+    require(Strategy.parse("clock=realtime-synced,tsc=none,runstate=off"), caps)
+    plain = await source_state(kvm)
+    assert plain["clock_sync"] is None          # capture() leaves it to the source agent
+    strategy = "clock=realtime-synced,tsc=none,runstate=off"
+    err = await refused(server, kvm, protocol.Migrate(plain, strategy, 2 * MiB, MiB))
+    assert err.code == "bad_state" and "clock_sync" in err.message, err.message
+    good = {**plain, "clock_sync": {"offset_ns": 0, "uncertainty_ns": 1000}}
+    channel = await protocol.open_channel(*server.address, protocol.Session("source", PSK))
+    async with channel:
+        await protocol.source_handshake(channel, agent_version="test", capabilities={},
+                                        clock_rounds=1)
+        await channel.send(protocol.Migrate(good, strategy, 2 * MiB, MiB))
+        with trio.move_on_after(0.5) as waited:
+            await channel.receive()
+        assert waited.cancelled_caught
+    await settle(server)
+    assert server.counters.vms_created == 0

@@ -24,14 +24,16 @@ WITHOUT = [
     (dict(clock_guest=False), {"clock=guest": "KVM_SET_CLOCK_GUEST"}),
     (dict(clock_guest=None), {"clock=guest": "KVM_SET_CLOCK_GUEST"}),
     (dict(adjust_clock_flags=["TSC_STABLE"]),
-     {"clock=realtime": "KVM_CLOCK_REALTIME in KVM_SET_CLOCK"}),
+     {"clock=realtime": "KVM_CLOCK_REALTIME in KVM_SET_CLOCK",
+      "clock=realtime-synced": "KVM_CLOCK_REALTIME in KVM_SET_CLOCK"}),
     (dict(tsc_offset_attr=False), {"tsc=offset": "KVM_VCPU_TSC_OFFSET applied"}),
     (dict(tsc_offset_applies=False), {"tsc=offset": "KVM_VCPU_TSC_OFFSET applied"}),
     (dict(tsc_adjust_msr=False), {"tsc=adjust": "MSR_IA32_TSC_ADJUST"}),
     (dict(xen_hvm=["HYPERCALL_MSR", "SHARED_INFO"]),
      {"runstate=kernel": "KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE"}),
 ]
-EVERY_CHOICE = [f"clock={c}" for c in ("guest", "realtime", "plain", "none")] + \
+EVERY_CHOICE = [f"clock={c}" for c in ("guest", "realtime", "realtime-synced", "plain",
+                                                  "none")] + \
     [f"tsc={t}" for t in ("offset", "adjust", "none")] + \
     [f"runstate={r}" for r in ("kernel", "off")]
 

@@ -1,8 +1,9 @@
 """The pair's clocks: the agents' clock-sync estimate judged against an outside reference, and
 what `clock=realtime` does when the hosts' clocks disagree (issue 12).
 
-One boot of the pair runs three migrations, dst's CLOCK_REALTIME set 0, +250 ms and -250 ms from
-src's. The reference (tools/xen_pair/timeref.py) is each machine's clock read over its
+One boot of the pair runs the migrations: clock=realtime with dst's CLOCK_REALTIME set 0, +250 ms
+and -250 ms from src's; clock=realtime-synced at +250 ms (realtime is its control); and with the
+Xen runstate restored (runstate=kernel), dst 250 ms behind, clock=realtime against realtime-synced. The reference (tools/xen_pair/timeref.py) is each machine's clock read over its
 virtio-serial control port and bracketed by the physical host's clock: it never goes over the
 virtio-net link the agents sync over, so the estimate is judged against something other than itself.
 """
@@ -20,18 +21,37 @@ REPO = Path(__file__).resolve().parents[2]
 SKEWS_MS = (0, 250, -250)
 # clock=realtime with the Xen runstate off: the kvmclock alone shows what the hosts' clocks do.
 MIGRATE = ("--json", "--clock", "realtime", "--runstate", "off", "--gap", "20ms")
+SYNCED = ("--json", "--clock", "realtime-synced", "--runstate", "off", "--gap", "20ms")
+#: The seed's flow (10 ms gap, Xen runstate restored) with dst behind by more than the gap.
+BEHIND_MS = 3000
+XEN = ("--json", "--runstate", "kernel", "--tsc", "offset", "--gap", "10ms")
+EXTRA = {("realtime-synced", 250): (250, SYNCED),
+         ("xen realtime", -250): (-250, (*XEN, "--clock", "realtime")),
+         # Behind by more than the gap (the wall gap is ~0.6 s under TCG: 250 ms is not).
+         ("xen realtime", -BEHIND_MS): (-BEHIND_MS, (*XEN, "--clock", "realtime")),
+         ("xen realtime-synced", -BEHIND_MS): (-BEHIND_MS, (*XEN, "--clock", "realtime-synced")),
+         ("xen realtime-synced", -250): (-250, (*XEN, "--clock", "realtime-synced"))}
 
 pytestmark = pytest.mark.pair
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[int, Outcome]:
+def pair_runs() -> dict[tuple[str, int], Outcome]:
+    """Every scenario of the one boot, by (clock strategy, skew in ms)."""
     options = PairOptions(python=sys.executable, results=REPO / "results" / "pair-tests",
                           timeout=900)
-    scenarios = [Scenario(skew_ns=ms * 1_000_000, migrate_args=MIGRATE) for ms in SKEWS_MS]
+    wanted = {("realtime", ms): (ms, MIGRATE) for ms in SKEWS_MS} | EXTRA
+    scenarios = [Scenario(skew_ns=ms * 1_000_000, migrate_args=args)
+                 for ms, args in wanted.values()]
     outcomes, facts = run_pair(options, scenarios)
     print(f"pair: {facts}")
-    return {ms: o for ms, o in zip(SKEWS_MS, outcomes, strict=True)}
+    return dict(zip(wanted, outcomes, strict=True))
+
+
+@pytest.fixture(scope="module")
+def runs(pair_runs) -> dict[int, Outcome]:
+    """The clock=realtime runs, by skew."""
+    return {ms: pair_runs["realtime", ms] for ms in SKEWS_MS}
 
 
 def reference_at_sync(o: Outcome) -> tuple[float, float]:
@@ -95,3 +115,99 @@ def test_realtime_restore_carries_the_hosts_clock_difference_into_the_kvmclock(r
         assert check["ok"] is False and runs[skew_ms].status == 1
     else:
         assert check["ok"] is True
+
+
+def test_realtime_names_the_skew_as_the_cause(runs):
+    """Item 2: the failed verdict says why, from the figures: the destination's realtime is
+    N ms ahead/behind; at skew 0 no cause is named (and the verdict passes)."""
+    for skew_ms, words in ((250, "ahead of"), (-250, "behind")):
+        r = report(runs[skew_ms])
+        detail = r["verdicts"]["kvmclock_follows_gap"]["detail"]
+        print(f"skew {skew_ms:+d} ms: {detail}")
+        assert f"cause: the destination's realtime is " in detail and words in detail
+        assert words in r["hosts_clocks"]["mechanism"]
+    assert "cause:" not in report(runs[0])["verdicts"]["kvmclock_follows_gap"]["detail"]
+
+
+def test_realtime_synced_keeps_the_skew_out_of_the_kvmclock(pair_runs):
+    """clock=realtime-synced at +250 ms passes; its kvmclock error against the host (the host's
+    figures corrected by the estimate) is within the estimate's uncertainty, and the estimate
+    is judged against the reference. The control is clock=realtime at the same skew, which
+    fails by the skew (test above)."""
+    o, control = pair_runs["realtime-synced", 250], pair_runs["realtime", 250]
+    r = report(o)
+    check = r["verdicts"]["kvmclock_follows_gap"]
+    sync = r["clock_sync"]
+    ref, ref_u = reference_at_sync(o)
+    half_width = (check["hi_ns"] - check["lo_ns"]) / 2
+    print(f"realtime-synced +250 ms: estimate {sync['offset_ns'] / 1e6:+.3f} +- "
+          f"{sync['uncertainty_ns'] / 1e6:.3f} ms, reference {ref / 1e6:+.3f} +- "
+          f"{ref_u / 1e6:.3f} ms; kvmclock error {check['error_ns'] / 1e6:+.3f} ms "
+          f"(verdict half-width {half_width / 1e6:.3f} ms): {'PASS' if check['ok'] else 'FAIL'}")
+    assert o.status == 0 and check["ok"] is True, check["detail"]
+    assert abs(sync["offset_ns"] - ref) <= sync["uncertainty_ns"] + ref_u
+    # Against the reference: what the guest's kvmclock lost or gained beyond the host's own
+    # interval is the estimate's error, inside the verdict's width and both uncertainties.
+    assert abs(check["error_ns"]) <= half_width + sync["uncertainty_ns"]
+    ctl = report(control)["verdicts"]["kvmclock_follows_gap"]
+    assert ctl["ok"] is False and abs(ctl["error_ns"] - ref) <= half_width + \
+        sync["uncertainty_ns"] + ref_u
+
+
+def test_destination_behind_with_the_xen_runstate_is_a_clear_failure(pair_runs):
+    """Item 4, runstate=kernel. Behind by less than the gap (250 ms against a ~0.6 s gap):
+    clock=realtime leaves the kvmclock ahead of the runstate's entry time, and the runnable
+    delta is short by the skew (xen_runnable_in_window fails). Behind by more than the gap
+    (3 s): KVM_SET_CLOCK with KVM_CLOCK_REALTIME adds only a positive elapsed time, so 6.12
+    resumes the kvmclock at the captured value (measured: never EINVAL on RUNSTATE_DATA, no
+    wrapped delta), the gap hidden: runnable ~5 ms, the window fails and the verdict names the
+    cause. A kernel that set the kvmclock behind the entry time would refuse RUNSTATE_DATA
+    (EINVAL): then the error names it. Never a crash (exit 4). clock=realtime-synced on the
+    same pair at both skews is the control: the seed's flow passes."""
+    o = pair_runs["xen realtime", -250]
+    r = report(o)
+    runnable = r["verdicts"]["xen_runnable_in_window"]
+    print(f"xen realtime -250 ms: exit {o.status}, {runnable['detail']}")
+    assert o.status == 1 and runnable["ok"] is False
+    assert r["wall_gap"]["value_ns"] > 250_000_000            # less than the gap behind
+    assert abs(runnable["error_ns"] + 250e6) < 10e6           # short by the skew
+    o = pair_runs["xen realtime", -BEHIND_MS]
+    r = report(o)
+    print(f"xen realtime -{BEHIND_MS} ms: exit {o.status}, {r.get('error')}")
+    assert o.status in (1, 3), (o.status, o.stderr[-800:])
+    if o.status == 3:
+        assert "RUNSTATE_DATA: the kvmclock as restored" in r["error"], r["error"]
+        assert "behind the runstate's entry time" in r["error"] and "EINVAL" in r["error"]
+    else:
+        assert r["verdicts"]["xen_runnable_in_window"]["ok"] is False
+        assert r["wall_gap"]["value_ns"] < BEHIND_MS * 1_000_000    # behind by more than it
+        detail = r["verdicts"]["kvmclock_follows_gap"]["detail"]
+        assert f"cause: the destination's realtime is " in detail, detail
+        assert "it resumed at the captured value, the gap hidden" in detail, detail
+    for skew_ms in (-250, -BEHIND_MS):
+        synced = pair_runs["xen realtime-synced", skew_ms]
+        rs = report(synced)
+        print(f"xen realtime-synced {skew_ms} ms: exit {synced.status}, "
+              f"{rs['verdicts']['xen_runnable_in_window']['detail']}")
+        assert synced.status == 0, rs.get("error") or rs["verdicts"]
+        assert rs["verdicts"]["xen_runnable_in_window"]["ok"] is True
+
+
+def test_both_tsc_rates_are_reported_and_a_difference_is_carried_or_named(runs):
+    """Item 3: the two lane kernels calibrate different TSC rates from one emulated CPU. The
+    report has both; the destination scales (KVM_SET_TSC_KHZ) where it can, else the tsc_jump
+    mechanism names the ppm not carried."""
+    r = report(runs[0])
+    src, dst = r["hosts"]["source"]["tsc_khz"], r["hosts"]["destination"]["tsc_khz"]
+    mechanism = r["measurements"]["tsc_jump"]["mechanism"]
+    print(f"TSC kHz: source {src}, destination {dst}, KVM_CAP_TSC_CONTROL on the destination "
+          f"{r['hosts']['destination']['tsc_control']}: {mechanism}")
+    assert src > 0 and dst > 0
+    if src == dst:
+        assert "ppm not carried" not in mechanism
+    elif r["hosts"]["destination"]["tsc_control"]:
+        assert r["restore_record"]["tsc_khz_set"] == src
+        assert "TSC rate carried" in mechanism
+    else:
+        assert r["restore_record"]["tsc_khz_set"] is None
+        assert f"{(dst - src) * 1e6 / src:+.1f} ppm not carried" in mechanism
