@@ -265,7 +265,7 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
                 m.results.mkdir(parents=True, exist_ok=True)
                 prepare(m, options.python, pycache)
             outcomes = []
-            error: xen_lane.LaneError | None = None
+            error: Exception | None = None
             try:
                 facts.update(boot_machines(machines, options, kernel, initrd, deadline),
                              attempts=attempt)
@@ -277,7 +277,10 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
                     progress(f"scenario {i}/{len(scenarios)}: {scenario.label()}")
                     outcomes.append(pair.scenario(scenario))
                     on_outcome(outcomes[-1])
-            except xen_lane.LaneError as e:
+            except (xen_lane.LaneError, OSError, ValueError) as e:
+                # A machine whose kernel died mid-scenario shows up as a broken control
+                # socket (OSError) or a torn reply (ValueError): the console decides below
+                # whether that was an oops, worth one retry, or a failure to report.
                 error = e
             finally:
                 for m in machines:
