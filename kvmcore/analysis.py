@@ -14,7 +14,7 @@ from . import xen
 from .intact import MemoryComparison
 from .report_doc import RestoreRecord
 from .strategy import Strategy
-from .snapshot import Snapshot, signed64, tsc_ticks_to_ns
+from .snapshot import Snapshot, pvclock_ns, signed64, tsc_ticks_to_ns
 from .state import VmState
 
 # Guest time is compared with a host bracket, not a host stamp: each report happened
@@ -37,7 +37,10 @@ SEED_RUNNABLE_LIMIT_NS = 5_000_000_000
 NO_XEN = "not measurable on this host: no KVM Xen"
 #: Every verdict, in the order a report lists them; the only place a verdict is named.
 CHECK_NAMES = ("xen_runnable_in_window", "seed_runnable", "kvmclock_follows_gap",
-               "tsc_follows_gap", "never_backwards", "sequence_continues")
+               "tsc_follows_gap", "pvclock_preserved", "never_backwards", "sequence_continues")
+#: The KVM_[GS]ET_CLOCK_GUEST series' own bound (its pvclock_migration_test): source and
+#: destination pvclock agree at the same guest TSC to within this.
+PVCLOCK_BOUND_NS = 2
 
 CLOCK_MECHANISM = {
     "guest": "KVM_SET_CLOCK_GUEST: source pvclock re-applied to the guest TSC",
@@ -218,6 +221,7 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
         "tsc_follows_gap": (name_the_cause(tsc_check, strategy, clock_offset_ns,
                                            uncertainty_ns)
                             if strategy.tsc == "offset" else tsc_check),
+        "pvclock_preserved": pvclock_preserved(strategy, state, after),
         "never_backwards": Check(not backwards, "guest saw kvmclock go backwards by "
                                     f"{-step} ns" if step is not None else "never backwards"),
         "sequence_continues": Check(after.sequence == before.sequence + 1,
@@ -227,6 +231,27 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
                     kvmclock_jump, tsc_jump, steal, runnable, backwards, step, checks,
                     (lo, hi), hosts_clock_offset=hosts_clocks(clock_offset_ns, uncertainty_ns))
+
+
+def pvclock_preserved(strategy: Strategy, state: VmState, after: Snapshot) -> Check:
+    """clock=guest: the destination's pvclock, as the guest read it at its first report, and
+    the source's KVM_GET_CLOCK_GUEST record give the same kvmclock at that report's guest
+    TSC, to within PVCLOCK_BOUND_NS (what the series' pvclock_migration_test asserts).
+    Not measurable for the other clock choices: they carry no pvclock record."""
+    if strategy.clock != "guest" or state.clock_guest is None:
+        return Check(None, f"clock={strategy.clock}: no pvclock record is carried (only "
+                           "clock=guest carries one)")
+    src = state.clock_guest
+    tsc = after.tsc
+    expected = pvclock_ns(src["system_time"], src["tsc_timestamp"], src["tsc_to_system_mul"],
+                          src["tsc_shift"], tsc)
+    seen = after.pvclock.ns_at(tsc)
+    error = signed64(seen - expected)
+    return Check(abs(error) <= PVCLOCK_BOUND_NS,
+                 f"at guest TSC {tsc} the destination's pvclock gives {seen} ns, the source's "
+                 f"record {expected} ns: {error:+d} ns (bound +-{PVCLOCK_BOUND_NS} ns)",
+                 value_ns=seen, expected_ns=expected, lo_ns=expected - PVCLOCK_BOUND_NS,
+                 hi_ns=expected + PVCLOCK_BOUND_NS)
 
 
 def clock_disagreement(offset_ns: int, uncertainty_ns: int) -> str | None:

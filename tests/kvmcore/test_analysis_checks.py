@@ -91,3 +91,26 @@ def test_tsc_check_is_shown_but_does_not_decide_when_the_tsc_is_not_restored(mig
 def test_the_stated_host_bracket_rule_is_the_one_the_checks_use():
     """Reports state the bound (report ``bound.detail``) from the analysis's own figures."""
     assert f"+- {DEFAULT_SLACK_NS // 1000} us + {DEFAULT_SLACK_PPM} ppm" in HOST_BRACKET_RULE
+
+
+def test_pvclock_preserved_compares_the_records_at_the_same_guest_tsc(kvm, caps):
+    """clock=guest's verdict, on a real migration's snapshot: the destination's pvclock (as
+    the guest read it) against a source record. The record it was restored from agrees
+    exactly; one moved by more than the series' 2 ns bound fails (the negative control);
+    any other clock choice carries no record (n/a)."""
+    from kvmcore.analysis import PVCLOCK_BOUND_NS, pvclock_preserved
+
+    m = migrate(kvm, caps, Strategy.best(caps), 0.01)
+    assert m.analysis.checks["pvclock_preserved"].ok is None          # realtime: no record
+    pv = m.after.pvclock
+    record = {"version": pv.version, "pad0": 0, "tsc_timestamp": pv.tsc_timestamp,
+              "system_time": pv.system_time, "tsc_to_system_mul": pv.tsc_to_system_mul,
+              "tsc_shift": pv.tsc_shift, "flags": pv.flags, "pad": [0, 0]}
+    guest = Strategy.parse("clock=guest", Strategy.best(caps))
+    for moved, ok in ((0, True), (PVCLOCK_BOUND_NS, True), (PVCLOCK_BOUND_NS + 1, False),
+                      (-1000, False)):
+        state = dataclasses.replace(m.state, clock_guest={**record,
+                                                          "system_time": pv.system_time + moved})
+        check = pvclock_preserved(guest, state, m.after)
+        assert check.ok is ok, (moved, check.detail)
+        assert check.error_ns == -moved

@@ -85,6 +85,9 @@ def test_strategy_table() -> None:
             if got != want:
                 mismatches.append(f"{row.label}: expected {want}, got {got} ({row.outcome})")
             if row.outcome == "ok":
+                # pvclock_preserved decides for clock=guest only, and passes wherever it ran.
+                assert row.checks["pvclock_preserved"] is (True if strategy.clock == "guest"
+                                                           else None), row.label
                 # capture() closes the runstate (RUNSTATE_CURRENT). The seed's way leaves it as
                 # KVM has it: running, unless the vCPU thread was preempted in its last KVM_RUN.
                 if not seed_capture:
