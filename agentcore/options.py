@@ -21,6 +21,8 @@ EXIT_FAILED = 1         # a verdict failed
 EXIT_USAGE = 2          # usage or set-up error on this host
 EXIT_PEER = 3           # the peer or the network failed
 EXIT_INTERNAL = 4       # a bug in the testbed: an unexpected exception (traceback logged)
+EXIT_INTERRUPTED = 130  # Ctrl-C (128 + SIGINT, as shells report it)
+EXIT_BROKEN_PIPE = 141  # the reader of stdout went away (128 + SIGPIPE)
 
 #: Every quantity is a number and a unit, case-insensitive, spaces allowed around either
 #: (``" 20 ms "``). Durations need a unit except a bare 0 (zero in any unit); a bare size is bytes;

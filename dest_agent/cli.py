@@ -17,6 +17,7 @@ import protocol
 from kvmcore import KvmError, System, probe
 from agentcore.crash import internal_error
 from agentcore.options import (
+    EXIT_INTERRUPTED,
     EXIT_USAGE,
     UsageError,
     argtype,
@@ -163,7 +164,7 @@ def _main(argv: Sequence[str] | None) -> int:
             exc = exc.exceptions[0]
         if isinstance(exc, KeyboardInterrupt):
             print("dest-agent: interrupted, stopped serving", file=sys.stderr)
-            return 130
+            return EXIT_INTERRUPTED
         if isinstance(exc, (KvmError, OSError, UsageError)):
             print(f"dest-agent: error: cannot serve: {exc}", file=sys.stderr)
             return EXIT_USAGE

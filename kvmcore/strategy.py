@@ -71,21 +71,26 @@ def _offset_applies(caps: HostCapabilities) -> str:
     return f"KVM_VCPU_TSC_OFFSET applied to the guest TSC ({caps.tsc_offset_detail})"
 
 
+def _has_set_clock_realtime(caps: HostCapabilities) -> bool:
+    return "REALTIME" in caps.adjust_clock_flags
+
+
+def _captured_realtime(state: VmState) -> bool:
+    return bool(state.clock["flags"] & lib.KVM_CLOCK_REALTIME)
+
+
 REQUIREMENTS: dict[tuple[str, str], Requirement] = {
     ("clock", "guest"): Requirement(
         lambda caps: "KVM_SET_CLOCK_GUEST", lambda caps: bool(caps.clock_guest),
         "clock_guest", lambda s: s.clock_guest is not None,
         "clock=guest needs the source's KVM_GET_CLOCK_GUEST record; the state has none"),
     ("clock", "realtime"): Requirement(
-        lambda caps: "KVM_CLOCK_REALTIME in KVM_SET_CLOCK",
-        lambda caps: "REALTIME" in caps.adjust_clock_flags,
-        "clock.flags", lambda s: bool(s.clock["flags"] & lib.KVM_CLOCK_REALTIME),
+        lambda caps: "KVM_CLOCK_REALTIME in KVM_SET_CLOCK", _has_set_clock_realtime,
+        "clock.flags", _captured_realtime,
         "clock=realtime needs the source's KVM_GET_CLOCK realtime (KVM_CLOCK_REALTIME not set)"),
     ("clock", "realtime-synced"): Requirement(
-        lambda caps: "KVM_CLOCK_REALTIME in KVM_SET_CLOCK",
-        lambda caps: "REALTIME" in caps.adjust_clock_flags,
-        "clock_sync", lambda s: (bool(s.clock["flags"] & lib.KVM_CLOCK_REALTIME)
-                                 and s.clock_sync is not None
+        lambda caps: "KVM_CLOCK_REALTIME in KVM_SET_CLOCK", _has_set_clock_realtime,
+        "clock_sync", lambda s: (_captured_realtime(s) and s.clock_sync is not None
                                  and s.synced_realtime_ns is not None),
         "clock=realtime-synced needs the source's KVM_GET_CLOCK realtime and its clock-sync "
         "estimate of the destination's clock (clock_sync), the translated realtime within u64"),

@@ -29,6 +29,7 @@ from .migrate import MigrationPlan, migrate
 from agentcore import AGENT_VERSION
 from agentcore.crash import internal_error
 from agentcore.options import (
+    EXIT_BROKEN_PIPE,
     EXIT_PEER,
     EXIT_USAGE,
     UsageError,
@@ -43,12 +44,13 @@ from agentcore.options import (
 from . import results_cli
 from .results_cli import print_report
 from .sweep import cli as sweep_cli
-from .report import compose, error_report, iso, record_columns
+from .report import compose, error_report, record_columns
 from .results import (
     ResultsStore,
     ResultsStoreError,
     RunRecord,
     default_db_path,
+    timestamp,
 )
 
 EPILOG = """\
@@ -224,7 +226,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                               error=str(exc))
     if store is not None:
         store.record(RunRecord(
-            run_id=run_id, started_at=report["started_at"], finished_at=iso(time.time_ns()),
+            run_id=run_id, started_at=report["started_at"], finished_at=timestamp(time.time_ns()),
             command=args.command, outcome=report["outcome"], exit_code=report["exit_code"],
             error=report["error"], report=report, **record_columns(report)))
     print_report(report, as_json=args.json)
@@ -238,7 +240,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # stdout's reader left (`| head`): the run is recorded already; end quietly, as a
         # process killed by SIGPIPE would, and keep the interpreter's final flush quiet too.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 128 + 13
+        return EXIT_BROKEN_PIPE
     except Exception as exc:     # our bug, never exit 1 ("a verdict failed"): see agentcore.crash
         return internal_error("source-agent", exc)
 

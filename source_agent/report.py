@@ -9,7 +9,6 @@ produce is null with the reason, and a verdict that depends on it is null
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
 from collections.abc import Mapping
@@ -19,16 +18,12 @@ from kvmcore import Measurement
 from kvmcore.analysis import CHECK_NAMES, HOST_BRACKET_RULE
 
 from .migrate import Migration
+from .results import timestamp
 
 #: 2: ``restore_record`` without the first entry and the capture instant, which it repeated
 #: (the downtime and the ``after`` snapshot's bracket have them), and without the source's
 #: TSC kHz; ``destination_phases`` without restore_ns and first_entry_ns (in ``downtime``).
 REPORT_VERSION = 2
-
-
-def iso(ns: int) -> str:
-    return datetime.datetime.fromtimestamp(ns / 1e9, datetime.UTC).isoformat(
-        timespec="milliseconds").replace("+00:00", "Z")
 
 
 #: Set by the pair (tools/xen_pair): the hosts' clocks measured against a third clock over a path
@@ -84,7 +79,7 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
         "report_version": REPORT_VERSION,
         "run_id": run_id,
         "command": command,
-        "started_at": iso(started_ns),
+        "started_at": timestamp(started_ns),
         "topology": plan.topology,
         "destination": plan.destination,
         "destination_agent_version": m.destination_version,
@@ -131,7 +126,7 @@ def error_report(*, run_id: str, started_ns: int, command: str, topology: str,
     """The report of a run that did not complete: same top-level keys, figures null."""
     return {
         "report_version": REPORT_VERSION, "run_id": run_id, "command": command,
-        "started_at": iso(started_ns), "topology": topology, "destination": destination,
+        "started_at": timestamp(started_ns), "topology": topology, "destination": destination,
         "strategy": strategy, "outcome": "error", "exit_code": exit_code, "error": error,
         "verdicts": {name: {"ok": None, "detail": "not run"} for name in CHECK_NAMES},
     }

@@ -25,7 +25,17 @@ import trio
 
 import protocol
 from source_agent.netem import NetemError
-from agentcore.options import argtype, parse_timeout
+from agentcore.options import (
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_PASSED,
+    EXIT_PEER,
+    EXIT_USAGE,
+    UsageError,
+    argtype,
+    parse_host_port,
+    parse_timeout,
+)
 from source_agent.results import ResultsStore, ResultsStoreError, default_db_path
 
 from . import ktap
@@ -49,7 +59,6 @@ from .runner import RunPoint, SweepConfigError, SweepOutcome, run_sweep
 from .summary import BASES, PointSummary, Stats, summarise
 from .topology import DestArgv, DestinationError, agent_argv, open_endpoint
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_PEER, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
 EPILOG = """\
 examples:
@@ -112,11 +121,14 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise AxisError(f"--to: {text!r} is not HOST:PORT")
-    return host, int(port)
+    """``--to``, in the agents' one address grammar (agentcore.options.parse_host_port)."""
+    try:
+        host, port = parse_host_port(text, default_port=7400)
+    except UsageError as exc:
+        raise AxisError(f"--to: {exc}") from None
+    if port == 0:
+        raise AxisError(f"--to: {text!r}: port 0 is not a destination agent's port")
+    return host, port
 
 
 def plan_from_args(args: argparse.Namespace) -> SweepPlan:
@@ -238,7 +250,7 @@ async def run(args: argparse.Namespace, *, run_point: RunPoint | None = None,
     if outcome.stopped:
         _error(f"sweep stopped: {outcome.stopped}")
         return EXIT_PEER
-    return EXIT_FAILED if any(s.failed or s.errors for s in summaries) else EXIT_OK
+    return EXIT_FAILED if any(s.failed or s.errors for s in summaries) else EXIT_PASSED
 
 
 def injectors(runs: list[dict[str, Any]]) -> list[dict[str, str]]:

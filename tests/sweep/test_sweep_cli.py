@@ -103,7 +103,10 @@ async def test_rerun_says_how_many_points_were_skipped(tmp_path, capsys):
     (("--latency", "1ms", "--jitter", "5ms"), "--jitter 5ms is more than --latency 1ms"),
     (("--memory", "3MiB"), "--memory: '3MiB' must be a multiple of 2MiB"),
     (("--topology", "remote"), "--to HOST:PORT is required"),
-    (("--topology", "remote", "--to", "nowhere"), "--to: 'nowhere' is not HOST:PORT"),
+    # The agents' one address grammar (agentcore.options.parse_host_port).
+    (("--topology", "remote", "--to", "nowhere:x"), "--to: address 'nowhere:x': expected HOST:PORT"),
+    (("--topology", "remote", "--to", "::1:7400"), "an IPv6 address goes in brackets"),
+    (("--topology", "remote", "--to", "h:0"), "--to: 'h:0': port 0 is not a destination agent's"),
     (("--injector", "tc"), "--injector tc needs --topology netns"),
     (("--psk-file", "/nonexistent/key"), "/nonexistent/key"),
 ])
