@@ -8,20 +8,19 @@ booted with the patched modules (KVM_TESTBED_CLOCK_GUEST=patched) that does not 
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from xen_lane_probe import in_lane
+from xen_lane_probe import CLOCK_GUEST_UNSUPPORTED as UNSUPPORTED
+from xen_lane_probe import clock_guest_patched, in_lane
 
 from kvmcore import Guest, GuestConfig, KvmIoctlError, System, probe
 from kvmcore._kvm import lib
 from kvmcore._schema import plain_to_struct, struct_to_plain
 from kvmcore.snapshot import pvclock_ns
 
-UNSUPPORTED = "unsupported on this host: KVM_GET_CLOCK_GUEST"
-PATCHED = os.environ.get("KVM_TESTBED_CLOCK_GUEST") == "patched"
+PATCHED = clock_guest_patched()
 PVTI = "struct pvclock_vcpu_time_info"
 
 
@@ -47,18 +46,6 @@ def test_probe_reports_clock_guest() -> None:
         caps = probe(kvm)
     print(f"clock_guest: {caps.clock_guest} ({caps.clock_guest_detail}); patched modules: {PATCHED}")
     assert caps.clock_guest is PATCHED, caps.clock_guest_detail
-
-
-@pytest.fixture(scope="module")
-def clock_guest_kvm() -> Iterator[System]:
-    """/dev/kvm with the patched modules (a skip naming the ioctl elsewhere), for the module."""
-    with System() as kvm:
-        caps = probe(kvm)
-        if PATCHED:
-            assert caps.clock_guest is True, f"patched modules loaded, yet {caps.clock_guest_detail}"
-        elif not caps.clock_guest:
-            pytest.skip(UNSUPPORTED)
-        yield kvm
 
 
 @pytest.fixture
