@@ -148,6 +148,25 @@ def test_set_erange_when_the_frequency_differs(guest: Guest, delta_khz: float, w
 
 
 @needs_clock_guest
+@pytest.mark.parametrize("delta_khz, want", [
+    (0, 0),                                    # control: the rate the record was taken at
+    (2, errno.ERANGE), (-2, errno.ERANGE),     # the pair's machines, 2596121 and 2596119 kHz
+    (-20, errno.ERANGE),                       # ... and 2596140 and 2596120 kHz (docs/pair.md)
+])
+def test_set_erange_on_a_vcpu_at_another_rate(guest: Guest, delta_khz: int, want: int) -> None:
+    """Across two hosts: each kernel calibrates its own TSC rate, and without TSC scaling
+    (KVM_CAP_TSC_CONTROL, which the lane lacks) the destination's vCPU keeps its host's rate, so
+    the source's record implies a rate the vCPU does not have. Modelled on one host: the record
+    as it came, after KVM_SET_TSC_KHZ moved the vCPU's rate by delta_khz (within KVM's 250 ppm
+    tolerance it needs no scaling: the vCPU's rate becomes the one asked for)."""
+    rec = get(guest)
+    khz = guest.vcpu.get_tsc_khz()
+    guest.vcpu.set_tsc_khz(khz + delta_khz)
+    assert guest.vcpu.get_tsc_khz() == khz + delta_khz
+    assert errno_of_set(guest, rec) == want
+
+
+@needs_clock_guest
 def test_set_einval_for_a_guest_tsc_before_the_timestamp(guest: Guest) -> None:
     rec = get(guest)
     before = get(guest)
