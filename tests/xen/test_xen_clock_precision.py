@@ -25,7 +25,10 @@ the same kernel: a record moved by 1 us fails pvclock_preserved by 1000 +- 2 ns;
 5 ms behind the destination's (the skew as restore() sees it: the capture's CLOCK_REALTIME) puts
 5 ms into the kvmclock of clock=realtime and of clock=guest -- its TSC offset carries the wall time,
 from CLOCK_REALTIME -- failing kvmclock_follows_gap, while clock=realtime-synced, told the skew,
-passes; clock=guest still passes pvclock_preserved there.
+passes; clock=guest still passes pvclock_preserved there. A source clock 1 s ahead (a destination
+behind by more than the gap): realtime-synced passes, clock=guest must not (restore() computes its
+TSC offset from a negative elapsed time; seen: the guest TSC wraps below zero, KVM_SET_CLOCK_GUEST
+accepts it, and the kvmclock lands ~225 years ahead, pvclock_preserved passing).
 """
 from __future__ import annotations
 
@@ -128,36 +131,49 @@ def moved(state: VmState) -> VmState:
         "system_time": state.clock_guest["system_time"] + MOVED_NS})
 
 
-def behind(state: VmState) -> VmState:
-    """The state a source whose CLOCK_REALTIME is SKEW_NS behind the destination's sends: its
-    capture instant reads that much earlier; a perfect clock sync says the destination is that
-    far ahead. (restore() reads the source's clock nowhere else.)"""
-    return dataclasses.replace(state, clock=state.clock | {
-        "realtime": state.clock["realtime"] - SKEW_NS},
-        clock_sync={"offset_ns": SKEW_NS, "uncertainty_ns": 0})
+def source_clock_behind(skew_ns: int) -> Callable[[VmState], VmState]:
+    """The state a source whose CLOCK_REALTIME is ``skew_ns`` behind the destination's sends
+    (negative: ahead): its capture instant reads that much earlier, and a perfect clock sync says
+    the destination is that far ahead. restore() reads the source's clock nowhere else."""
+    def alter(state: VmState) -> VmState:
+        return dataclasses.replace(state, clock=state.clock | {
+            "realtime": state.clock["realtime"] - skew_ns},
+            clock_sync={"offset_ns": skew_ns, "uncertainty_ns": 0})
+    return alter
 
 
 MOVED = f"clock=guest,tsc=offset, record moved +{MOVED_NS} ns (one process)"
 SKEWED = {text: f"{text}, source clock {SKEW_NS // 1_000_000} ms behind (one process)"
           for text in STRATEGIES}
+#: A destination behind by more than the gap (the source's clock ahead by far more than the
+#: ~50-100 ms an in-process wall gap takes): the elapsed time restore() computes is negative.
+AHEAD_NS = 1_000_000_000
+AHEAD = {text: f"{text}, source clock {AHEAD_NS // 1_000_000_000} s ahead (one process)"
+         for text in ("clock=guest,tsc=offset", "clock=realtime-synced,tsc=offset")}
 
 
-def in_process_controls(kvm: System, caps: HostCapabilities) -> dict[str, list[Sample]]:
+def in_process_controls(kvm: System, caps: HostCapabilities
+                        ) -> tuple[dict[str, list[Sample]], dict[str, str]]:
     """The negative controls, in one process (xen_lane_migrations.migrate), where the state
     restore() is given can be changed as another host would change it; the analysis compares
-    with the state as captured, and the clocks agree (offset 0)."""
+    with the state as captured, and the clocks agree (offset 0). Samples by label, and the
+    outcome of any restore the kernel refused."""
     cases: list[tuple[str, str, Callable[[VmState], VmState]]] = [
         (MOVED, "clock=guest,tsc=offset", moved)]
-    cases += [(label, text, behind) for text, label in SKEWED.items()]
+    cases += [(label, text, source_clock_behind(SKEW_NS)) for text, label in SKEWED.items()]
+    cases += [(label, text, source_clock_behind(-AHEAD_NS)) for text, label in AHEAD.items()]
     out: dict[str, list[Sample]] = {}
+    refused: dict[str, str] = {}
     for label, text, alter in cases:
         strategy = Strategy.parse(text + ",runstate=kernel")
         row = migrate(kvm, caps, strategy, alter=alter)
-        assert row.outcome == "ok", (label, row.outcome)
+        if row.outcome != "ok":
+            refused[label] = row.outcome
+            continue
         assert row.state and row.before and row.after and row.record and row.analysis
         out[label] = [sample(strategy, row.state, row.before, row.after, row.record,
                              row.analysis)]
-    return out
+    return out, refused
 
 
 async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> None:
@@ -172,12 +188,14 @@ async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> Non
                 strategy, m.source.state, m.source.before, m.destination.after,
                 m.destination.restore_record, m.analysis,
                 (round(m.clock.offset_ns), round(m.clock.uncertainty_ns))))
-    controls = in_process_controls(clock_guest_kvm, caps)
+    controls, refused = in_process_controls(clock_guest_kvm, caps)
     print(f"\nPrecision: kvmclock error after a migration, gap {GAP_S * 1e3:.0f} ms, "
           f"runstate=kernel, kernel {caps.kernel_release}, clock_guest={caps.clock_guest}; "
           "errors against this one host's CLOCK_REALTIME (true offset 0); agents over loopback "
           "TCP, then the controls in one process")
     print(precision_table({f"{k} (agents, loopback)": v for k, v in loop.items()} | controls))
+    for label, outcome in refused.items():
+        print(f"| {label} | {outcome} |")
     for label, rows in (loop | controls).items():
         for r in rows:
             print(f"  {label}: at TSC {r.at_tsc_ns:+d} ns, KVM pairs {r.kvm_wall_ns:+d} ns "
@@ -197,6 +215,7 @@ async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> Non
             assert r.sync_offset_ns is not None
             assert abs(r.kvm_wall_ns + told) <= r.kvm_wall_slack_ns, (text, r)
     # The controls: each check fails where it should, by what was changed, and only there.
+    assert set(refused) <= {AHEAD["clock=guest,tsc=offset"]}, refused
     [r] = controls[MOVED]
     assert r.pvclock is False and abs(r.at_tsc_ns - MOVED_NS) <= PVCLOCK_BOUND_NS, r
     assert r.follows.ok is True and abs(r.kvm_wall_ns) <= r.kvm_wall_slack_ns, r
@@ -212,3 +231,12 @@ async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> Non
         assert check.lo_ns + SKEW_NS <= check.value_ns <= check.hi_ns + SKEW_NS, check
         if text.startswith("clock=guest,"):
             assert r.pvclock is True and abs(r.at_tsc_ns) <= PVCLOCK_BOUND_NS, r
+    # The destination behind by more than the gap: realtime-synced, told the offset, carries
+    # the gap; clock=guest's TSC offset is computed from a negative elapsed time, and whatever
+    # the kernel makes of that (refused, or accepted with an absurd TSC) it must not pass.
+    [r] = controls[AHEAD["clock=realtime-synced,tsc=offset"]]
+    assert r.follows.ok is True and abs(r.kvm_wall_ns) <= r.kvm_wall_slack_ns, r
+    label = AHEAD["clock=guest,tsc=offset"]
+    if label not in refused:
+        [r] = controls[label]
+        assert r.follows.ok is False, r.follows
