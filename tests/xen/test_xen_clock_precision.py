@@ -92,9 +92,11 @@ def sample(strategy: Strategy, state: VmState, before: Snapshot, after: Snapshot
 
 
 def spread(values: Sequence[int], unit: int) -> str:
-    """median [min, max], in units of ``unit`` ns."""
+    """median [min, max], in units of ``unit`` ns (one value: itself)."""
     def fmt(v: float) -> str:
         return f"{v:.0f}" if unit == 1 else f"{v / unit:.1f}"
+    if len(values) == 1:
+        return fmt(values[0])
     return f"{fmt(statistics.median(values))} [{fmt(min(values))}, {fmt(max(values))}]"
 
 
