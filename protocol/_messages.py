@@ -246,8 +246,10 @@ class Migrate(Message):
     None, lists and str-keyed maps.  ``runs`` says which memory follows:
     None for all ``memory_size`` bytes (stop-and-copy), else `pack_runs` of
     page-aligned ``(offset, length)`` runs, ascending and disjoint (the pages
-    a precopy round sends).  Each run follows, in order, as MEMORY chunks of
-    ``chunk_size`` bytes (its last one shorter), then COMMIT.
+    dirtied since precopy's last ROUND), possibly none.  Each run follows, in
+    order, as MEMORY chunks of ``chunk_size`` bytes (its last one shorter),
+    then COMMIT.  In PREPARED, ``memory_size`` and ``chunk_size`` must be the
+    PREPARE's.
     """
 
     TYPE: ClassVar[str] = "migrate"
@@ -260,7 +262,7 @@ class Migrate(Message):
 
 @dataclass(frozen=True)
 class MemoryChunk(Message):
-    """``data`` is guest memory at ``offset``; chunks follow the MIGRATE's runs in order and
+    """``data`` is guest memory at ``offset``; chunks follow the ROUND's or MIGRATE's runs in order and
     exactly cover them (all of ``memory_size`` without runs).
 
     On receipt into a buffer given to `Session.receive_memory_into`, ``data``
@@ -276,7 +278,7 @@ class MemoryChunk(Message):
 class Commit(Message):
     """End of the memory stream: ``tag`` is the Poly1305 MAC of its data bytes, in order.
 
-    Under the MIGRATE's one-time key (docs/security.md); the destination
+    Under the stream's (ROUND's or MIGRATE's) one-time key (docs/security.md); the destination
     checks it against what it received (`IntegrityError` if it differs)
     before it may use the memory.  Build it with `Session.make_commit`.
     """

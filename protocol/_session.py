@@ -358,7 +358,7 @@ class Session:
     def receive_memory_into(self, buffer: Any) -> None:
         """Write the coming MEMORY chunks' data straight into ``buffer`` at their offsets.
 
-        Call after MIGRATE was received and before its first chunk; ``buffer``
+        Call after ROUND or MIGRATE was received and before its first chunk; ``buffer``
         is any writable, contiguous buffer of at least ``memory_size`` bytes
         (the guest's RAM, say), so the whole memory is never held twice.  The
         data is MACed as it arrives.  If the session fails, it releases every

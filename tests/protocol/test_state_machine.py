@@ -21,7 +21,7 @@ from protocol_helpers import (
 import protocol
 from protocol import LocalProtocolError, RemoteProtocolError, Session, State
 from protocol._messages import name_of
-from protocol._state import next_state
+from protocol._state import COVERED, next_state
 
 REACHABLE = [
     State.AWAIT_SOURCE_HELLO,
@@ -129,6 +129,16 @@ def table_differences(lookup: Callable[[State, str, type], State | None]) -> lis
 
 def test_the_state_table_is_the_documented_one() -> None:
     assert table_differences(next_state) == []
+
+
+# Where a memory stream's last chunk leads (the session's move, not a message's).
+EXPECTED_COVERED = {State.ROUND_MEMORY: State.ROUND_COMMIT, State.MEMORY: State.COMMIT}
+
+
+def test_the_covered_moves_are_the_documented_ones() -> None:
+    assert COVERED == EXPECTED_COVERED
+    # Control: the moves are the ones the table's COMMITs start from.
+    assert all(protocol.Commit in EXPECTED[(done, S)] for done in EXPECTED_COVERED.values())
 
 
 def test_state_table_control_a_wrong_entry_is_caught() -> None:
