@@ -10,13 +10,13 @@ which sends the bytes as they were at the copy however the guest changes them.
 from __future__ import annotations
 
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import pytest
 import trio
 from cryptography.hazmat.primitives.poly1305 import Poly1305
-from protocol_helpers import STATE, authenticated, connected, forge, transfer
+from protocol_helpers import STATE, authenticated, forge, transfer
 
 import protocol
 from protocol import (
@@ -331,24 +331,6 @@ def test_a_rounds_tag_replayed_for_a_later_stream_fails() -> None:
 
 # -- over channels --------------------------------------------------------------------------------
 
-OpenChannels = Callable[[str], Awaitable[tuple[Channel, Channel]]]
-
-
-@pytest.fixture
-async def channels() -> AsyncIterator[OpenChannels]:
-    """``await channels(transport)``: two authenticated channels, closed after the test."""
-    opened: list[Channel] = []
-
-    async def open_pair(transport: str) -> tuple[Channel, Channel]:
-        source, destination = await connected(transport)
-        opened.extend((source, destination))
-        return source, destination
-
-    yield open_pair
-    for channel in opened:
-        await channel.aclose()
-
-
 async def precopy_over(
     source: Channel, destination: Channel, guest: bytearray, into: bytearray, *, copy: bool = True
 ) -> dict[str, Any]:
@@ -385,17 +367,16 @@ async def precopy_over(
     return dict(report.report)
 
 
-@pytest.mark.parametrize("transport", ["memory", "socket"])
-async def test_a_whole_precopy_conversation_through_two_channels(transport: str, channels: OpenChannels) -> None:
-    source, destination = await channels(transport)
+async def test_a_whole_precopy_conversation_through_two_channels(channels: tuple[Channel, Channel]) -> None:
+    source, destination = channels
     guest, into = bytearray(os.urandom(SIZE)), bytearray(SIZE)
     assert await precopy_over(source, destination, guest, into) == {"equal": True}
     assert into == guest
 
 
-async def test_copy_true_across_batches_larger_than_the_bounce_buffer(channels: OpenChannels) -> None:
+async def test_copy_true_across_batches_larger_than_the_bounce_buffer(channels: tuple[Channel, Channel]) -> None:
     # 3 MiB in 768 KiB chunks: the 1 MiB bounce buffer holds one chunk per batch.
-    source, destination = await channels("socket")
+    source, destination = channels
     size, chunk = 3 << 20, 768 << 10
     guest, into = bytearray(os.urandom(size)), bytearray(size)
 
@@ -433,9 +414,8 @@ def mutate_after_each_send(channel: Channel, guest: bytearray) -> list[int]:
     return changed
 
 
-@pytest.mark.parametrize("transport", ["memory", "socket"])
-async def test_copy_true_sends_the_bytes_as_copied_however_the_guest_changes_them(transport: str, channels: OpenChannels) -> None:
-    source, destination = await channels(transport)
+async def test_copy_true_sends_the_bytes_as_copied_however_the_guest_changes_them(channels: tuple[Channel, Channel]) -> None:
+    source, destination = channels
     guest, into = bytearray(os.urandom(SIZE)), bytearray(SIZE)
     at_copy = bytes(guest)
 
@@ -457,11 +437,10 @@ async def test_copy_true_sends_the_bytes_as_copied_however_the_guest_changes_the
     assert into == at_copy  # the COMMIT's tag matched: it covers exactly the bytes written
 
 
-@pytest.mark.parametrize("transport", ["memory", "socket"])
-async def test_copy_false_would_write_bytes_other_than_those_maced(transport: str, channels: OpenChannels) -> None:
+async def test_copy_false_would_write_bytes_other_than_those_maced(channels: tuple[Channel, Channel]) -> None:
     # Negative control for the test above: without the bounce buffer, the guest's write between
     # the MAC and the write goes on the wire, and the destination's COMMIT check fails.
-    source, destination = await channels(transport)
+    source, destination = channels
     guest, into = bytearray(os.urandom(SIZE)), bytearray(SIZE)
     failure: list[BaseException] = []
 
@@ -484,14 +463,14 @@ async def test_copy_false_would_write_bytes_other_than_those_maced(transport: st
     assert len(failure) == 1 and "COMMIT.tag differs from the Poly1305 tag" in str(failure[0])
 
 
-async def test_send_memory_needs_a_round_or_migrate(channels: OpenChannels) -> None:
-    source, destination = await channels("memory")
+async def test_send_memory_needs_a_round_or_migrate(channels: tuple[Channel, Channel]) -> None:
+    source, destination = channels
     with pytest.raises(LocalProtocolError, match=r"send_memory needs a ROUND or MIGRATE sent first \(state READY\)"):
         await source.send_memory(bytearray(SIZE), copy=True)
 
 
-async def test_bye_from_prepared_over_channels(channels: OpenChannels) -> None:
-    source, destination = await channels("memory")
+async def test_bye_from_prepared_over_channels(channels: tuple[Channel, Channel]) -> None:
+    source, destination = channels
     async with trio.open_nursery() as nursery:
         nursery.start_soon(source.send, prepare())
         assert isinstance(await destination.receive(), protocol.Prepare)
