@@ -56,6 +56,22 @@ class DirtyBitmap:
         """How many pages are dirty."""
         return int.from_bytes(self.bitmap, "little").bit_count()
 
+    @property
+    def byte_count(self) -> int:
+        """The bytes the dirty pages (and so ``runs()``) cover: what a round sends."""
+        return len(self) * PAGE_SIZE
+
+    def __or__(self, other: DirtyBitmap) -> DirtyBitmap:
+        """The pages dirty in either: a round's log united with the one read after the
+        stop. Both must be of the same slot and size (ValueError)."""
+        if not isinstance(other, DirtyBitmap):
+            return NotImplemented
+        if (other.slot, other.num_pages) != (self.slot, self.num_pages):
+            raise ValueError(f"union of dirty bitmaps of slot {self.slot} ({self.num_pages} "
+                             f"pages) and slot {other.slot} ({other.num_pages} pages)")
+        union = int.from_bytes(self.bitmap, "little") | int.from_bytes(other.bitmap, "little")
+        return DirtyBitmap(self.slot, self.num_pages, union.to_bytes(len(self.bitmap), "little"))
+
     def runs(self, page_size: int = PAGE_SIZE) -> list[tuple[int, int]]:
         """The dirty pages as ascending, disjoint, maximal ``(offset, length)`` byte runs
         from the slot's start: what ``protocol.pack_runs`` takes."""
