@@ -176,8 +176,11 @@ def compare_digest(source_memory: Any, destination: MemoryDigest) -> MemoryCompa
 
 
 def _digest(view: memoryview) -> MemoryDigest:
-    """The one home of the normalisation rules (module docstring), for any size."""
+    """The one home of the normalisation rules (module docstring), for any guest size."""
     size = len(view)
+    problem = memory_size_problem(size)
+    if problem:
+        raise GuestMemoryError(f"no digest of {size:#x} bytes: not a guest memory ({problem})")
     (working_set,) = _STAMP.unpack_from(view, _WORKING_SET_AT)
     ws_lo = min(lib.KVMCORE_WORKSET_GPA, size)
     ws_hi = ws_lo + min(working_set, size - ws_lo) // PAGE_SIZE * PAGE_SIZE

@@ -170,6 +170,8 @@ def test_digest_sizes_and_memories_that_do_not_match(kvm):
     smaller = MemoryDigest.of(bytes(2 << 20))
     result = compare_digest(src, smaller)
     assert not result.ok and "destination has" in result.mismatches[0].reason
+    with pytest.raises(GuestMemoryError, match="not a guest memory"):
+        compare_memory(src, bytes(PAGE_SIZE))
     with GuestMemory(DIGEST_MAX_MEMORY + PAGE_SIZE) as huge:      # mapped, never touched
         with pytest.raises(GuestMemoryError, match="not computed above 1 GiB"):
             MemoryDigest.of(huge)
