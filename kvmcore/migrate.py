@@ -134,7 +134,8 @@ def restore(kvm: System, plan: RestorePlan, memory: GuestMemory, *,
     or any ioctl). The returned guest's ``restore_record`` says what was done
     (``timings["create"]`` is 0 for a prepared VM: its creation was prepare()'s); its
     first entry is the host bracket of the Snapshot its first run_until_snapshot()
-    returns. On failure the guest, prepared or not, is closed.
+    returns. A failure of the restore itself closes the guest, prepared or not (its state
+    is then half-set); a refusal by the checks leaves a prepared VM as it was.
     """
     state, strategy = plan.state, plan.strategy
     _check_memory(memory, state.memory_size)
