@@ -12,11 +12,13 @@ Only writes through the guest's page tables and KVM's own writes to guest memory
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from ._kvm import lib
 
 PAGE_SIZE = lib.KVMCORE_PAGE_SIZE
+_DIRTY = re.compile("1")
 
 
 def bitmap_bytes(num_pages: int) -> int:
@@ -39,22 +41,22 @@ class DirtyBitmap:
             raise ValueError(f"dirty bitmap of {len(self.bitmap)} bytes for {self.num_pages} "
                              f"pages (needs {bitmap_bytes(self.num_pages)})")
 
+    def _bits(self) -> str:
+        """The bitmap as a string, character n for page n ("1": dirty): one C-speed pass,
+        which keeps pages() and runs() linear in the slot (shifting one big int per dirty
+        page was quadratic: 410 ms for a fully dirty 256 MiB slot, on the downtime path)."""
+        if not self.num_pages:
+            return ""
+        value = int.from_bytes(self.bitmap, "little") & ((1 << self.num_pages) - 1)
+        return format(value, f"0{self.num_pages}b")[::-1]
+
     def pages(self) -> list[int]:
         """Indices of the dirty pages, ascending."""
-        value = int.from_bytes(self.bitmap, "little")
-        out = []
-        while value:
-            low = value & -value
-            page = low.bit_length() - 1
-            if page >= self.num_pages:
-                break
-            out.append(page)
-            value ^= low
-        return out
+        return [m.start() for m in _DIRTY.finditer(self._bits())]
 
     def __len__(self) -> int:
         """How many pages are dirty."""
-        return int.from_bytes(self.bitmap, "little").bit_count()
+        return (int.from_bytes(self.bitmap, "little") & ((1 << self.num_pages) - 1)).bit_count()
 
     @property
     def byte_count(self) -> int:
@@ -75,11 +77,11 @@ class DirtyBitmap:
     def runs(self, page_size: int = PAGE_SIZE) -> list[tuple[int, int]]:
         """The dirty pages as ascending, disjoint, maximal ``(offset, length)`` byte runs
         from the slot's start: what ``protocol.pack_runs`` takes."""
-        runs: list[tuple[int, int]] = []
-        for page in self.pages():
-            offset = page * page_size
-            if runs and runs[-1][0] + runs[-1][1] == offset:
-                runs[-1] = (runs[-1][0], runs[-1][1] + page_size)
-            else:
-                runs.append((offset, page_size))
+        bits, runs = self._bits(), []
+        start = bits.find("1")
+        while start >= 0:
+            end = bits.find("0", start)
+            end = len(bits) if end < 0 else end
+            runs.append((start * page_size, (end - start) * page_size))
+            start = bits.find("1", end)
         return runs
