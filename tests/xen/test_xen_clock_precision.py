@@ -22,13 +22,15 @@ clock=realtime and clock=guest within the documented slack (50 us + 1000 ppm) of
 clock=realtime-synced within it of minus its clock-sync estimate (it moves the kvmclock by exactly
 the offset it was told); every row's kvmclock_follows_gap passes. The controls, in one process on
 the same kernel: a record moved by 1 us fails pvclock_preserved by 1000 +- 2 ns; a source clock
-5 ms behind the destination's (the skew as restore() sees it: the capture's CLOCK_REALTIME) puts
-5 ms into the kvmclock of clock=realtime and of clock=guest -- its TSC offset carries the wall time,
-from CLOCK_REALTIME -- failing kvmclock_follows_gap, while clock=realtime-synced, told the skew,
-passes; clock=guest still passes pvclock_preserved there. A source clock 1 s ahead (a destination
-behind by more than the gap): realtime-synced passes, clock=guest must not (restore() computes its
-TSC offset from a negative elapsed time; seen: the guest TSC wraps below zero, KVM_SET_CLOCK_GUEST
-accepts it, and the kvmclock lands ~225 years ahead, pvclock_preserved passing).
+100 ms behind the destination's (the skew as restore() sees it: the capture's CLOCK_REALTIME)
+puts 100 ms into the kvmclock of clock=realtime and of clock=guest -- its TSC offset carries the
+wall time, from CLOCK_REALTIME -- failing kvmclock_follows_gap, while clock=realtime-synced, told
+the skew, passes; clock=guest still passes pvclock_preserved there. A source clock 1 s ahead (a
+destination behind by more than the gap): realtime-synced passes; clock=guest's elapsed time is
+negative, which restore() takes as 0 (saying so in the record, tsc_gap_clamped_ns), so the gap is
+hidden and kvmclock_follows_gap fails. (Before that clamp the guest TSC wrapped below zero, KVM_SET_CLOCK_GUEST
+accepted it, and the kvmclock landed ~225 years ahead with pvclock_preserved passing: this test
+found it.)
 """
 from __future__ import annotations
 
@@ -54,7 +56,9 @@ STRATEGIES = ("clock=guest,tsc=offset", "clock=realtime,tsc=offset",
               "clock=realtime-synced,tsc=offset")
 RUNS = 5
 GAP_NS = int(GAP_S * 1e9)
-SKEW_NS = 5_000_000     # the controls' source clock, behind the destination's
+# The controls' source clock, behind the destination's: well beyond the width of the verdict's
+# bracket (the two reports' KVM_RUN times: 2-10 ms under TCG, seen), so that it must fail.
+SKEW_NS = 100_000_000
 MOVED_NS = 1000         # the control's record, moved
 
 
@@ -70,6 +74,7 @@ class Sample:
     sync_uncertainty_ns: int | None
     pvclock: bool | None             # the verdicts as the product gives them
     follows: Check                   # kvmclock_follows_gap, with its bound
+    clamped_ns: int | None           # the negative gap restore() took as 0 (clock=guest)
 
 
 def sample(strategy: Strategy, state: VmState, before: Snapshot, after: Snapshot,
@@ -88,7 +93,7 @@ def sample(strategy: Strategy, state: VmState, before: Snapshot, after: Snapshot
                   DEFAULT_SLACK_NS + span * DEFAULT_SLACK_PPM // 1_000_000,
                   jump - (after.host_realtime_ns - before.host_realtime_ns),
                   *(sync or (None, None)), analysis.checks["pvclock_preserved"].ok,
-                  analysis.checks["kvmclock_follows_gap"])
+                  analysis.checks["kvmclock_follows_gap"], record.tsc_gap_clamped_ns)
 
 
 def spread(values: Sequence[int], unit: int) -> str:
@@ -154,28 +159,23 @@ AHEAD = {text: f"{text}, source clock {AHEAD_NS // 1_000_000_000} s ahead (one p
          for text in ("clock=guest,tsc=offset", "clock=realtime-synced,tsc=offset")}
 
 
-def in_process_controls(kvm: System, caps: HostCapabilities
-                        ) -> tuple[dict[str, list[Sample]], dict[str, str]]:
+def in_process_controls(kvm: System, caps: HostCapabilities) -> dict[str, list[Sample]]:
     """The negative controls, in one process (xen_lane_migrations.migrate), where the state
     restore() is given can be changed as another host would change it; the analysis compares
-    with the state as captured, and the clocks agree (offset 0). Samples by label, and the
-    outcome of any restore the kernel refused."""
+    with the state as captured, and the clocks agree (offset 0)."""
     cases: list[tuple[str, str, Callable[[VmState], VmState]]] = [
         (MOVED, "clock=guest,tsc=offset", moved)]
     cases += [(label, text, source_clock_behind(SKEW_NS)) for text, label in SKEWED.items()]
     cases += [(label, text, source_clock_behind(-AHEAD_NS)) for text, label in AHEAD.items()]
     out: dict[str, list[Sample]] = {}
-    refused: dict[str, str] = {}
     for label, text, alter in cases:
         strategy = Strategy.parse(text + ",runstate=kernel")
         row = migrate(kvm, caps, strategy, alter=alter)
-        if row.outcome != "ok":
-            refused[label] = row.outcome
-            continue
+        assert row.outcome == "ok", (label, row.outcome)
         assert row.state and row.before and row.after and row.record and row.analysis
         out[label] = [sample(strategy, row.state, row.before, row.after, row.record,
                              row.analysis)]
-    return out, refused
+    return out
 
 
 async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> None:
@@ -190,14 +190,12 @@ async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> Non
                 strategy, m.source.state, m.source.before, m.destination.after,
                 m.destination.restore_record, m.analysis,
                 (round(m.clock.offset_ns), round(m.clock.uncertainty_ns))))
-    controls, refused = in_process_controls(clock_guest_kvm, caps)
+    controls = in_process_controls(clock_guest_kvm, caps)
     print(f"\nPrecision: kvmclock error after a migration, gap {GAP_S * 1e3:.0f} ms, "
           f"runstate=kernel, kernel {caps.kernel_release}, clock_guest={caps.clock_guest}; "
           "errors against this one host's CLOCK_REALTIME (true offset 0); agents over loopback "
           "TCP, then the controls in one process")
     print(precision_table({f"{k} (agents, loopback)": v for k, v in loop.items()} | controls))
-    for label, outcome in refused.items():
-        print(f"| {label} | {outcome} |")
     for label, rows in (loop | controls).items():
         for r in rows:
             print(f"  {label}: at TSC {r.at_tsc_ns:+d} ns, KVM pairs {r.kvm_wall_ns:+d} ns "
@@ -217,7 +215,6 @@ async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> Non
             assert r.sync_offset_ns is not None
             assert abs(r.kvm_wall_ns + told) <= r.kvm_wall_slack_ns, (text, r)
     # The controls: each check fails where it should, by what was changed, and only there.
-    assert set(refused) <= {AHEAD["clock=guest,tsc=offset"]}, refused
     [r] = controls[MOVED]
     assert r.pvclock is False and abs(r.at_tsc_ns - MOVED_NS) <= PVCLOCK_BOUND_NS, r
     assert r.follows.ok is True and abs(r.kvm_wall_ns) <= r.kvm_wall_slack_ns, r
@@ -228,17 +225,20 @@ async def test_clock_guest_precision_in_loopback(clock_guest_kvm: System) -> Non
             assert check.ok is True and abs(r.kvm_wall_ns) <= r.kvm_wall_slack_ns, r
             continue
         assert abs(r.kvm_wall_ns - SKEW_NS) <= r.kvm_wall_slack_ns, r
-        assert check.ok is False, check
         assert None not in (check.lo_ns, check.hi_ns, check.value_ns)
         assert check.lo_ns + SKEW_NS <= check.value_ns <= check.hi_ns + SKEW_NS, check
+        assert check.hi_ns - check.lo_ns < SKEW_NS, f"bracket wider than the skew: {check}"
+        assert check.ok is False, check
         if text.startswith("clock=guest,"):
             assert r.pvclock is True and abs(r.at_tsc_ns) <= PVCLOCK_BOUND_NS, r
     # The destination behind by more than the gap: realtime-synced, told the offset, carries
-    # the gap; clock=guest's TSC offset is computed from a negative elapsed time, and whatever
-    # the kernel makes of that (refused, or accepted with an absurd TSC) it must not pass.
+    # the gap; clock=guest's elapsed time is negative, taken as 0: the gap hidden, said so.
     [r] = controls[AHEAD["clock=realtime-synced,tsc=offset"]]
     assert r.follows.ok is True and abs(r.kvm_wall_ns) <= r.kvm_wall_slack_ns, r
-    label = AHEAD["clock=guest,tsc=offset"]
-    if label not in refused:
-        [r] = controls[label]
-        assert r.follows.ok is False, r.follows
+    assert r.clamped_ns is None
+    [r] = controls[AHEAD["clock=guest,tsc=offset"]]
+    assert r.clamped_ns is not None and r.clamped_ns < GAP_NS - AHEAD_NS // 2, r
+    assert r.follows.ok is False and r.kvm_wall_ns < -GAP_NS, r      # at least the sleep hidden
+    assert r.pvclock is True and abs(r.at_tsc_ns) <= PVCLOCK_BOUND_NS, r
+    for rows in loop.values():
+        assert all(x.clamped_ns is None for x in rows)
