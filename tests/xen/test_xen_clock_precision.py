@@ -28,9 +28,9 @@ wall time, from CLOCK_REALTIME -- failing kvmclock_follows_gap, while clock=real
 the skew, passes; clock=guest still passes pvclock_preserved there. A source clock 1 s ahead (a
 destination behind by more than the gap): realtime-synced passes; clock=guest's elapsed time is
 negative, which restore() takes as 0 (saying so in the record, tsc_gap_clamped_ns), so the gap is
-hidden and kvmclock_follows_gap fails. (Before that clamp the guest TSC wrapped below zero, KVM_SET_CLOCK_GUEST
-accepted it, and the kvmclock landed ~225 years ahead with pvclock_preserved passing: this test
-found it.)
+hidden and kvmclock_follows_gap fails. (Before that clamp the guest TSC wrapped below zero,
+KVM_SET_CLOCK_GUEST accepted it, and the kvmclock landed ~225 years ahead with pvclock_preserved
+passing: this test found it.)
 """
 from __future__ import annotations
 
