@@ -34,6 +34,7 @@ from xen_lane_migrations import GAP_S, LANE_SLACK_PPM, ms
 import dest_agent.__main__  # noqa: F401
 from kvmcore import (Guest, GuestConfig, Strategy, System, analyse, capture, probe, restore,
                      xen)
+from kvmcore.analysis import MEMORY_NOT_COMPARED
 import protocol
 from source_agent import netem
 from source_agent.loopback import loopback
@@ -81,9 +82,11 @@ def test_seed_flow_in_process() -> None:
           f"{ms(after.host_run_ns)} ms")
     assert a.checks["seed_runnable"].ok is True
     assert lo <= delta <= hi
-    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a here).
+    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a here), and
+    # memory_intact only where both memories were compared (n/a: not here).
     assert {n: c.ok for n, c in a.checks.items()} == dict.fromkeys(a.checks, True) | {
-        "pvclock_preserved": None}, a.checks
+        "pvclock_preserved": None, "memory_intact": None}, a.checks
+    assert a.checks["memory_intact"].detail == MEMORY_NOT_COMPARED
 
 
 def check_agents_migration(m: Migration, label: str) -> dict:
@@ -105,10 +108,13 @@ def check_agents_migration(m: Migration, label: str) -> dict:
           "verdicts " + ", ".join(f"{k}={v['ok']}" for k, v in report["verdicts"].items()))
     assert report["measurements"]["xen_runnable_delta"]["value_ns"] == delta
     assert report["verdicts"]["seed_runnable"]["ok"] is True
-    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a otherwise).
+    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a otherwise), and
+    # memory_intact only where both memories were compared (the agents do not compare yet).
     pvclock = True if report["strategy"].startswith("clock=guest,") else None
     assert {n: v["ok"] for n, v in report["verdicts"].items()} == dict.fromkeys(
-        report["verdicts"], True) | {"pvclock_preserved": pvclock}, report["verdicts"]
+        report["verdicts"], True) | {"pvclock_preserved": pvclock, "memory_intact": None}, \
+        report["verdicts"]
+    assert report["verdicts"]["memory_intact"]["detail"] == MEMORY_NOT_COMPARED
     assert lo <= delta <= hi
     # The report's own verdict: the same bound, at the product's 1000 ppm (tighter than the
     # lane's 5000, so inside [lo, hi]).
