@@ -18,6 +18,7 @@ from typing import IO, Any
 from agentcore.options import EXIT_USAGE, UsageError, argtype, parse_duration_ns
 
 from .results import (
+    OUTCOMES,
     ResultsStore,
     ResultsStoreError,
     default_db_path,
@@ -25,8 +26,6 @@ from .results import (
     export_json,
     timestamp,
 )
-
-OUTCOMES = ("passed", "failed", "error")
 
 EPILOG = """\
 examples:

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from source_agent.netem import format_duration
+from source_agent.results import COMPLETED
 
 from .plan import SweepPlan, format_bandwidth, format_size
 from .summary import accounting, percentile
@@ -60,7 +61,7 @@ def _config(run: dict[str, Any]) -> dict[str, Any]:
 
 
 def _completed(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [run for run in runs if run["outcome"] != "error"]
+    return [run for run in runs if run["outcome"] in COMPLETED]
 
 
 #: Axes a figure encodes, in the order they are given colour, marker, facet (gap: the x axis).

@@ -77,10 +77,14 @@ def results(db) -> list[dict]:
         return [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY started_at")]
 
 
-def test_destination_killed_mid_restore_gives_a_peer_error_and_a_recorded_run(dest, agents, key,
-                                                                              tmp_path):
+@pytest.mark.parametrize("order", ["default", "--destroy-first"])
+def test_destination_killed_mid_restore_rolls_back_and_is_recorded(order, dest, agents, key,
+                                                                   tmp_path):
+    """After the stop: the source guest is resumed and runs on (rolled back, exit 3); with
+    --destroy-first it was destroyed before the transfer and is lost (error, exit 3)."""
     db = tmp_path / "results.sqlite3"
-    argv = ("migrate", "--psk-file", str(key), "--db", str(db), "--json")
+    argv = ("migrate", "--psk-file", str(key), "--db", str(db), "--json",
+            *([order] if order != "default" else []))
     # Negative control: the same source and options against an unpaced destination pass.
     plain = dest(name="plain")
     control = Agent(source_argv(*argv, "--to", plain.target), tmp_path / "control.log")
@@ -98,11 +102,21 @@ def test_destination_killed_mid_restore_gives_a_peer_error_and_a_recorded_run(de
     code, out = source.finish(60)
     assert code == 3, source.log()
     report = json.loads(out)
-    assert report["outcome"] == "error" and report["exit_code"] == 3
-    # A clear peer error: names the destination and what happened to the connection.
+    outcome = "rolled back" if order == "default" else "error"
+    assert report["outcome"] == outcome and report["exit_code"] == 3
+    # A clear peer error: names the destination and what happened to the connection...
     assert d.target in report["error"], report["error"]
     assert any(w in report["error"] for w in ("closed", "broke", "reset")), report["error"]
+    # ... and what became of the source guest.
+    if order == "default":
+        rollback = report["rollback"]
+        assert rollback["ok"] and rollback["resumed_sequences"][0] > rollback["stopped_sequence"]
+        assert "rolled back: the source guest resumed and runs on" in report["error"]
+    else:
+        assert "rollback" not in report
+        assert "destroyed before the transfer (--destroy-first) and is lost" in report["error"]
+    assert report["migration"]["destroy_first"] is (order != "default")
     assert f"source-agent: error: {report['error']}" in source.log()
     rows = results(db)
-    assert [(r["outcome"], r["exit_code"]) for r in rows] == [("passed", 0), ("error", 3)]
+    assert [(r["outcome"], r["exit_code"]) for r in rows] == [("passed", 0), (outcome, 3)]
     assert rows[1]["error"] == report["error"] and rows[1]["run_id"] == report["run_id"]

@@ -7,7 +7,7 @@ from fakes import fake_report
 
 from source_agent.sweep.plan import Axes, SweepPlan
 from source_agent.sweep.plots import PlotError, check_png, write_plots
-from source_agent.sweep.runner import columns
+from source_agent.results import record_columns as columns
 
 
 def _runs(plan, xen=False, fail=frozenset()):
