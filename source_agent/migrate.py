@@ -1,16 +1,25 @@
 """The source side of one migration, as a coroutine a command or a sweep can call.
 
 Order (why): connect, HELLO/AUTH and clock sync come first, so a refused key or
-an unreachable destination costs no VM; then the guest, in its own thread
-(source_guest: every vCPU ioctl from one thread), is created, warmed up and
-captured -- stopped, not destroyed; then the optional extra gap; then MIGRATE,
-the memory straight from guest RAM, COMMIT. The REPORT is validated field by
-field before anything in it is used; only then is the source VM destroyed (its
-own phase, outside the downtime). Any failure before that resumes the source
-guest: the migration is "rolled back" and the guest runs on here. With
-``destroy_first`` (the seed's order) the VM is destroyed at capture, inside the
-downtime, and a failure loses the guest. The analysis runs here, where the
-snapshot before, the state and the clock-sync estimate are.
+an unreachable destination costs no VM; then PREPARE, so the destination refuses
+what it cannot do, and makes its VM and memory, before the source guest exists
+and off the downtime path. Then the guest, in its own thread (source_guest: every
+vCPU ioctl from one thread), is created and warmed up;
+
+* stop-copy: captured -- stopped, not destroyed -- then the optional extra gap,
+  MIGRATE, the whole memory straight from guest RAM, COMMIT;
+* precopy (source_agent.precopy): ROUNDs of memory while it runs, until the dirty
+  set would take no longer than the downtime limit (or the rounds run out), then
+  stopped, captured, and MIGRATE with the last dirty set.
+
+The REPORT is validated field by field before anything in it is used; only then is
+the source VM destroyed (its own phase, outside the downtime) and its memory
+compared with the destination's digest (memory_intact). Any failure before that
+resumes the source guest: the migration is "rolled back" and the guest runs on
+here. With ``destroy_first`` (the seed's order) there is no PREPARE, the VM is
+destroyed at capture, inside the downtime, and a failure loses the guest. The
+analysis runs here, where the snapshot before, the state and the clock-sync
+estimate are.
 """
 
 from __future__ import annotations
@@ -26,22 +35,27 @@ import trio
 
 import protocol
 from kvmcore import (
+    DIGEST_MAX_MEMORY,
+    DIGEST_NOT_COMPUTED,
     Analysis,
     DestinationReport,
     GuestConfig,
     HostCapabilities,
     KvmError,
+    MemoryComparison,
     StateError,
     Strategy,
     Unsupported,
     System,
     analyse,
+    compare_digest,
 )
 from kvmcore.analysis import DEFAULT_SLACK_NS
 
 from agentcore import AGENT_VERSION
 from agentcore.options import UsageError, format_duration
 
+from .precopy import precopy
 from .source_guest import Rollback, SourceGuest, SourceRun, run_source_guest
 from .stats import MODES, MigrationStats, RoundStats
 
@@ -143,8 +157,8 @@ class MigrationPlan:
     def guest_config(self) -> GuestConfig:
         """The source guest: its size, Xen when the strategy restores a runstate, the
         dirtying workload."""
-        return GuestConfig(memory_size=self.memory_size, xen=self.strategy.runstate == "kernel",
-                           dirty_rate=self.dirty_rate, working_set=self.working_set)
+        return dataclasses.replace(self.strategy.guest_config(self.memory_size),
+                                   dirty_rate=self.dirty_rate, working_set=self.working_set)
 
 
 @dataclass
@@ -164,8 +178,8 @@ class Migration:
     analysis: Analysis
     source_phases: dict[str, int]     # connect, handshake, guest, send, report wait (ns)
     stats: MigrationStats
-    #: CLOCK_REALTIME when the source vCPU left its last KVM_RUN: the downtime's start.
-    stop_realtime_ns: int
+    #: compare_digest of the source's stopped memory and the REPORT's digest (None: none).
+    memory_comparison: MemoryComparison | None
 
 
 @dataclass
@@ -201,44 +215,70 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
             await channel.bye()
             raise DestinationUnsupported(exc.what) from None
         stats = MigrationStats(plan.mode, plan.destroy_first)
+        if plan.mode == "precopy":
+            stats.downtime_limit_ns, stats.max_rounds = plan.downtime_limit_ns, plan.max_rounds
+        if not plan.destroy_first:
+            stats.destination_prepare_ns = await _prepare(channel, plan)
         t_guest = time.perf_counter_ns()
         async with SourceGuest(kvm, plan.guest_config()) as guest:
             try:
+                final_runs, t_first = None, None
                 if plan.destroy_first:
                     source = await guest.destroy_first(plan.warmup_ns)
                     stats.source_destroy_ns = source.destroy_ns
-                else:
+                elif plan.mode == "stop-copy":
                     source = await guest.warm_up_and_capture(plan.warmup_ns)
+                else:
+                    source, final_runs, t_first = await precopy(channel, plan, guest, stats)
                 t_gap = time.perf_counter_ns()
-                sent = await _send_stopped(channel, plan, source, hs.clock)
+                sent = await _send_stopped(channel, plan, source, hs.clock, final_runs)
                 t_sent = time.perf_counter_ns()
-                destination = await _receive_report(channel, plan.strategy)
+                destination = await _receive_report(channel, plan)
                 t_report = time.perf_counter_ns()
             except Exception as exc:
                 await _fail(guest, exc, stats)
                 raise
-            stats.final = RoundStats.of(plan.memory_size, sent.send_ns)
-            stats.bandwidth = stats.final.bandwidth
+            final_bytes = (plan.memory_size if final_runs is None
+                           else sum(length for _, length in final_runs))
+            stats.final = RoundStats.of(final_bytes, sent.send_ns)
+            stats.bandwidth = stats.final.bandwidth or stats.bandwidth
             if not plan.destroy_first:
                 stats.source_destroy_ns = await guest.destroy()
+            comparison = None
+            if destination.memory is not None:
+                comparison = await trio.to_thread.run_sync(compare_digest, source.memory,
+                                                           destination.memory)
         await channel.bye()
     offset = round(hs.clock.offset_ns)
-    stop_realtime = source.before.host_realtime_ns
     stats.total_ns = t_report - t_connect
-    stats.setup_ns = t_sent - sent.send_ns - t_connect
-    stats.downtime_ns = destination.after.host_realtime_ns - offset - stop_realtime
+    # Up to the first memory sent: round 0, or (stop-copy) MIGRATE's.
+    stats.setup_ns = (t_sent - sent.send_ns if t_first is None else t_first) - t_connect
+    stats.downtime_ns = destination.after.host_realtime_ns - offset - source.stop_realtime_ns
     slack = DEFAULT_SLACK_NS + math.ceil(hs.clock.uncertainty_ns)
     analysis = analyse(source.before, destination.after, source.state,
                        destination.restore_record, clock_offset_ns=offset,
                        slack_ns=slack, uncertainty_ns=math.ceil(hs.clock.uncertainty_ns),
                        requested_gap_ns=plan.gap_ns,
-                       hosts_have_xen=caps.xen_runstate and dest_caps.xen_runstate)
+                       hosts_have_xen=caps.xen_runstate and dest_caps.xen_runstate,
+                       memory_comparison=comparison,
+                       memory_reason=(DIGEST_NOT_COMPUTED if plan.memory_size > DIGEST_MAX_MEMORY
+                                      else "the destination's REPORT has no memory digest"))
     source_phases = {"connect_ns": t_handshake - t_connect, "handshake_ns": t_guest - t_handshake,
                      "guest_ns": t_gap - t_guest, "send_ns": sent.send_ns,
                      "report_wait_ns": t_report - t_sent}
     return Migration(plan, caps, dest_caps, hs.peer.agent_version, hs.clock, source,
                      sent.gap_ns, sent.encode_ns, sent.send_start_realtime_ns, destination,
-                     analysis, source_phases, stats, stop_realtime)
+                     analysis, source_phases, stats, comparison)
+
+
+async def _prepare(channel: protocol.Channel, plan: MigrationPlan) -> int:
+    """PREPARE: the destination checks the strategy and makes its VM and memory before the
+    source guest exists; what that took there (ns)."""
+    await channel.send(protocol.Prepare(str(plan.strategy), plan.memory_size, plan.chunk_size))
+    answer = await channel.receive()
+    if not isinstance(answer, protocol.Prepared):
+        raise PeerReportError(f"expected PREPARED from the destination, got {answer!r:.80}")
+    return answer.prepare_ns
 
 
 async def _fail(guest: SourceGuest, cause: Exception, stats: MigrationStats) -> None:
@@ -284,11 +324,11 @@ async def _send_stopped(channel: protocol.Channel, plan: MigrationPlan, source: 
     return _Sent(t_encode - t_gap, encode_ns, send_start, time.perf_counter_ns() - t_send)
 
 
-async def _receive_report(channel: protocol.Channel, strategy: Strategy) -> DestinationReport:
+async def _receive_report(channel: protocol.Channel, plan: MigrationPlan) -> DestinationReport:
     report = await channel.receive()
     if not isinstance(report, protocol.Report):
         raise PeerReportError(f"expected REPORT from the destination, got {report!r:.80}")
-    return _validate_report(report.report, strategy)
+    return _validate_report(report.report, plan.strategy, plan.memory_size)
 
 
 def _peer_caps(plain: Any) -> HostCapabilities:
@@ -298,10 +338,12 @@ def _peer_caps(plain: Any) -> HostCapabilities:
         raise PeerReportError(f"the destination's HELLO capabilities: {exc}") from None
 
 
-def _validate_report(plain: Any, strategy: Strategy) -> DestinationReport:
+def _validate_report(plain: Any, strategy: Strategy,
+                     memory_size: int | None = None) -> DestinationReport:
     """The REPORT, validated field by field before use (the peer may be faulty or hostile);
-    the restore it describes must be the one asked for."""
+    the restore it describes must be the one asked for, its memory digest of this memory."""
     try:
-        return DestinationReport.from_plain(plain).check_answers(strategy)
+        return DestinationReport.from_plain(plain).check_answers(strategy,
+                                                                 memory_size=memory_size)
     except StateError as exc:
         raise PeerReportError(f"the destination's REPORT: {exc.field}: {exc.reason}") from None

@@ -61,7 +61,10 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
     # From the source stop (its vCPU leaving the last KVM_RUN) to the destination's first
     # report: the guest's downtime, phase by phase.
     capture_start = state.capture_realtime_ns - state.timings["before_clock"]
-    phases = {"stop_ns": capture_start - m.stop_realtime_ns, "capture_ns": state.timings["capture"]}
+    phases = {"stop_ns": capture_start - m.source.stop_realtime_ns,
+              "capture_ns": state.timings["capture"]}
+    if plan.mode == "precopy":      # the last dirty set, read after the capture
+        phases["dirty_log_ns"] = m.source.dirty_log_ns
     if plan.destroy_first:          # else after the REPORT, outside the downtime (migration)
         phases["destroy_ns"] = m.source.destroy_ns
     phases.update({

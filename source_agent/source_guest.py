@@ -14,9 +14,20 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from kvmcore import Guest, GuestConfig, GuestMemory, Snapshot, System, VmState, capture
+import trio
 
-from ._vcpu_thread import VcpuThread
+from kvmcore import (
+    DirtyBitmap,
+    Guest,
+    GuestConfig,
+    GuestMemory,
+    LiveRun,
+    Snapshot,
+    System,
+    VcpuThread,
+    VmState,
+    capture,
+)
 
 #: Reports the guest makes after a rollback, to show it runs on.
 ROLLBACK_REPORTS = 3
@@ -32,6 +43,9 @@ class SourceRun:
     warmup_reports: int
     create_ns: int
     destroy_ns: int           # 0 until destroyed (at capture only with --destroy-first)
+    #: CLOCK_REALTIME when the vCPU left its last KVM_RUN: where the downtime starts.
+    stop_realtime_ns: int
+    dirty_log_ns: int = 0     # precopy: reading the last dirty set, after the capture
 
 
 @dataclass(frozen=True)
@@ -77,7 +91,7 @@ def run_source_guest(kvm: System, config: GuestConfig, warmup_ns: int) -> Source
         state = capture(guest)
         t1 = time.perf_counter_ns()
     return SourceRun(before, state, guest.memory, reports, guest.timings["create"],
-                     time.perf_counter_ns() - t1)
+                     time.perf_counter_ns() - t1, before.host_realtime_ns)
 
 
 class SourceGuest:
@@ -90,18 +104,21 @@ class SourceGuest:
         self.guest: Guest | None = None      # None before creation and once destroyed
         self.memory: GuestMemory | None = None
         self.last: Snapshot | None = None    # the guest's latest report
+        self.live: LiveRun | None = None     # precopy: the guest running in its thread
 
     async def __aenter__(self) -> SourceGuest:
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        try:
-            if self.guest is not None:
-                await self.destroy()
-        finally:
-            if self.memory is not None:
-                self.memory.close()
-            self.thread.close()
+        # Shielded: a cancelled migration still stops, destroys and frees its guest.
+        with trio.CancelScope(shield=True):
+            try:
+                if self.guest is not None:
+                    await self.destroy()
+            finally:
+                if self.memory is not None:
+                    self.memory.close()
+                self.thread.close()
 
     async def create(self) -> int:
         """The guest, not yet run; its creation time (ns)."""
@@ -115,7 +132,40 @@ class SourceGuest:
         create_ns = await self.create()
         before, reports, state = await self.thread.acall(self._warm_and_capture, warmup_ns)
         assert self.memory is not None
-        return SourceRun(before, state, self.memory, reports, create_ns, 0)
+        return SourceRun(before, state, self.memory, reports, create_ns, 0,
+                         before.host_realtime_ns)
+
+    async def start_live(self, warmup_ns: int) -> tuple[int, int]:
+        """Precopy: create, warm up, log dirty pages, then run freely in the thread
+        (LiveRun); the creation time and the warm-up's reports."""
+        create_ns = await self.create()
+        assert self.guest is not None
+        self.last, reports = await self.thread.acall(warm_up, self.guest, warmup_ns)
+        await self.thread.acall(self.guest.start_dirty_log)
+        self.live = LiveRun(self.guest, self.thread)
+        self.live.start()
+        return create_ns, reports
+
+    async def dirty(self) -> DirtyBitmap:
+        """The pages written since the last call (a VM ioctl: from any thread, the vCPU
+        running on in its own)."""
+        assert self.guest is not None
+        return await trio.to_thread.run_sync(self.guest.dirty_bitmap)
+
+    async def stop_and_capture(self) -> tuple[Snapshot, VmState, int]:
+        """Precopy's stop: at the guest's next report, then the capture; the last report,
+        the state and when the vCPU left KVM_RUN (CLOCK_REALTIME)."""
+        assert self.live is not None and self.guest is not None
+        self.last = await self._stop_live()
+        stopped = self.live.stopped_realtime_ns
+        assert stopped is not None
+        return self.last, await self.thread.acall(capture, self.guest), stopped
+
+    async def _stop_live(self) -> Snapshot | None:
+        """Stop the live loop if it runs (its last report; None if it did not run)."""
+        if self.live is None or not self.live.running:
+            return None
+        return await self.live.astop()
 
     def _warm_and_capture(self, warmup_ns: int) -> tuple[Snapshot, int, VmState]:
         assert self.guest is not None
@@ -131,15 +181,19 @@ class SourceGuest:
 
     async def destroy(self) -> int:
         """Destroy the VM (not the memory, still to be compared); how long it took (ns)."""
-        guest, self.guest = self.guest, None
-        assert guest is not None
-        t0 = time.perf_counter_ns()
-        await self.thread.acall(guest.close)
+        try:
+            await self._stop_live()
+        finally:
+            guest, self.guest = self.guest, None
+            assert guest is not None
+            t0 = time.perf_counter_ns()
+            await self.thread.acall(guest.close)
         return time.perf_counter_ns() - t0
 
     async def roll_back(self, reports: int = ROLLBACK_REPORTS) -> Rollback:
         """Resume the stopped guest for ``reports`` reports: the migration failed, the guest
         stays here. (KvmError if it cannot run: then it is lost.)"""
+        self.last = await self._stop_live() or self.last
         assert self.guest is not None and self.last is not None
         stopped = self.last.sequence
         snaps = await self.thread.acall(self._run_on, reports)

@@ -97,14 +97,19 @@ def test_gap_appears_in_wall_gap_and_kvmclock_jump(cli, gap_ms):
 
 
 def test_clock_none_fails_never_backwards_with_exit_1(cli):
-    # The destination VM's own kvmclock starts near 0 when it is created, at MIGRATE: it goes
-    # backwards by the source's kvmclock then, about its warm-up. Long enough that a loaded
+    # In the seed's order the destination VM is created at MIGRATE, its own kvmclock near 0:
+    # backwards by the source's kvmclock then, about its warm-up -- long enough that a loaded
     # host's restore and first entry (the destination's kvmclock) cannot make up for it.
-    run = cli("source-agent", "loopback", "--json", "--clock", "none", "--warmup", "100ms")
+    run = cli("source-agent", "loopback", "--json", "--clock", "none", "--warmup", "100ms",
+              "--destroy-first")
     assert run.code == 1
     r = run.json()
     assert r["verdicts"]["never_backwards"]["ok"] is False
     assert r["outcome"] == "failed" and "never_backwards" in r["error"]
+    # Prepared at PREPARE, before the source guest existed, the VM's kvmclock is ahead of the
+    # source's instead: forwards, by the wrong amount -- still a failed run.
+    r = cli("source-agent", "loopback", "--json", "--clock", "none", "--no-db").json()
+    assert r["exit_code"] == 1 and r["verdicts"]["kvmclock_follows_gap"]["ok"] is False
 
 
 def test_clock_plain_fails_kvmclock_follows_the_gap(cli):

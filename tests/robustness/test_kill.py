@@ -8,12 +8,13 @@ outside through /proc: its VMs are its ``anon_inode:kvm-vm`` descriptors.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from contextlib import closing
 
 import pytest
 import trio
-from agents_helpers import PSK
+from agents_helpers import PSK, run_cli
 from robustness_helpers import Agent, Resources, source_argv, vm_count, wait_for
 
 from kvmcore import Strategy
@@ -120,3 +121,35 @@ def test_destination_killed_mid_restore_rolls_back_and_is_recorded(order, dest, 
     rows = results(db)
     assert [(r["outcome"], r["exit_code"]) for r in rows] == [("passed", 0), (outcome, 3)]
     assert rows[1]["error"] == report["error"] and rows[1]["run_id"] == report["run_id"]
+
+
+def test_destination_killed_mid_precopy_rolls_back_the_running_guest(dest, agents, key,
+                                                                      tmp_path):
+    """kill -9 of the destination while the source guest runs (sending precopy's round 0): the
+    source stops it, runs it on (rolled back, exit 3), and records it so."""
+    db = tmp_path / "results.sqlite3"
+    d = dest(pause="round")
+    # 64 MiB: more than the sockets hold, so the source is still sending round 0 when killed.
+    source = Agent(source_argv("migrate", "--to", d.target, "--psk-file", str(key), "--db",
+                               str(db), "--json", "--mode", "precopy", "--memory", "64MiB",
+                               "--dirty-rate", "50MiB/s", "--working-set", "8MiB"),
+                   tmp_path / "src.log")
+    agents.append(source)
+    d.wait_paused("round")
+    assert vm_count(d.pid) == 1                 # the prepared VM
+    d.kill()
+    code, out = source.finish(60)
+    assert code == 3, source.log()
+    report = json.loads(out)
+    assert report["outcome"] == "rolled back" and report["rollback"]["ok"], report["error"]
+    migration = report["migration"]
+    assert migration["mode"] == "precopy" and migration["final"] is None   # never stopped
+    assert migration["rounds"] == []            # round 0 was never sent in full
+    assert [(r["outcome"], r["mode"]) for r in results(db)] == [("rolled back", "precopy")]
+    # As a person reads it: the stored run's tables say what became of the guest.
+    shown = run_cli("source-agent", "results", "show", report["run_id"], "--db", str(db),
+                    cwd=tmp_path)
+    assert shown.code == 0, shown.stderr
+    assert "rolled back (exit 3)" in shown.stdout and "migration: precopy" in shown.stdout
+    assert re.search(r"rollback +source guest resumed: sequence \d+ -> [\d, ]+ \(runs on\)",
+                     shown.stdout), shown.stdout

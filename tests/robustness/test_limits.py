@@ -21,7 +21,7 @@ import protocol
 from dest_agent import AGENT_VERSION, DestinationServer
 from dest_agent.cli import build_parser, config_from_args
 from kvmcore import GuestMemory, Strategy
-from source_agent.migrate import MigrationPlan, RolledBack, migrate
+from source_agent.migrate import MigrationPlan, migrate
 from agentcore.options import UsageError
 
 MiB = 1 << 20
@@ -90,16 +90,11 @@ def plan(server, **kw) -> MigrationPlan:
 
 async def refused_with(server, kvm, caps, live: int = 0, **kw) -> protocol.PeerError:
     """Migrate, expecting the destination's ERROR; then wait until only ``live`` sessions remain."""
-    # INTERIM until PREPARE (protocol 3): a refusal at MIGRATE comes after the source guest was
-    # captured, so the source rolls back with the ERROR as the cause.
-    with pytest.raises((protocol.PeerError, RolledBack)) as info:
+    with pytest.raises(protocol.PeerError) as info:
         await migrate(plan(server, **kw), kvm, caps)
     with trio.fail_after(10):
         while server.counters.live_sessions > live:
             await trio.sleep(0.01)
-    if isinstance(info.value, RolledBack):
-        assert info.value.rollback.ok and isinstance(info.value.cause, protocol.PeerError)
-        return info.value.cause
     return info.value
 
 

@@ -147,3 +147,25 @@ async def test_a_remote_sweep_with_a_wrong_or_missing_key_stops_at_once_with_exi
     runs = ResultsStore(db).runs(sweep="right")
     assert [r["destination"] for r in runs] == [to, to]
     assert all(r["report"]["destination"] == to != r["report"]["sweep"]["via"] for r in runs)
+
+
+async def test_a_real_sweep_over_modes_and_dirty_rates(tmp_path, capsys):
+    """Both modes, with and without a dirtying guest, through the real agents: every run passes
+    (memory_intact included), records its mode and rounds, and the live figure is drawn."""
+    db = tmp_path / "r.db"
+    code = await cli.run(parse("live", "--mode", "stop-copy,precopy", "--dirty-rate", "0,20MiB/s",
+                               "--working-set", "4MiB", "--memory", "16MiB", "--repeat", "1",
+                               "--db", str(db), "--format", "json", "--plot-dir",
+                               str(tmp_path / "plots")))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    runs = ResultsStore(db).runs(sweep="live")
+    assert len(runs) == 4 and {r["outcome"] for r in runs} == {"passed"}, [r["error"] for r in runs]
+    for run in runs:
+        config = run["report"]["sweep"]["config"]
+        assert run["mode"] == config["mode"] == run["report"]["migration"]["mode"]
+        assert run["report"]["verdicts"]["memory_intact"]["ok"] is True
+        assert (run["rounds"] > 0) == (config["mode"] == "precopy")
+    plots = json.loads(out)["plots"]
+    assert any(path.endswith("live-live.png") for path in plots)
+    check_png(tmp_path / "plots" / "live-live.png")
