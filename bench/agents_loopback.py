@@ -124,7 +124,7 @@ def main() -> int:
     if c_total:
         print(f"\nagent path / C cycle: {med['agent_path_ns'] / c_total:.2f}x; "
               f"downtime total / C (capture+restore+first entry): "
-              f"{med['total_ns'] / ((c['capture'] + c['restore'] + c['first_entry']) / 1e6):.2f}x")
+              f"{med['total_ns'] / (kvmcore_cycle.downtime_ns(c) / 1e6):.2f}x")
     return 0
 
 

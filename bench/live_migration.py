@@ -123,7 +123,7 @@ def main() -> int:
           f"{load_before} at start, {load()} at end ({os.cpu_count()} CPUs, shared)\n")
     print(f"1. {args.big_mib} MiB transfer: agents {med['big_stop_copy_bw']:8.1f} MiB/s, raw socket "
           f"{med['raw']:8.1f} MiB/s ({med['big_stop_copy_bw'] / med['raw']:.2f}x)")
-    c_ms = (c["capture"] + c["restore"] + c["first_entry"]) / 1e6 if c else None
+    c_ms = kvmcore_cycle.downtime_ns(c) / 1e6 if c else None
     print(f"2. 2 MiB stop-copy downtime {med['small_downtime']:8.3f} ms; C cycle (capture + "
           f"restore + first entry) " + (f"{c_ms:8.3f} ms ({med['small_downtime'] / c_ms:.2f}x)"
                                         if c_ms else "- (--no-c)"))

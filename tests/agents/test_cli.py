@@ -202,6 +202,27 @@ def test_destroy_first_keeps_the_seeds_order_and_the_default_destroys_after_the_
         assert 0 < m["setup_ns"] < m["total_ns"]
 
 
+def test_precopy_from_the_command_line_reports_its_rounds_everywhere(cli, tmp_path):
+    """The statistics in the JSON, the tables and the results store, from one document."""
+    db = tmp_path / "r.db"
+    argv = ("source-agent", "loopback", "--mode", "precopy", "--memory", "16MiB",
+            "--dirty-rate", "20MiB/s", "--working-set", "4MiB", "--db", str(db))
+    report = cli(*argv, "--json").json()
+    assert report["outcome"] == "passed", report["error"]
+    m = report["migration"]
+    assert m["mode"] == "precopy" and m["rounds"][0]["bytes"] == 16 << 20
+    assert m["downtime_limit_ns"] == 30_000_000 and m["max_rounds"] == 10
+    assert m["converged"] is (len(m["rounds"]) < 10) and m["destination_prepare_ns"] > 0
+    assert "dirty_log_ns" in report["downtime"] and "destroy_ns" not in report["downtime"]
+    assert report["verdicts"]["memory_intact"]["ok"] is True
+    [row] = ResultsStore(db).runs()
+    assert (row["mode"], row["rounds"], row["converged"]) == (
+        "precopy", len(m["rounds"]), int(m["converged"]))
+    text = cli(*argv).stdout
+    assert "migration: precopy" in text and "memory sent" in text and "after the stop" in text
+    assert re.search(r"rounds +│ +\d+ of at most 10", text), text
+
+
 def test_strategy_this_host_cannot_do_exits_2_before_connecting(cli, caps):
     if caps.tsc_offset_applies:
         pytest.skip("this host applies TSC offsets: tsc=offset is supported")
