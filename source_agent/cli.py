@@ -62,13 +62,16 @@ examples:
   source-agent loopback --gap 10ms --json | jq .verdicts
   source-agent loopback --clock plain            # negative control: kvmclock hides the gap (exit 1)
   source-agent migrate --to 10.0.0.2:7400 --psk-file key --gap 50ms
+  source-agent loopback --mode precopy --memory 64MiB --dirty-rate 50MiB/s --working-set 8MiB
+  source-agent loopback --destroy-first          # the seed's order: source VM destroyed at capture
   source-agent results list --limit 20
   source-agent results show RUN_ID               # a stored report, as its run printed it
   source-agent results export --format csv > runs.csv
 
 exit codes: 0 every verdict passed, 1 a verdict failed, 2 usage or set-up error
 (bad option, key file refused, strategy unsupported on this host, no /dev/kvm),
-3 peer or network error (refused, timeout, authentication, the destination's ERROR),
+3 peer or network error (refused, timeout, authentication, the destination's ERROR; once the
+source guest exists it is resumed: outcome "rolled back"),
 4 internal error (a bug: one line names the file holding the traceback).
 """
 

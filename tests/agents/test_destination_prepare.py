@@ -90,7 +90,7 @@ async def refusal(channel) -> protocol.PeerError:
 
 async def test_runs_before_the_whole_memory_are_refused_bad_state(server, kvm):
     """MIGRATE with runs in PREPARED before a ROUND of all the memory: the other pages would be
-    zero. (Control: after such a ROUND the same MIGRATE is taken -- tests/agents/test_precopy.)"""
+    zero. (Control: after such a ROUND the same MIGRATE is taken -- tests/agents/test_live_migration.)"""
     plain = await source_state(kvm)
     channel, _ = await prepared_channel(server)
     await channel.send(protocol.Migrate(plain, STRATEGY, 2 * MiB, MiB,
