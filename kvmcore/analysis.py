@@ -368,10 +368,13 @@ def _seed(runnable: Measurement, requested_gap_ns: int | None) -> Check:
 def _offset_note(record: RestoreRecord) -> str:
     if record.tsc_offset_requested is None:
         return ""
+    clamped = ("" if record.tsc_gap_clamped_ns is None else
+               f" (gap {ms(record.tsc_gap_clamped_ns)} taken as 0: the destination's "
+               f"realtime is behind the capture)")
     if record.tsc_offset_applied == record.tsc_offset_requested:
-        return f"; offset {record.tsc_offset_requested:#x} applied"
+        return f"; offset {record.tsc_offset_requested:#x} applied{clamped}"
     return (f"; offset {record.tsc_offset_requested:#x} requested but "
-            f"{record.tsc_offset_applied:#x} read back")
+            f"{record.tsc_offset_applied:#x} read back{clamped}")
 
 
 def memory_intact(comparison: MemoryComparison, shown: int = 3) -> Check:

@@ -230,6 +230,13 @@ def _restore_tsc(guest: Guest, state: VmState, strategy: Strategy,
     now = guest.vm.get_clock()
     if strategy.clock == "guest":
         elapsed_ns = now.realtime - state.clock["realtime"]
+        if elapsed_ns < 0:
+            # The destination's realtime is behind the capture: a TSC that followed it
+            # would go back (below zero: the guest's kvmclock then lands centuries ahead).
+            # No gap is carried instead, as KVM_SET_CLOCK does for a realtime in its future;
+            # the gap verdicts fail and the record says why.
+            record.tsc_gap_clamped_ns = elapsed_ns
+            elapsed_ns = 0
     else:
         elapsed_ns = now.clock - state.clock["clock"]
     offset = (state.tsc_offset + elapsed_ns * state.tsc_khz // 1_000_000

@@ -52,6 +52,10 @@ class RestoreRecord:
     clock_after: dict[str, int] = field(default_factory=dict, metadata={CHECK: CLOCK_SPEC})
     tsc_offset_requested: int | None = None
     tsc_offset_applied: int | None = None                 # read back
+    #: tsc=offset with clock=guest: the realtime gap the TSC was to follow, when it was
+    #: negative (the destination's realtime behind the source's capture) and so taken as 0,
+    #: as KVM_SET_CLOCK takes a KVM_CLOCK_REALTIME in the future; None: not clamped
+    tsc_gap_clamped_ns: int | None = field(default=None, metadata={ADDED: True})
     tsc_khz_destination: int = 0                          # the source's is VmState.tsc_khz
     #: KVM_SET_TSC_KHZ given (the source's rate, where this host scales); None: not scaled
     tsc_khz_set: int | None = None
