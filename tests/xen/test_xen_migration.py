@@ -46,8 +46,9 @@ BIN = Path(sys.executable).parent
 GAP_NS = int(GAP_S * 1e9)
 HEADLINE = Strategy.parse("clock=realtime,tsc=offset,runstate=kernel")
 # capture() closes the runstate right before reading the clock: one ioctl apart (<= 0.2 ms
-# measured under TCG).
-OPEN_LIMIT_NS = 2_000_000
+# measured under TCG), unless the emulated CPU is descheduled between the two on a loaded host
+# (4.2 ms seen once, load ~2 with another QEMU pair running).
+OPEN_LIMIT_NS = 10_000_000
 
 
 @pytest.mark.xen_lane
