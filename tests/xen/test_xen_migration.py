@@ -47,7 +47,7 @@ GAP_NS = int(GAP_S * 1e9)
 HEADLINE = Strategy.parse("clock=realtime,tsc=offset,runstate=kernel")
 # capture() closes the runstate right before reading the clock: one ioctl apart (<= 0.2 ms
 # measured under TCG), unless the emulated CPU is descheduled between the two on a loaded host
-# (4.2 ms seen once, load ~2 with another QEMU pair running).
+# (4.2 ms seen once, in a CI-path lane run).
 OPEN_LIMIT_NS = 10_000_000
 
 
