@@ -121,3 +121,78 @@ def test_bad_usage_exits_2_before_anything_boots(tmp_path, capsys) -> None:
     assert cli.main(["--script", str(tmp_path / "missing.txt")]) == 2
     assert "No such file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing was booted or written
+
+
+# The retry on a kernel oops (tools/xen_pair/run.py retry_after), on real sockets and files:
+# a machine whose kernel died mid-scenario surfaces as a broken control socket, and only its
+# console tells an oops (worth one more boot) from a plain failure.
+
+def broken_pipe() -> BrokenPipeError:
+    """The error a write to a dead machine's control socket raises (a real one)."""
+    import socket
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    try:
+        for _ in range(64):
+            ours.sendall(b'{"op": "time"}\n' * 4096)
+    except BrokenPipeError as e:
+        return e
+    finally:
+        ours.close()
+    raise AssertionError("writing to a closed socket did not break the pipe")
+
+
+def machines_with_consoles(tmp_path, dst_console: str):
+    from xen_pair.machine import Machine
+    ms = [Machine(n, i, tmp_path / n) for i, n in enumerate(("src", "dst"))]
+    for m, text in zip(ms, ("[    1.0] Linux version 6.12\n", dst_console)):
+        m.results.mkdir()
+        (m.results / "console.log").write_text(text)
+    return ms
+
+
+OOPS_LINE = ("[   62.102938] int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+             "[   62.103001] RIP: 0010:__schedule+0x2f1/0x1530\n")
+
+
+def test_an_oops_behind_a_broken_control_socket_is_retried(tmp_path) -> None:
+    from xen_pair.run import retry_after
+    machines = machines_with_consoles(tmp_path, "[    1.0] boot\n" + OOPS_LINE)
+    facts: dict = {}
+    assert retry_after(1, machines, broken_pipe(), facts) is True
+    assert facts["oops_1"].startswith("[   62.102938] int3: 0000")
+    assert facts["error_1"].startswith("BrokenPipeError")
+    assert "int3: 0000" in (tmp_path / "dst" / "console-oops-1.log").read_text()
+
+
+def test_a_broken_control_socket_without_an_oops_is_the_error(tmp_path) -> None:
+    """Negative control: the same broken pipe with clean consoles is raised, not retried."""
+    from xen_pair.run import retry_after
+    machines = machines_with_consoles(tmp_path, "[    1.0] boot\n[   62.0] all well\n")
+    with pytest.raises(BrokenPipeError):
+        retry_after(1, machines, broken_pipe(), {})
+    assert retry_after(1, machines, None, {}) is False  # a clean attempt: done
+
+
+def test_an_oops_on_the_second_boot_fails_the_pair(tmp_path) -> None:
+    from xen_pair.machine import PairError
+    from xen_pair.run import retry_after
+    machines = machines_with_consoles(tmp_path, OOPS_LINE)
+    with pytest.raises(PairError, match="kernel oops/panic twice: .*int3"):
+        retry_after(2, machines, broken_pipe(), {})
+
+
+def test_the_injected_oops_line_is_an_oops() -> None:
+    import xen_lane
+    from xen_pair.run import INJECTED_OOPS
+    assert xen_lane.find_oops(f"[   62.0] {INJECTED_OOPS}\n")
+    assert xen_lane.find_oops("[   62.0] testbed --inject-oops\n") is None  # control
+
+
+def test_tsc_reference_reads_this_machines_tsc() -> None:
+    """The TSC reference's host side: the guest agent's rdtsc, counting at the TSC rate."""
+    from xen_pair.machine import HOST_RDTSC, host_tsc_khz
+    a, b = HOST_RDTSC(), HOST_RDTSC()
+    assert 0 < a <= b
+    khz = host_tsc_khz(0.05)
+    assert 100_000 < khz < 10_000_000, khz  # 0.1-10 GHz

@@ -17,6 +17,7 @@ from .scenario import add_condition_options, parse_script, scenario_from, split_
 EPILOG = """\
 examples:
   ./dev pair                                   # the pair's tests (pytest -m pair tests/pair)
+  ./dev pair --ci                              # CI's one boot: tests/pair/test_pair_clock.py
   ./dev pair --                                # one migration src -> dst, the report printed
   ./dev pair -- --gap 50ms --json              # the same with source-agent migrate arguments
   ./dev pair --skew +250ms -- --clock realtime --json
@@ -46,18 +47,28 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="where consoles, reports and timings are kept (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=900,
                         help="seconds for everything, retry included (default %(default)s)")
+    parser.add_argument("--inject-oops", choices=("src", "dst"), metavar="MACHINE",
+                        help="test the retry: on the first boot, once set up, kill src or dst "
+                             "and write an oops line to its console; the pair must boot again")
     parser.add_argument("--python", default=sys.executable, help="the virtualenv's python")
     parser.add_argument("--test", action="store_true",
                         help="run the pair's tests (the default without arguments)")
+    parser.add_argument("--ci", action="store_true",
+                        help="CI's run: one boot (--boot-gap 5s), a short script of six "
+                             "migrations (skew 0 and +-250 ms, realtime-synced, a Xen "
+                             "migration, tsc=none) judged by tests/pair/test_pair_clock.py")
     try:
         return parser.parse_args(own), migrate
     except UsageError as e:
         parser.error(str(e))
 
 
-def run_tests(python: str) -> int:
+def run_tests(python: str, ci: bool = False) -> int:
     env = {**os.environ, "KVM_TESTBED_RUN_PAIR": "1"}
-    return subprocess.call([python, "-m", "pytest", "-m", "pair", "tests/pair", "-q", "-rA",
+    if ci:
+        env["KVM_TESTBED_PAIR_SET"] = "ci"
+    where = "tests/pair/test_pair_clock.py" if ci else "tests/pair"
+    return subprocess.call([python, "-m", "pytest", "-m", "pair", where, "-q", "-rA",
                             "-p", "no:cacheprovider"], cwd=xen_lane.REPO, env=env)
 
 
@@ -65,9 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, migrate = parse_args(argv)
     migration = "--" in argv or args.script or args.skew or args.latency or args.jitter \
-        or args.rate or args.boot_gap
-    if args.test or not migration:
-        return run_tests(args.python)
+        or args.rate or args.boot_gap or args.inject_oops
+    if args.test or args.ci or not migration:
+        return run_tests(args.python, args.ci)
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
         progress(f"error: --python {args.python}: not an executable file")
         return 2
@@ -81,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         progress(f"error: {e}")
         return 2
     options = PairOptions(python=args.python, results=args.results.resolve(),
-                          timeout=args.timeout, boot_gap_s=args.boot_gap / 1e9)
+                          timeout=args.timeout, boot_gap_s=args.boot_gap / 1e9,
+                          inject_oops=args.inject_oops)
 
     def show(outcome) -> None:
         sys.stdout.write(outcome.stdout)

@@ -4,6 +4,7 @@ The host drives both machines through it and measures their clocks through it, s
 independent of the network link under test (virtio-net). One request, one reply, in order:
 
   {"op": "time"}                      -> {"realtime_ns": N}      the host's time reference
+  {"op": "tsc"}                       -> {"tsc": N}              the host's TSC reference (rdtsc)
   {"op": "settime", "delta_ns": D}    -> {"realtime_ns": N}      CLOCK_REALTIME stepped by D
   {"op": "run", "argv": [...], "timeout": S, "env": {...}} -> {"rc", "stdout", "stderr"}
   {"op": "spawn", "argv": [...], "log": PATH, "env": {...}} -> {"pid"}   in the background
@@ -14,7 +15,9 @@ with the host's python from the read-only root, before anything else is set up.
 """
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -22,6 +25,20 @@ import time
 from pathlib import Path
 
 PORT_NAME = "testbed.ctl"
+#: rdtsc; shl rdx, 32; or rax, rdx; ret -- the x86-64 TSC as one u64 (System V ABI).
+RDTSC_CODE = bytes([0x0F, 0x31, 0x48, 0xC1, 0xE2, 0x20, 0x48, 0x09, 0xD0, 0xC3])
+
+
+def make_rdtsc():
+    """This machine's TSC as a Python callable: ten bytes of machine code in an executable
+    page (the standard library has no rdtsc). The host side uses the same function, so both
+    ends of the TSC reference read the TSC the same way."""
+    page = mmap.mmap(-1, mmap.PAGESIZE, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(RDTSC_CODE)
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    function = ctypes.CFUNCTYPE(ctypes.c_uint64)(address)
+    function.page = page  # the page lives as long as the function
+    return function
 
 
 def find_port() -> Path:
@@ -32,10 +49,12 @@ def find_port() -> Path:
     raise SystemExit(f"no virtio-serial port named {PORT_NAME}")
 
 
-def handle(request: dict, children: list[subprocess.Popen]) -> dict:
+def handle(request: dict, children: list[subprocess.Popen], rdtsc) -> dict:
     op = request.get("op")
     if op == "time":
         return {"realtime_ns": time.clock_gettime_ns(time.CLOCK_REALTIME)}
+    if op == "tsc":
+        return {"tsc": rdtsc()}
     if op == "settime":
         now = time.clock_gettime_ns(time.CLOCK_REALTIME)
         time.clock_settime_ns(time.CLOCK_REALTIME, now + int(request["delta_ns"]))
@@ -63,6 +82,7 @@ def handle(request: dict, children: list[subprocess.Popen]) -> dict:
 def main() -> int:
     port = find_port()
     children: list[subprocess.Popen] = []
+    rdtsc = make_rdtsc()
     fd = os.open(port, os.O_RDWR)  # a virtio port opens once: one descriptor both ways
     os.write(fd, b'{"hello": true}\n')
     buffer = b""
@@ -81,7 +101,7 @@ def main() -> int:
                     child.terminate()
                 return 0
             try:
-                reply = handle(request, children)
+                reply = handle(request, children, rdtsc)
             except Exception as e:  # a bad request must not end the agent
                 reply = {"error": f"{type(e).__name__}: {e}"}
             os.write(fd, json.dumps(reply).encode() + b"\n")

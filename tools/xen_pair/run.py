@@ -26,7 +26,7 @@ from typing import Any
 import xen_lane
 
 from . import timeref
-from .machine import Machine, PairError, link_args
+from .machine import Machine, PairError, host_tsc_khz, link_args
 from .scenario import Scenario
 
 AGENT = Path(__file__).resolve().parent / "guest_agent.py"
@@ -43,6 +43,13 @@ class PairOptions:
     timeout: float = 600
     boot_gap_s: float = 0.0
     kernel: xen_lane.Kernel | None = None
+    #: Testing the retry: on the first attempt, once the pair is set up, this machine ("src"
+    #: or "dst") is killed and a fake oops line is written to its console (INJECTED_OOPS).
+    inject_oops: str | None = None
+
+
+#: What --inject-oops writes to a console: a line xen_lane.find_oops takes for an oops.
+INJECTED_OOPS = "BUG: testbed --inject-oops: this kernel was killed on purpose"
 
 
 @dataclasses.dataclass
@@ -117,6 +124,7 @@ class Pair:
         self.skew_ns = 0
         self.netem: list[str] = []
         self.key = options.results / "psk"
+        self.host_tsc_khz = host_tsc_khz()
 
     def setup(self) -> dict[str, Any]:
         """Addresses, clocks onto the host's, the key, dest-agent serve; returns measurements."""
@@ -179,7 +187,21 @@ class Pair:
                 "destination_minus_source": dst.minus(src).to_plain(),
                 "skew_requested_ns": self.skew_ns,
                 "mechanism": "each machine's CLOCK_REALTIME read over a virtio-serial port, "
-                             "bracketed by the physical host's CLOCK_REALTIME (best of ~1 s)"}
+                             "bracketed by the physical host's CLOCK_REALTIME (best of ~1 s)",
+                "tsc": self.tsc_references()}
+
+    def tsc_references(self) -> dict[str, Any]:
+        """Each machine's TSC minus the physical host's, in ticks (and dst - src in ms at the
+        host's rate): under TCG a machine's TSC is the host's less its value when that
+        QEMU started, so a later boot shows as a TSC behind by the boot gap."""
+        khz = self.host_tsc_khz
+        src, dst = (m.tsc_reference(self.deadline, khz) for m in (self.src, self.dst))
+        diff = dst.minus(src)
+        return {"source": src.to_plain(), "destination": dst.to_plain(),
+                "destination_minus_source": diff.to_plain(), "host_tsc_khz": khz,
+                "destination_minus_source_ns": diff.offset_ns * 1_000_000 // khz,
+                "mechanism": "each machine's rdtsc read over the virtio-serial port, bracketed "
+                             "by the physical host's rdtsc (ticks; best of ~0.3 s)"}
 
     def apply(self, scenario: Scenario) -> None:
         if scenario.skew_ns != self.skew_ns:
@@ -234,10 +256,44 @@ def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen
         m.start([*qemu, *link_args(m.index, link)], deadline)
         if m.index == 0:  # dst's QEMU connects once, at start: a refused connect leaves it unlinked
             wait_listening(link, deadline)
+    # Under TCG each machine's TSC counts from its QEMU's start: this is the TSC difference.
+    timings["qemu_start_gap_s"] = round(machines[1].started_at - machines[0].started_at, 3)
     for m in machines:
         timings[f"{m.name}_ready_s"] = round(m.wait_ready(deadline), 2)
         progress(f"{m.name} up: agent ready {timings[f'{m.name}_ready_s']} s after QEMU started")
     return timings
+
+
+def inject_oops(machine: Machine) -> None:
+    """--inject-oops: kill the machine, as a kernel that died would, and leave the line an
+    oops leaves on its console (after QEMU exited, so its own writes cannot cover it)."""
+    progress(f"--inject-oops: killing {machine.name} and writing an oops line to its console")
+    machine.kill()
+    with (machine.results / "console.log").open("a") as console:
+        console.write(f"\n[   62.000000] {INJECTED_OOPS}\n")
+
+
+def retry_after(attempt: int, machines: Sequence[Machine], error: Exception | None,
+                facts: dict[str, Any]) -> bool:
+    """After an attempt (its machines stopped): True to boot again, once, when a console
+    shows a kernel oops -- whatever the error it surfaced as (a broken control socket, a torn
+    reply, or none); else the attempt's error is raised, or nothing happens (it succeeded).
+    The consoles of an oopsed attempt are kept as console-oops-N.log."""
+    oops = next((o for m in machines if (o := xen_lane.find_oops(m.console))), None)
+    if oops:
+        facts[f"oops_{attempt}"] = oops
+        if error is not None:
+            facts[f"error_{attempt}"] = f"{type(error).__name__}: {error}"
+        for m in machines:
+            if (m.results / "console.log").exists():
+                shutil.copy(m.results / "console.log", m.results / f"console-oops-{attempt}.log")
+        if attempt == 1:
+            progress(f"kernel oops on a machine, retrying once: {oops}")
+            return True
+        raise PairError(f"kernel oops/panic twice: {oops}")
+    if error is not None:
+        raise error
+    return False
 
 
 def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
@@ -273,6 +329,8 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
                 facts.update(pair.setup())
                 progress(f"pair ready after {time.monotonic() - t0:.1f} s: ping "
                          f"{facts['ping_ms']} ms, dest-agent up in {facts['dest_agent_start_s']} s")
+                if options.inject_oops and attempt == 1:
+                    inject_oops(next(m for m in machines if m.name == options.inject_oops))
                 for i, scenario in enumerate(scenarios, start=1):
                     progress(f"scenario {i}/{len(scenarios)}: {scenario.label()}")
                     outcomes.append(pair.scenario(scenario))
@@ -285,17 +343,8 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
             finally:
                 for m in machines:
                     m.stop()
-            oops = next((o for m in machines if (o := xen_lane.find_oops(m.console))), None)
-            if oops:
-                facts[f"oops_{attempt}"] = oops
-                for m in machines:
-                    shutil.copy(m.results / "console.log", m.results / f"console-oops-{attempt}.log")
-                if attempt == 1:
-                    progress(f"kernel oops on a machine, retrying once: {oops}")
-                    continue
-                raise PairError(f"kernel oops/panic twice: {oops}")
-            if error is not None:
-                raise error
+            if retry_after(attempt, machines, error, facts):
+                continue
             return outcomes, facts
         raise AssertionError("unreachable")
     finally:
