@@ -243,7 +243,7 @@ def tsc_reference_ns(o: Outcome) -> tuple[float, float]:
     tsc = o.reference_before["tsc"]
     khz = tsc["host_tsc_khz"]
     diff = tsc["destination_minus_source"]
-    return diff["offset_ns"] * 1e6 / khz, diff["uncertainty_ns"] * 1e6 / khz
+    return diff["offset_ticks"] * 1e6 / khz, diff["uncertainty_ticks"] * 1e6 / khz
 
 
 def test_the_boot_gap_puts_dst_tsc_behind_by_it(pair_boot, pair_runs):
@@ -297,6 +297,8 @@ def test_tsc_none_does_not_show_the_hosts_tsc_difference(pair_runs):
           f"ms; hosts' TSCs differ by {hosts / 1e6:+.3f} ms; {check['detail']}")
     assert hosts < -BOOT_GAP_S * 1e9 * 0.9
     assert abs(jump) < 1e9                      # a second at most: not the 5 s difference
-    assert abs(jump - (gap + hosts)) > 4e9      # what a raw host-TSC carry would show
+    # A guest TSC carried on the hosts' TSCs (a raw offset copy) would jump by the interval
+    # plus the hosts' difference: seconds away from what it did.
+    assert abs(jump - (gap + hosts)) > abs(hosts) / 2
     assert check["ok"] is False and check["decides"] is False and o.status == 0
     assert "not carried" in r["measurements"]["tsc_jump"]["mechanism"]

@@ -11,6 +11,7 @@ from pathlib import Path
 import xen_lane
 from agentcore.options import UsageError, parse_duration_ns
 
+from .hetero import run_hetero
 from .run import PairOptions, progress, run_pair
 from .scenario import add_condition_options, parse_script, scenario_from, split_dashdash
 
@@ -23,6 +24,8 @@ examples:
   ./dev pair --skew +250ms -- --clock realtime --json
   ./dev pair --boot-gap 5s --latency 5ms --jitter 1ms -- --tsc offset
   ./dev pair --script scenarios.txt            # several scenarios on one boot (docs/pair.md)
+  ./dev pair --hetero -- --json                # this machine <-> a lane machine, both ways
+  ./dev pair --hetero lane-to-host -- --tsc offset   # refused: this host does not apply it
 
 Each scenario prints the source's stdout; the exit status is the source-agent's (with --script the
 highest of them); 2 when the pair cannot boot or for bad usage, 124 on --timeout.
@@ -47,6 +50,16 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                         help="where consoles, reports and timings are kept (default %(default)s)")
     parser.add_argument("--timeout", type=float, default=900,
                         help="seconds for everything, retry included (default %(default)s)")
+    parser.add_argument("--hetero", nargs="?", const="both", metavar="DIRECTION",
+                        choices=("both", "host-to-lane", "lane-to-host"),
+                        help="the heterogeneous pair instead: this machine's own kernel and "
+                             "one lane machine (a host port forwarded into it), host-to-lane, "
+                             "lane-to-host or both (the default); a scenario without "
+                             "--clock/--tsc/--runstate gets the best strategy both support")
+    parser.add_argument("--clock-guest", action="store_true",
+                        help="both lane machines load kvm/kvm-amd with the project's "
+                             "KVM_[GS]ET_CLOCK_GUEST (tools/kvm_modules.py, built once and "
+                             "cached, as ./dev lane --clock-guest): clock=guest becomes their best")
     parser.add_argument("--inject-oops", choices=("src", "dst"), metavar="MACHINE",
                         help="test the retry: on the first boot, once set up, kill src or dst "
                              "and write an oops line to its console; the pair must boot again")
@@ -76,7 +89,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args, migrate = parse_args(argv)
     migration = "--" in argv or args.script or args.skew or args.latency or args.jitter \
-        or args.rate or args.boot_gap or args.inject_oops
+        or args.rate or args.boot_gap or args.inject_oops or args.hetero or args.clock_guest
     if args.test or args.ci or not migration:
         return run_tests(args.python, args.ci)
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
@@ -91,9 +104,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except UsageError as e:
         progress(f"error: {e}")
         return 2
+    if args.hetero and (args.boot_gap or any(s.netem() for s in scenarios)):
+        progress("error: --hetero: no --boot-gap, --latency, --jitter or --rate (one machine "
+                 "is this one: its clock, TSC and loopback are not ours to change)")
+        return 2
     options = PairOptions(python=args.python, results=args.results.resolve(),
                           timeout=args.timeout, boot_gap_s=args.boot_gap / 1e9,
-                          inject_oops=args.inject_oops)
+                          inject_oops=args.inject_oops, clock_guest=args.clock_guest)
 
     def show(outcome) -> None:
         sys.stdout.write(outcome.stdout)
@@ -102,7 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress(f"source-agent exited {outcome.status}: {outcome.stderr.strip()[-500:]}")
 
     try:
-        outcomes, facts = run_pair(options, scenarios, show)
+        if args.hetero:
+            outcomes, facts = run_hetero(options, scenarios, args.hetero, show)
+        else:
+            outcomes, facts = run_pair(options, scenarios, show)
     except xen_lane.LaneError as e:
         progress(f"error: the pair failed: {e}")
         return xen_lane.EXIT_TIMEOUT if e.status == xen_lane.EXIT_TIMEOUT else 2

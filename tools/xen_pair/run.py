@@ -46,6 +46,9 @@ class PairOptions:
     #: Testing the retry: on the first attempt, once the pair is set up, this machine ("src"
     #: or "dst") is killed and a fake oops line is written to its console (INJECTED_OOPS).
     inject_oops: str | None = None
+    #: Load kvm/kvm-amd built with the project's KVM_[GS]ET_CLOCK_GUEST (tools/kvm_modules.py,
+    #: as `./dev lane --clock-guest`): clock=guest becomes the machines' best.
+    clock_guest: bool = False
 
 
 #: What --inject-oops writes to a console: a line xen_lane.find_oops takes for an oops.
@@ -63,6 +66,10 @@ class Outcome:
     reference_before: dict[str, Any]
     reference_after: dict[str, Any]
     seconds: float
+    #: Which way it went ("src->dst"; the heterogeneous pair: "host->lane", "lane->host")
+    #: and, there, the strategy negotiated for it.
+    direction: str = "src->dst"
+    negotiated: dict[str, Any] | None = None
 
     def report(self) -> dict[str, Any] | None:
         """The source's JSON report, if it printed one."""
@@ -74,7 +81,8 @@ class Outcome:
     def to_plain(self) -> dict[str, Any]:
         return {"scenario": dataclasses.asdict(self.scenario), "status": self.status,
                 "stdout": self.stdout, "stderr": self.stderr, "seconds": round(self.seconds, 2),
-                "reference_before": self.reference_before, "reference_after": self.reference_after}
+                "reference_before": self.reference_before, "reference_after": self.reference_after,
+                "direction": self.direction, "negotiated": self.negotiated}
 
 
 def progress(message: str) -> None:
@@ -117,10 +125,15 @@ def prepare(machine: Machine, python: str, pycache: Path) -> None:
 
 
 class Pair:
-    """A booted pair (use `boot_pair`); `scenario` runs one migration on it."""
+    """A booted pair (use `boot_pair`); `scenario` runs one migration on it. `target` is the
+    destination agent as src reaches it (default dst's link address), `listen` where it
+    serves on dst (default the same)."""
 
-    def __init__(self, src: Machine, dst: Machine, options: PairOptions, deadline: float) -> None:
+    def __init__(self, src: Machine, dst: Machine, options: PairOptions, deadline: float,
+                 target: str | None = None, listen: str | None = None) -> None:
         self.src, self.dst, self.options, self.deadline = src, dst, options, deadline
+        self.target = target or f"{dst.address}:{DEST_PORT}"
+        self.listen = listen or self.target
         self.skew_ns = 0
         self.netem: list[str] = []
         self.key = options.results / "psk"
@@ -138,16 +151,19 @@ class Pair:
             facts[f"{m.name}_boot_offset_ms"] = m.reference(self.deadline, 0.3).offset_ns / 1e6
             self._set_clock(m, 0)
         facts["ping_ms"] = self.ping()
-        self.key.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
-        self.key.chmod(0o600)
+        write_key(self.key)
+        facts["dest_agent_start_s"] = self.serve()
+        return facts
+
+    def serve(self) -> float:
+        """`dest-agent serve` on dst with the key; seconds until src can connect to it."""
         serve = [self.options.python, "-P", "-m", "dest_agent", "serve", "--listen",
-                 f"{self.dst.address}:{DEST_PORT}", "--psk-file", str(self.key)]
+                 self.listen, "--psk-file", str(self.key)]
         t = time.monotonic()
         self.dst.call({"op": "spawn", "argv": serve, "log": str(self.dst.results / "dest-agent.log")},
                       self.deadline)
         self.wait_for_dest()
-        facts["dest_agent_start_s"] = round(time.monotonic() - t, 2)
-        return facts
+        return round(time.monotonic() - t, 2)
 
     def ping(self) -> float | None:
         """Round trip src -> dst over the link, best of 5 (ms); the link must carry packets."""
@@ -162,13 +178,15 @@ class Pair:
         return min(times)
 
     def wait_for_dest(self) -> None:
+        host, _, port = self.target.rpartition(":")
         probe = ("import socket,sys,time\nfor _ in range(600):\n try:\n  socket.create_connection("
-                 f"('{self.dst.address}',{DEST_PORT}),1).close(); sys.exit(0)\n"
+                 f"('{host}',{port}),1).close(); sys.exit(0)\n"
                  " except OSError: time.sleep(0.2)\nsys.exit(1)")
         if self.src.run([self.options.python, "-c", probe], self.deadline)["rc"] != 0:
             log = self.dst.results / "dest-agent.log"
             tail = log.read_text(errors="replace").strip().splitlines()[-3:] if log.exists() else []
-            raise PairError(f"dest-agent on dst never listened on {DEST_PORT}: {' | '.join(tail)}")
+            raise PairError(f"dest-agent on {self.dst.name} never answered at {self.target} "
+                            f"from {self.src.name}: {' | '.join(tail)}")
 
     def _set_clock(self, m: Machine, skew_ns: int) -> timeref.Reference:
         """Step m's CLOCK_REALTIME to host + skew_ns (two rounds: the first step is coarse)."""
@@ -197,15 +215,26 @@ class Pair:
         khz = self.host_tsc_khz
         src, dst = (m.tsc_reference(self.deadline, khz) for m in (self.src, self.dst))
         diff = dst.minus(src)
-        return {"source": src.to_plain(), "destination": dst.to_plain(),
-                "destination_minus_source": diff.to_plain(), "host_tsc_khz": khz,
+
+        def ticks(ref: timeref.Reference) -> dict[str, int]:
+            return {"offset_ticks": ref.offset_ns, "uncertainty_ticks": ref.uncertainty_ns,
+                    "probes": ref.probes}
+        return {"source": ticks(src), "destination": ticks(dst),
+                "destination_minus_source": ticks(diff), "host_tsc_khz": khz,
                 "destination_minus_source_ns": diff.offset_ns * 1_000_000 // khz,
                 "mechanism": "each machine's rdtsc read over the virtio-serial port, bracketed "
                              "by the physical host's rdtsc (ticks; best of ~0.3 s)"}
 
+    def set_skew(self, skew_ns: int) -> None:
+        """dst's clock minus src's := skew_ns (src stays on the host's clock)."""
+        self._set_clock(self.dst, skew_ns)
+
+    def migrate_args(self, scenario: Scenario) -> tuple[str, ...]:
+        return scenario.migrate_args
+
     def apply(self, scenario: Scenario) -> None:
         if scenario.skew_ns != self.skew_ns:
-            self._set_clock(self.dst, scenario.skew_ns)
+            self.set_skew(scenario.skew_ns)
             self.skew_ns = scenario.skew_ns
         if scenario.netem() != self.netem:
             for m in (self.src, self.dst):
@@ -218,14 +247,20 @@ class Pair:
         self.apply(scenario)
         before = self.references()
         argv = [self.options.python, "-P", "-m", "source_agent", "migrate",
-                "--to", f"{self.dst.address}:{DEST_PORT}", "--psk-file", str(self.key),
-                "--topology", "pair", *scenario.migrate_args]
+                "--to", self.target, "--psk-file", str(self.key),
+                "--topology", "pair", *self.migrate_args(scenario)]
         t = time.monotonic()
         reply = self.src.run(argv, self.deadline,
                              env={"KVM_TESTBED_CLOCK_REFERENCE": json.dumps(before)})
         seconds = time.monotonic() - t
         return Outcome(scenario, reply["rc"], reply["stdout"], reply["stderr"], before,
                        self.references(), seconds)
+
+
+def write_key(path: Path) -> None:
+    """A fresh 32-byte key, mode 600, for both agents."""
+    path.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
+    path.chmod(0o600)
 
 
 def listening(port: int, proc_net_tcp: str) -> bool:
@@ -262,6 +297,17 @@ def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen
         timings[f"{m.name}_ready_s"] = round(m.wait_ready(deadline), 2)
         progress(f"{m.name} up: agent ready {timings[f'{m.name}_ready_s']} s after QEMU started")
     return timings
+
+
+def pair_kernel(options: PairOptions) -> xen_lane.Kernel:
+    """The lane's kernel (cached, fetched on first use), with the clock-guest modules if asked."""
+    root = xen_lane.cache_root()
+    kernel = options.kernel or xen_lane.cached_kernel(root) or xen_lane.fetch_debian_kernel(root)
+    if options.clock_guest:
+        import kvm_modules  # tools/, beside xen_lane
+        kernel = kvm_modules.clock_guest_kernel(kernel, root, xen_lane)
+    progress(f"kernel: {kernel.label}")
+    return kernel
 
 
 def inject_oops(machine: Machine) -> None:
@@ -302,9 +348,7 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
     """Boot the pair, run the scenarios in order, stop it; one retry on a kernel oops."""
     t0 = time.monotonic()
     deadline = t0 + options.timeout
-    kernel = options.kernel or xen_lane.cached_kernel(xen_lane.cache_root()) \
-        or xen_lane.fetch_debian_kernel(xen_lane.cache_root())
-    progress(f"kernel: {kernel.label}")
+    kernel = pair_kernel(options)
     options.results.mkdir(parents=True, exist_ok=True)
     initrd = options.results / "initrd.cpio"
     xen_lane.build_initramfs(kernel, initrd, Path("/bin/busybox"))

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """Guest CLOCK_REALTIME minus host CLOCK_REALTIME, true within +- uncertainty_ns."""
+    """Guest CLOCK_REALTIME minus host CLOCK_REALTIME, true within +- uncertainty_ns (for the
+    TSC reference the same in TSC ticks)."""
 
     offset_ns: int
     uncertainty_ns: int
