@@ -196,3 +196,36 @@ def test_tsc_reference_reads_this_machines_tsc() -> None:
     assert 0 < a <= b
     khz = host_tsc_khz(0.05)
     assert 100_000 < khz < 10_000_000, khz  # 0.1-10 GHz
+
+
+def test_sweep_skews_are_signed_distinct_durations() -> None:
+    from xen_pair.scenario import split_dashdash
+    from xen_pair.skew_sweep import parse_skews, sweep_name
+    assert parse_skews("-250ms, 0,+250ms") == [-250_000_000, 0, 250_000_000]
+    assert sweep_name(-250_000_000) == "pair-skew-250ms"
+    for bad, why in (("5", "no unit"), ("0,0", "distinct"), ("", "distinct")):
+        with pytest.raises(UsageError, match=why):
+            parse_skews(bad)
+    assert split_dashdash(["--sweep-skew", "-250ms,0", "--"]) == (["--sweep-skew=-250ms,0"], [])
+
+
+def test_the_skew_figure_is_a_real_png(tmp_path) -> None:
+    """The drawing (not the figures: those come from a run, docs/pair.md): two strategies
+    against three skews give a checked, non-blank PNG and an SVG."""
+    from xen_pair.skew_sweep import plot
+    rows = [{"skew_reference_ns": ms * 1_000_000, "strategy": strategy, "failed": int(bad),
+             "error_median_ns": err, "error_p5_ns": err - 500_000, "error_p95_ns": err + 500_000}
+            for ms in (-250, 0, 250)
+            for strategy, err, bad in (("clock=realtime,runstate=off", ms * 1_000_000, ms != 0),
+                                       ("clock=realtime-synced,runstate=off", 300_000, False))]
+    png, svg = plot(rows, tmp_path / "fig")
+    assert png.stat().st_size > 1000 and svg.read_text().startswith("<?xml")
+
+
+def test_a_sweep_without_json_is_named() -> None:
+    from xen_pair.run import Outcome
+    from xen_pair.skew_sweep import points
+    o = Outcome(Scenario(skew_ns=250_000_000), 2, "", "source-agent: error: no /dev/kvm\n",
+                {"destination_minus_source": {"offset_ns": 0}}, {}, 1.0)
+    with pytest.raises(ValueError, match=r"skew \+250 ms printed no JSON \(exit 2\).*kvm"):
+        points([o])

@@ -68,9 +68,9 @@ def handle(request: dict, children: list[subprocess.Popen], rdtsc) -> dict:
             return {"error": f"timed out after {e.timeout} s: {request['argv']}"}
         return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr}
     if op == "spawn":
-        log = open(request["log"], "ab")
-        child = subprocess.Popen(request["argv"], stdout=log, stderr=subprocess.STDOUT, env=env,
-                                 stdin=subprocess.DEVNULL)
+        with open(request["log"], "ab") as log:  # the child keeps its own descriptor
+            child = subprocess.Popen(request["argv"], stdout=log, stderr=subprocess.STDOUT,
+                                     env=env, stdin=subprocess.DEVNULL)
         children.append(child)
         return {"pid": child.pid}
     if op == "poll":

@@ -159,9 +159,21 @@ class Pair:
         """`dest-agent serve` on dst with the key; seconds until src can connect to it."""
         serve = [self.options.python, "-P", "-m", "dest_agent", "serve", "--listen",
                  self.listen, "--psk-file", str(self.key)]
+        log = self.dst.results / "dest-agent.log"
+        log.unlink(missing_ok=True)
         t = time.monotonic()
-        self.dst.call({"op": "spawn", "argv": serve, "log": str(self.dst.results / "dest-agent.log")},
-                      self.deadline)
+        pid = self.dst.call({"op": "spawn", "argv": serve, "log": str(log)}, self.deadline)["pid"]
+        # Its own word first: a forwarded port (slirp's hostfwd) accepts a connection on the
+        # host side before anything listens behind it, so a connect alone proves nothing.
+        while "serving on" not in (log.read_text(errors="replace") if log.exists() else ""):
+            rc = self.dst.call({"op": "poll", "pid": pid}, self.deadline)["rc"]
+            if rc is not None or time.monotonic() > self.deadline:
+                tail = log.read_text(errors="replace").strip().splitlines()[-3:] \
+                    if log.exists() else []
+                raise PairError(f"dest-agent on {self.dst.name} " + (
+                    f"exited {rc}" if rc is not None else "did not serve before the deadline")
+                    + f": {' | '.join(tail)}")
+            time.sleep(0.2)
         self.wait_for_dest()
         return round(time.monotonic() - t, 2)
 
@@ -344,8 +356,10 @@ def retry_after(attempt: int, machines: Sequence[Machine], error: Exception | No
 
 def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
              on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+             session: Callable[[Pair], list[Outcome]] | None = None,
              ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Boot the pair, run the scenarios in order, stop it; one retry on a kernel oops."""
+    """Boot the pair, run the scenarios in order (or `session` on the set-up pair: the skew
+    sweep), stop it; one retry on a kernel oops."""
     t0 = time.monotonic()
     deadline = t0 + options.timeout
     kernel = pair_kernel(options)
@@ -375,6 +389,8 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
                          f"{facts['ping_ms']} ms, dest-agent up in {facts['dest_agent_start_s']} s")
                 if options.inject_oops and attempt == 1:
                     inject_oops(next(m for m in machines if m.name == options.inject_oops))
+                if session is not None:
+                    outcomes = session(pair)
                 for i, scenario in enumerate(scenarios, start=1):
                     progress(f"scenario {i}/{len(scenarios)}: {scenario.label()}")
                     outcomes.append(pair.scenario(scenario))
