@@ -229,3 +229,28 @@ def test_a_sweep_without_json_is_named() -> None:
                 {"destination_minus_source": {"offset_ns": 0}}, {}, 1.0)
     with pytest.raises(ValueError, match=r"skew \+250 ms printed no JSON \(exit 2\).*kvm"):
         points([o])
+
+
+def test_the_table_shows_each_scenario_from_its_report() -> None:
+    """The README's table from scenarios.json: figures from the report and the reference; a
+    refused scenario with its error (the strategy's '|' escaped for markdown)."""
+    from xen_pair.table import markdown
+    verdict = {"ok": True, "decides": True, "value_ns": None}
+    report = {"strategy": "clock=realtime,tsc=none,runstate=off", "outcome": "passed",
+              "clock_sync": {"offset_ns": 249_500_000, "uncertainty_ns": 3_000_000},
+              "verdicts": {"kvmclock_follows_gap": {**verdict, "ok": False, "error_ns": 248_000_000},
+                           "xen_runnable_in_window": verdict}}
+    ran = {"scenario": {"skew_ns": 250_000_000, "migrate_args": ["--json"]}, "status": 1,
+           "stdout": json.dumps(report), "stderr": "",
+           "reference_before": {"destination_minus_source": {"offset_ns": 249_800_000,
+                                                             "uncertainty_ns": 400_000}}}
+    refused = {"scenario": {"skew_ns": 0, "migrate_args": ["--runstate", "kernel"]}, "status": 3,
+               "stdout": json.dumps({"outcome": "error", "error": "unsupported on the "
+                                     "destination host: KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE"}),
+               "stderr": "", "direction": "lane-to-host", "reference_before": {}}
+    lines = markdown([ran, refused]).splitlines()
+    assert lines[2] == ("| +250 ms | clock=realtime, tsc=none, runstate=off | +249.800 ms ± "
+                        "0.400 ms | +249.500 ms ± 3.000 ms | -0.300 ms | +248.000 ms | "
+                        "n/a (runstate off) | **fail**: kvmclock_follows_gap |")
+    assert lines[3].startswith("| +0 ms | lane-to-host: `--runstate kernel` |")
+    assert "SHARED_INFO\\|RUNSTATE" in lines[3] and lines[3].count(" | ") == 7

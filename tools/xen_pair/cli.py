@@ -12,6 +12,7 @@ from pathlib import Path
 import xen_lane
 from agentcore.options import UsageError, parse_duration_ns
 
+from . import table
 from .hetero import run_hetero
 from .run import PairOptions, progress, run_pair
 from .skew_sweep import DEFAULT_SWEEP, parse_skews, plot, points, run_sweeps
@@ -65,6 +66,9 @@ def parse_args(argv: Sequence[str]) -> tuple[argparse.Namespace, list[str]]:
                              "src with the arguments after -- (default: "
                              + " ".join(DEFAULT_SWEEP) + "); plots clock error against skew "
                              "per strategy into --results/plots")
+    parser.add_argument("--table", type=Path, metavar="SCENARIOS_JSON",
+                        help="print a run's scenarios.json as the README's markdown table "
+                             "(nothing boots)")
     parser.add_argument("--clock-guest", action="store_true",
                         help="both lane machines load kvm/kvm-amd with the project's "
                              "KVM_[GS]ET_CLOCK_GUEST (tools/kvm_modules.py, built once and "
@@ -130,12 +134,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, migrate = parse_args(argv)
     migration = "--" in argv or args.script or args.skew or args.latency or args.jitter \
         or args.rate or args.boot_gap or args.inject_oops or args.hetero or args.clock_guest \
-        or args.sweep_skew
+        or args.sweep_skew or args.table
     if args.test or args.ci or not migration:
         return run_tests(args.python, args.ci)
     if not (os.path.isfile(args.python) and os.access(args.python, os.X_OK)):
         progress(f"error: --python {args.python}: not an executable file")
         return 2
+    if args.table:
+        try:
+            sys.stdout.write(table.markdown(json.loads(args.table.read_text())))
+        except (OSError, ValueError, KeyError) as e:
+            progress(f"error: --table {args.table}: {e}")
+            return 2
+        return 0
     if args.sweep_skew:
         return sweep_over_skews(args, migrate)
     try:
