@@ -202,7 +202,8 @@ def test_sweep_skews_are_signed_distinct_durations() -> None:
     from xen_pair.scenario import split_dashdash
     from xen_pair.skew_sweep import parse_skews, sweep_name
     assert parse_skews("-250ms, 0,+250ms") == [-250_000_000, 0, 250_000_000]
-    assert sweep_name(-250_000_000) == "pair-skew-250ms"
+    assert [sweep_name(ms * 1_000_000) for ms in (-250, 0, 250)] == [
+        "pair-skew-m250ms", "pair-skew-0ms", "pair-skew-p250ms"]
     for bad, why in (("5", "no unit"), ("0,0", "distinct"), ("", "distinct")):
         with pytest.raises(UsageError, match=why):
             parse_skews(bad)

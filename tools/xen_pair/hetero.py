@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ from kvmcore import HostCapabilities, Strategy
 
 from . import guest_agent, timeref
 from .machine import Machine, PairError
-from .run import (DEST_PORT, Outcome, Pair, PairOptions, free_port, inject_oops, pair_kernel,
-                  prepare, progress, retry_after, warm_agents_bytecode, write_key)
+from .run import (DEST_PORT, Outcome, Pair, PairOptions, booted_at_most_twice, free_port,
+                  inject_oops, pair_run, prepare, progress, write_key)
 from .scenario import Scenario
 
 #: The lane machine's address on its user-mode network, and the host as it sees it.
@@ -155,71 +154,52 @@ def run_hetero(options: PairOptions, scenarios: Sequence[Scenario], which: str =
                ) -> tuple[list[Outcome], dict[str, Any]]:
     """Boot one lane machine beside this machine, negotiate, run every scenario in each
     direction asked for; one retry on a kernel oops (the lane machine's)."""
-    t0 = time.monotonic()
-    deadline = t0 + options.timeout
-    kernel = pair_kernel(options)
-    options.results.mkdir(parents=True, exist_ok=True)
-    initrd = options.results / "initrd.cpio"
-    xen_lane.build_initramfs(kernel, initrd, Path("/bin/busybox"))
-    pycache = xen_lane.cache_root() / "pycache"
-    warm_agents_bytecode(options.python, pycache)
-    host = LocalHost(options.results / "host")
-    host.results.mkdir(parents=True, exist_ok=True)
-    facts: dict[str, Any] = {}
-    outcomes: list[Outcome] = []
-    try:
-        host_caps = capabilities(host, options.python, deadline)
-        for attempt in (1, 2):
+    with pair_run(options) as run:
+        host = LocalHost(options.results / "host")
+        host.results.mkdir(parents=True, exist_ok=True)
+        host_caps = capabilities(host, options.python, run.deadline)
+
+        def machines() -> list[Machine]:
             lane = Machine("lane", 0, options.results / "lane")
             lane.results.mkdir(parents=True, exist_ok=True)
-            prepare(lane, options.python, pycache)
-            outcomes, error = [], None
+            prepare(lane, options.python, run.pycache)
+            return [lane, host]
+
+        def attempt_with(attempt: int, ms: Sequence[Machine]) -> None:
+            lane, deadline = ms[0], run.deadline
             forwarded, host_port = free_port(), free_port()
-            try:
-                progress(f"booting the lane machine beside this one (attempt {attempt}/2)")
-                qemu = xen_lane.qemu_command(kernel.image, initrd, lane.results)
-                lane.start([*qemu, *uplink_args(forwarded)], deadline)
-                facts.update(lane_ready_s=round(lane.wait_ready(deadline), 2), attempts=attempt)
-                facts.update(set_up_lane(lane, deadline))
-                lane_caps = capabilities(lane, options.python, deadline)
-                pairs = []
-                for direction in directions_of(which):
-                    src, dst = (host, lane) if direction == "host-to-lane" else (lane, host)
-                    negotiated = (negotiate(host_caps, lane_caps) if src is host
-                                  else negotiate(lane_caps, host_caps))
-                    target, listen = ((f"127.0.0.1:{forwarded}", f"{LANE_ADDRESS}:{DEST_PORT}")
-                                      if dst is lane else
-                                      (f"{HOST_FROM_LANE}:{host_port}", f"127.0.0.1:{host_port}"))
-                    pair = HeteroPair(src, dst, options, deadline, direction, target, listen,
-                                      negotiated)
-                    pair._set_clock(lane, 0)
-                    write_key(pair.key)
-                    facts[f"{direction} dest_agent_start_s"] = pair.serve()
-                    facts[f"{direction} negotiated"] = negotiated
-                    progress(f"{direction}: strategy {negotiated['common']} (source's best "
-                             f"{negotiated['source_best']}, destination's "
-                             f"{negotiated['destination_best']})")
-                    pairs.append(pair)
-                if options.inject_oops and attempt == 1:
-                    inject_oops(lane)
-                for pair in pairs:
-                    for i, scenario in enumerate(scenarios, start=1):
-                        progress(f"{pair.direction} scenario {i}/{len(scenarios)}: "
-                                 f"{scenario.label()}")
-                        outcomes.append(pair.scenario(scenario))
-                        on_outcome(outcomes[-1])
-            except (xen_lane.LaneError, OSError, ValueError) as e:
-                error = e
-            finally:
-                host.stop()
-                lane.stop()
-            if retry_after(attempt, [lane], error, facts):
-                continue
-            return outcomes, facts
-        raise AssertionError("unreachable")
-    finally:
-        facts["total_s"] = round(time.monotonic() - t0, 2)
-        (options.results / "scenarios.json").write_text(
-            json.dumps([o.to_plain() for o in outcomes], indent=1) + "\n")
-        (options.results / "timings.json").write_text(json.dumps(facts, indent=1) + "\n")
-        initrd.unlink(missing_ok=True)
+            progress(f"booting the lane machine beside this one (attempt {attempt}/2)")
+            qemu = xen_lane.qemu_command(run.kernel.image, run.initrd, lane.results)
+            lane.start([*qemu, *uplink_args(forwarded)], deadline)
+            run.facts.update(lane_ready_s=round(lane.wait_ready(deadline), 2), attempts=attempt)
+            run.facts.update(set_up_lane(lane, deadline))
+            lane_caps = capabilities(lane, options.python, deadline)
+            pairs = []
+            for direction in directions_of(which):
+                src, dst = (host, lane) if direction == "host-to-lane" else (lane, host)
+                negotiated = (negotiate(host_caps, lane_caps) if src is host
+                              else negotiate(lane_caps, host_caps))
+                target, listen = ((f"127.0.0.1:{forwarded}", f"{LANE_ADDRESS}:{DEST_PORT}")
+                                  if dst is lane else
+                                  (f"{HOST_FROM_LANE}:{host_port}", f"127.0.0.1:{host_port}"))
+                pair = HeteroPair(src, dst, options, deadline, direction, target, listen,
+                                  negotiated)
+                pair._set_clock(lane, 0)
+                write_key(pair.key)
+                run.facts[f"{direction} dest_agent_start_s"] = pair.serve()
+                run.facts[f"{direction} negotiated"] = negotiated
+                progress(f"{direction}: strategy {negotiated['common']} (source's best "
+                         f"{negotiated['source_best']}, destination's "
+                         f"{negotiated['destination_best']})")
+                pairs.append(pair)
+            if options.inject_oops and attempt == 1:
+                inject_oops(lane)
+            for pair in pairs:
+                for i, scenario in enumerate(scenarios, start=1):
+                    progress(f"{pair.direction} scenario {i}/{len(scenarios)}: "
+                             f"{scenario.label()}")
+                    run.outcomes.append(pair.scenario(scenario))
+                    on_outcome(run.outcomes[-1])
+
+        booted_at_most_twice(run, machines, attempt_with)
+        return run.outcomes, run.facts

@@ -9,6 +9,7 @@ in the report as `clock_reference`); dst serves `dest-agent serve` with a fresh 
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +20,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -354,14 +355,25 @@ def retry_after(attempt: int, machines: Sequence[Machine], error: Exception | No
     return False
 
 
-def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
-             on_outcome: Callable[[Outcome], None] = lambda outcome: None,
-             session: Callable[[Pair], list[Outcome]] | None = None,
-             ) -> tuple[list[Outcome], dict[str, Any]]:
-    """Boot the pair, run the scenarios in order (or `session` on the set-up pair: the skew
-    sweep), stop it; one retry on a kernel oops."""
+@dataclasses.dataclass
+class PairRun:
+    """What every run of the pair (or the heterogeneous pair) shares: the deadline, the kernel
+    and its initramfs, the agents' bytecode; the outcomes and facts it writes out at the end."""
+
+    options: PairOptions
+    t0: float
+    deadline: float
+    kernel: xen_lane.Kernel
+    initrd: Path
+    pycache: Path
+    facts: dict[str, Any] = dataclasses.field(default_factory=dict)
+    outcomes: list[Outcome] = dataclasses.field(default_factory=list)
+
+
+@contextlib.contextmanager
+def pair_run(options: PairOptions) -> Iterator[PairRun]:
+    """Set a run up; on the way out (however it ends) scenarios.json and timings.json."""
     t0 = time.monotonic()
-    deadline = t0 + options.timeout
     kernel = pair_kernel(options)
     options.results.mkdir(parents=True, exist_ok=True)
     initrd = options.results / "initrd.cpio"
@@ -369,47 +381,70 @@ def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
     pycache = xen_lane.cache_root() / "pycache"
     progress("compiling the agents' bytecode on the host")
     warm_agents_bytecode(options.python, pycache)
-    facts: dict[str, Any] = {}
-    outcomes: list[Outcome] = []
+    run = PairRun(options, t0, t0 + options.timeout, kernel, initrd, pycache)
     try:
-        for attempt in (1, 2):
-            progress(f"booting src and dst (attempt {attempt}/2)")
-            machines = [Machine(n, i, options.results / n) for i, n in enumerate(("src", "dst"))]
-            for m in machines:
-                m.results.mkdir(parents=True, exist_ok=True)
-                prepare(m, options.python, pycache)
-            outcomes = []
-            error: Exception | None = None
-            try:
-                facts.update(boot_machines(machines, options, kernel, initrd, deadline),
-                             attempts=attempt)
-                pair = Pair(machines[0], machines[1], options, deadline)
-                facts.update(pair.setup())
-                progress(f"pair ready after {time.monotonic() - t0:.1f} s: ping "
-                         f"{facts['ping_ms']} ms, dest-agent up in {facts['dest_agent_start_s']} s")
-                if options.inject_oops and attempt == 1:
-                    inject_oops(next(m for m in machines if m.name == options.inject_oops))
-                if session is not None:
-                    outcomes = session(pair)
-                for i, scenario in enumerate(scenarios, start=1):
-                    progress(f"scenario {i}/{len(scenarios)}: {scenario.label()}")
-                    outcomes.append(pair.scenario(scenario))
-                    on_outcome(outcomes[-1])
-            except (xen_lane.LaneError, OSError, ValueError) as e:
-                # A machine whose kernel died mid-scenario shows up as a broken control
-                # socket (OSError) or a torn reply (ValueError): the console decides below
-                # whether that was an oops, worth one retry, or a failure to report.
-                error = e
-            finally:
-                for m in machines:
-                    m.stop()
-            if retry_after(attempt, machines, error, facts):
-                continue
-            return outcomes, facts
-        raise AssertionError("unreachable")
+        yield run
     finally:
-        facts["total_s"] = round(time.monotonic() - t0, 2)
+        run.facts["total_s"] = round(time.monotonic() - t0, 2)
         (options.results / "scenarios.json").write_text(
-            json.dumps([o.to_plain() for o in outcomes], indent=1) + "\n")
-        (options.results / "timings.json").write_text(json.dumps(facts, indent=1) + "\n")
+            json.dumps([o.to_plain() for o in run.outcomes], indent=1) + "\n")
+        (options.results / "timings.json").write_text(json.dumps(run.facts, indent=1) + "\n")
         initrd.unlink(missing_ok=True)
+
+
+def booted_at_most_twice(run: PairRun, machines_for: Callable[[], Sequence[Machine]],
+                         attempt_with: Callable[[int, Sequence[Machine]], None]) -> None:
+    """`attempt_with(attempt, machines)` on fresh machines; once more if a console shows a
+    kernel oops (retry_after). The machines are stopped after each attempt."""
+    for attempt in (1, 2):
+        machines = machines_for()
+        run.outcomes = []
+        error: Exception | None = None
+        try:
+            attempt_with(attempt, machines)
+        except (xen_lane.LaneError, OSError, ValueError) as e:
+            # A machine whose kernel died mid-scenario shows up as a broken control socket
+            # (OSError) or a torn reply (ValueError): the consoles decide whether that was an
+            # oops, worth one retry, or a failure to report.
+            error = e
+        finally:
+            for m in machines:
+                m.stop()
+        if not retry_after(attempt, machines, error, run.facts):
+            return
+
+
+def run_pair(options: PairOptions, scenarios: Sequence[Scenario],
+             on_outcome: Callable[[Outcome], None] = lambda outcome: None,
+             session: Callable[[Pair], list[Outcome]] | None = None,
+             ) -> tuple[list[Outcome], dict[str, Any]]:
+    """Boot the pair, run the scenarios in order (or `session` on the set-up pair: the skew
+    sweep), stop it; one retry on a kernel oops."""
+    with pair_run(options) as run:
+        def machines() -> list[Machine]:
+            ms = [Machine(n, i, options.results / n) for i, n in enumerate(("src", "dst"))]
+            for m in ms:
+                m.results.mkdir(parents=True, exist_ok=True)
+                prepare(m, options.python, run.pycache)
+            return ms
+
+        def attempt_with(attempt: int, ms: Sequence[Machine]) -> None:
+            progress(f"booting src and dst (attempt {attempt}/2)")
+            run.facts.update(boot_machines(ms, options, run.kernel, run.initrd, run.deadline),
+                             attempts=attempt)
+            pair = Pair(ms[0], ms[1], options, run.deadline)
+            run.facts.update(pair.setup())
+            progress(f"pair ready after {time.monotonic() - run.t0:.1f} s: ping "
+                     f"{run.facts['ping_ms']} ms, dest-agent up in "
+                     f"{run.facts['dest_agent_start_s']} s")
+            if options.inject_oops and attempt == 1:
+                inject_oops(next(m for m in ms if m.name == options.inject_oops))
+            if session is not None:
+                run.outcomes.extend(session(pair))
+            for i, scenario in enumerate(scenarios, start=1):
+                progress(f"scenario {i}/{len(scenarios)}: {scenario.label()}")
+                run.outcomes.append(pair.scenario(scenario))
+                on_outcome(run.outcomes[-1])
+
+        booted_at_most_twice(run, machines, attempt_with)
+        return run.outcomes, run.facts

@@ -20,7 +20,7 @@ from typing import Any
 
 from agentcore.options import UsageError
 
-from .run import Outcome, Pair
+from .run import Outcome, Pair, progress
 from .scenario import Scenario, signed_duration_ns
 
 DEFAULT_SWEEP = ("--strategy", "clock=realtime,runstate=off",
@@ -40,7 +40,9 @@ def parse_skews(text: str) -> list[int]:
 
 
 def sweep_name(skew_ns: int) -> str:
-    return f"pair-skew{skew_ns / 1e6:+.0f}ms"
+    """The sweep's name in the results store (letters, digits, '_', '.', '-': no '+')."""
+    ms = round(skew_ns / 1e6)
+    return f"pair-skew-{'m' if ms < 0 else 'p' if ms > 0 else ''}{abs(ms)}ms"
 
 
 def run_sweeps(pair: Pair, skews: Sequence[int], sweep_args: Sequence[str]) -> list[Outcome]:
@@ -54,6 +56,8 @@ def run_sweeps(pair: Pair, skews: Sequence[int], sweep_args: Sequence[str]) -> l
         argv = [pair.options.python, "-P", "-m", "source_agent", "sweep", sweep_name(skew),
                 "--topology", "remote", "--to", pair.target, "--psk-file", str(pair.key),
                 "--format", "json", "--db", str(db), *sweep_args]
+        progress(f"sweep {sweep_name(skew)} on src: skew {skew / 1e6:+.0f} ms (reference "
+                 f"{before['destination_minus_source']['offset_ns'] / 1e6:+.3f} ms)")
         t = time.monotonic()
         reply = pair.src.run(argv, pair.deadline,
                              env={"KVM_TESTBED_CLOCK_REFERENCE": json.dumps(before)})
