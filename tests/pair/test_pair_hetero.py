@@ -23,6 +23,9 @@ REPO = Path(__file__).resolve().parents[2]
 SCENARIOS = {"negotiated": ("--json", "--gap", "20ms"),
              "tsc offset": ("--json", "--tsc", "offset"),
              "runstate kernel": ("--json", "--runstate", "kernel")}
+#: dst 250 ms ahead of src: set on the lane machine, whichever side it is.
+SKEWED = {"synced +250ms": ("--json", "--gap", "20ms", "--clock", "realtime-synced")}
+SKEW_NS = 250_000_000
 
 pytestmark = pytest.mark.pair
 
@@ -31,9 +34,11 @@ pytestmark = pytest.mark.pair
 def hetero() -> tuple[dict[tuple[str, str], Outcome], dict]:
     options = PairOptions(python=sys.executable, results=REPO / "results" / "pair-hetero",
                           timeout=900)
-    outcomes, facts = run_hetero(options, [Scenario(migrate_args=a) for a in SCENARIOS.values()])
+    scenarios = [Scenario(migrate_args=a) for a in SCENARIOS.values()] + \
+        [Scenario(skew_ns=SKEW_NS, migrate_args=a) for a in SKEWED.values()]
+    outcomes, facts = run_hetero(options, scenarios)
     print(f"hetero: {facts}")
-    keys = [(d, name) for d in DIRECTIONS for name in SCENARIOS]
+    keys = [(d, name) for d in DIRECTIONS for name in (*SCENARIOS, *SKEWED)]
     return dict(zip(keys, outcomes, strict=True)), facts
 
 
@@ -113,3 +118,29 @@ def test_tsc_none_between_the_hosts_shows_their_tsc_difference(hetero):
         assert abs(hosts) > 10 * facts["total_s"] * 1e9       # this machine's TSC: hours
         assert abs(jump - hosts) <= (facts["total_s"] + 1) * 1e9
         assert "not carried" in r["measurements"]["tsc_jump"]["mechanism"]
+
+
+def test_a_skew_between_the_hosts_is_set_on_the_lane_and_synced_away(hetero):
+    """dst 250 ms ahead: the lane machine's clock is stepped (+250 ms as the destination,
+    -250 ms as the source; this machine's is the reference), the agents' estimate agrees with
+    the reference, and clock=realtime-synced (the rest negotiated) keeps it out of the kvmclock.
+    The skew-0 negotiated runs are the control for the estimate (near 0 there)."""
+    runs, _ = hetero
+    for direction in DIRECTIONS:
+        o = runs[direction, "synced +250ms"]
+        r = o.report()
+        assert r is not None, o.stderr[-800:]
+        ref = o.reference_before["destination_minus_source"]
+        sync = r["clock_sync"]
+        check = r["verdicts"]["kvmclock_follows_gap"]
+        lane = o.reference_before["destination" if direction == "host-to-lane" else "source"]
+        print(f"{direction} +250 ms: lane clock {lane['offset_ns'] / 1e6:+.3f} ms from the host's;"
+              f" estimate {sync['offset_ns'] / 1e6:+.3f} +- {sync['uncertainty_ns'] / 1e6:.3f} "
+              f"ms, reference {ref['offset_ns'] / 1e6:+.3f} ms; {r['strategy']}: {check['detail']}")
+        assert abs(ref["offset_ns"] - SKEW_NS) < 5e6
+        assert abs(sync["offset_ns"] - ref["offset_ns"]) <= sync["uncertainty_ns"] + \
+            ref["uncertainty_ns"]
+        assert r["strategy"] == "clock=realtime-synced,tsc=none,runstate=off"
+        assert o.status == 0 and check["ok"] is True, check["detail"]
+        control = runs[direction, "negotiated"].report()["clock_sync"]
+        assert abs(control["offset_ns"]) < 5e6

@@ -255,3 +255,19 @@ def test_the_table_shows_each_scenario_from_its_report() -> None:
                         "n/a (runstate off) | **fail**: kvmclock_follows_gap |")
     assert lines[3].startswith("| +0 ms | lane-to-host: `--runstate kernel` |")
     assert "SHARED_INFO\\|RUNSTATE" in lines[3] and lines[3].count(" | ") == 7
+
+
+def test_the_agent_can_hold_an_empty_vm() -> None:
+    """guest_agent.hold_a_vm on this machine's real /dev/kvm: a VM descriptor (KVM answers
+    KVM_CHECK_EXTENSION on it: KVM_CAP_USER_MEMORY = 3 is always there)."""
+    import fcntl
+    import os
+    from xen_pair.guest_agent import hold_a_vm
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("unsupported on this host: /dev/kvm")
+    vm = hold_a_vm()
+    assert vm is not None and vm >= 0
+    try:
+        assert fcntl.ioctl(vm, 0xAE03, 3) == 1  # KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)
+    finally:
+        os.close(vm)

@@ -117,8 +117,17 @@ class HeteroPair(Pair):
         self.key = options.results / f"psk-{direction}"
         self.lane = src if isinstance(dst, LocalHost) else dst
 
-    def set_skew(self, skew_ns: int) -> None:
-        self._set_clock(self.lane, skew_ns if self.lane is self.dst else -skew_ns)
+    def apply(self, scenario: Scenario) -> None:
+        """The skew on the lane machine, whose clock both directions share (so its state is
+        the machine's, not this direction's): +skew as the destination, -skew as the source."""
+        if scenario.netem():
+            raise PairError("the heterogeneous pair has no netem (one side is this machine's "
+                            "own loopback)")
+        want = scenario.skew_ns if self.lane is self.dst else -scenario.skew_ns
+        if want != self.lane.clock_target_ns:
+            self._set_clock(self.lane, want)
+            self.lane.clock_target_ns = want
+        self.skew_ns = scenario.skew_ns
 
     def migrate_args(self, scenario: Scenario) -> tuple[str, ...]:
         """The negotiated strategy for the parts the scenario leaves out."""
@@ -171,7 +180,8 @@ def run_hetero(options: PairOptions, scenarios: Sequence[Scenario], which: str =
             progress(f"booting the lane machine beside this one (attempt {attempt}/2)")
             qemu = xen_lane.qemu_command(run.kernel.image, run.initrd, lane.results)
             lane.start([*qemu, *uplink_args(forwarded)], deadline)
-            run.facts.update(lane_ready_s=round(lane.wait_ready(deadline), 2), attempts=attempt)
+            run.facts.update(lane_ready_s=round(lane.wait_ready(deadline), 2), attempts=attempt,
+                             lane_held_vm=lane.held_vm)
             run.facts.update(set_up_lane(lane, deadline))
             lane_caps = capabilities(lane, options.python, deadline)
             pairs = []
@@ -185,6 +195,7 @@ def run_hetero(options: PairOptions, scenarios: Sequence[Scenario], which: str =
                 pair = HeteroPair(src, dst, options, deadline, direction, target, listen,
                                   negotiated)
                 pair._set_clock(lane, 0)
+                lane.clock_target_ns = 0
                 write_key(pair.key)
                 run.facts[f"{direction} dest_agent_start_s"] = pair.serve()
                 run.facts[f"{direction} negotiated"] = negotiated

@@ -69,6 +69,8 @@ class Machine:
         self._buffer = b""
         self.started_at: float | None = None
         self.nic = ""  # its link interface, found at set-up
+        self.clock_target_ns = 0  # its CLOCK_REALTIME minus the host's, as last set
+        self.held_vm = False  # its agent holds an empty VM open (guest_agent.hold_a_vm)
         self._proc: subprocess.Popen | None = None
 
     def _started(self, proc: subprocess.Popen) -> None:
@@ -107,7 +109,9 @@ class Machine:
             self._check_alive(deadline, "start its agent")
             line = self._read_line()
             if line is not None:
-                if json.loads(line).get("hello"):
+                hello = json.loads(line)
+                if hello.get("hello"):
+                    self.held_vm = bool(hello.get("held_vm"))
                     return time.monotonic() - (self.started_at or 0)
 
     def _check_alive(self, deadline: float, doing: str) -> None:

@@ -308,6 +308,7 @@ def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen
     timings["qemu_start_gap_s"] = round(machines[1].started_at - machines[0].started_at, 3)
     for m in machines:
         timings[f"{m.name}_ready_s"] = round(m.wait_ready(deadline), 2)
+        timings[f"{m.name}_held_vm"] = m.held_vm
         progress(f"{m.name} up: agent ready {timings[f'{m.name}_ready_s']} s after QEMU started")
     return timings
 
