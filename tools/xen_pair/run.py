@@ -304,7 +304,10 @@ def boot_machines(machines: Sequence[Machine], options: PairOptions, kernel: xen
         m.start([*qemu, *link_args(m.index, link)], deadline)
         if m.index == 0:  # dst's QEMU connects once, at start: a refused connect leaves it unlinked
             wait_listening(link, deadline)
-    # Under TCG each machine's TSC counts from its QEMU's start: this is the TSC difference.
+            timings["src_listening_s"] = round(time.monotonic() - (m.started_at or 0), 3)
+    # Under TCG each machine's TSC counts from its QEMU's start of execution (after its set-up:
+    # src's takes src_listening_s and more), so the TSC difference lies between the boot gap
+    # and this.
     timings["qemu_start_gap_s"] = round(machines[1].started_at - machines[0].started_at, 3)
     for m in machines:
         timings[f"{m.name}_ready_s"] = round(m.wait_ready(deadline), 2)
