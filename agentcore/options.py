@@ -33,12 +33,15 @@ _DURATION_UNITS = {"ns": 1, "us": 1_000, "µs": 1_000, "ms": 1_000_000, "s": 1_0
 _SIZE_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1 << 10, "m": 1000**2, "mb": 1000**2,
                "mib": 1 << 20, "g": 1000**3, "gb": 1000**3, "gib": 1 << 30}
 #: Bytes per second, in tc's vocabulary: ``bit`` are bits (divided by 8), ``bps`` *bytes* per
-#: second (tc's meaning, kept so one value means the same to the relay and to tc netem).
-_RATE_UNITS = {f"{prefix}{unit}": factor / (8 if unit == "bit" else 1)
-               for prefix, factor in {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
-                                      "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}.items()
-               for unit in ("bit", "bps")}
-_NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ]*)\s*")
+#: second (tc's meaning, kept so one value means the same to the relay and to tc netem); and a
+#: size per second, ``50MiB/s`` (how a guest's dirtying rate reads best), with the size units.
+_RATE_UNITS = {**{f"{prefix}{unit}": factor / (8 if unit == "bit" else 1)
+                  for prefix, factor in {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+                                         "ki": 2**10, "mi": 2**20, "gi": 2**30,
+                                         "ti": 2**40}.items()
+                  for unit in ("bit", "bps")},
+               **{f"{unit}/s": factor for unit, factor in _SIZE_UNITS.items() if unit}}
+_NUMBER = re.compile(r"\s*([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*([a-zA-Zµ]*(?:/s)?)\s*")
 #: What ``--bandwidth`` takes for no cap at all.
 UNLIMITED = ("unlimited", "none")
 
@@ -105,6 +108,14 @@ def parse_rate(text: str) -> float:
     if rate == 0:
         raise UsageError(f"{text!r} must be more than 0")
     return rate
+
+
+def parse_byte_rate(text: str) -> int:
+    """A rate of bytes per second that may be 0 (a guest that dirties nothing): ``"50MiB/s"``
+    -> 52428800, ``"0"`` -> 0; any `parse_rate` spelling otherwise, rounded to whole bytes."""
+    if _quantity(text, _RATE_UNITS, "50MiB/s") == 0:
+        return 0
+    return round(parse_rate(text))
 
 
 def parse_bandwidth(text: str) -> float | None:

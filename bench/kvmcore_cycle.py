@@ -66,6 +66,11 @@ def c_cycles(memory_size: int, cycles: int) -> dict[str, int]:
     return {name: int(ns) for name, ns in (line.split() for line in out.splitlines())}
 
 
+def downtime_ns(cycle: dict[str, int]) -> int:
+    """What of a cycle a migration's downtime holds: capture, restore and the first entry."""
+    return cycle["capture"] + cycle["restore"] + cycle["first_entry"]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cycles", type=int, default=50)

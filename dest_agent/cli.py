@@ -39,8 +39,8 @@ examples:
   dest-agent serve --max-frame-size 2MiB --handshake-timeout 5s --idle-timeout 30s
 
 Each connection is one session: HELLO, AUTH (the pre-shared key), clock sync, then
-MIGRATE/memory/COMMIT -> restore -> REPORT. No VM and no guest memory exist before
-the source has proved the key. One line per session is logged to stderr.
+PREPARE (the VM made ahead), precopy ROUNDs, MIGRATE/memory/COMMIT -> restore -> REPORT.
+No VM and no guest memory exist before the source has proved the key. One line per session is logged to stderr.
 exit codes: 2 bad option or set-up (no /dev/kvm, key file refused, address in use),
 4 internal error (a bug: one line names the file holding the traceback), 130 interrupted (Ctrl-C)
 """

@@ -24,8 +24,10 @@ The only code in the testbed that touches /dev/kvm. Public API::
 The destination answers with a DestinationReport (the REPORT: ``after``, the
 RestoreRecord, its phases; ``to_plain``/``from_plain`` like VmState). Lower level:
 System / Vm / Vcpu (one method per ioctl), dirty logging (Guest.start_dirty_log,
-dirty_bitmap -> DirtyBitmap, dirty_runs), compare_memory (kvmcore.intact), kvmcore.xen (Xen ioctl argument packing,
-the typed Runstate). Per-phase timings: Guest.timings, VmState.timings,
+dirty_bitmap -> DirtyBitmap, dirty_runs), compare_memory and the REPORT's
+MemoryDigest / compare_digest (kvmcore.intact), kvmcore.xen (Xen ioctl argument packing,
+the typed Runstate). Live migration: VcpuThread (one thread owns a guest), LiveRun (the
+source guest running while its memory is sent), prepare + restore(..., prepared=). Per-phase timings: Guest.timings, VmState.timings,
 RestoreRecord.timings / restore_ns, the first entry as ``after.host_run_ns``. See
 docs/kvmcore.md.
 """
@@ -40,21 +42,25 @@ from .dirty import DirtyBitmap
 from .errors import (GuestError, GuestMemoryError, GuestTimeout, KvmError, KvmIoctlError,
                      ShortMsrAccess, StateError, StrategyError, Unsupported)
 from .guest import Guest, GuestConfig
-from .intact import MemoryComparison, PageMismatch, compare_memory
+from .intact import (DIGEST_MAX_MEMORY, DIGEST_NOT_COMPUTED, MemoryComparison, MemoryDigest,
+                     PageMismatch, compare_digest, compare_memory)
+from .live import LiveRun
 from .memory import GuestMemory
-from .migrate import capture, restore
+from .migrate import capture, prepare, restore
 from .report_doc import DestinationPhases, DestinationReport, RestoreRecord
 from .strategy import RestorePlan, Strategy
 from .snapshot import Pvclock, Snapshot
 from .state import VmState
 from .system import System
 from .vcpu import Vcpu
+from .vcpu_thread import VcpuThread
 from .vm import Vm
 
 __all__ = [
     "HUGE_PAGE", "MAX_MEMORY", "MIN_MEMORY", "memory_size_problem",
     "Analysis", "Check", "DestinationPhases", "DirtyBitmap", "MemoryComparison", "PageMismatch",
-    "compare_memory", "DestinationReport", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
+    "DIGEST_MAX_MEMORY", "DIGEST_NOT_COMPUTED", "LiveRun", "MemoryDigest", "VcpuThread",
+    "compare_digest", "compare_memory", "prepare", "DestinationReport", "Guest", "GuestConfig", "GuestError", "GuestMemory", "GuestMemoryError",
     "GuestTimeout", "ShortMsrAccess",
     "HostCapabilities", "KvmError", "KvmIoctlError", "Measurement", "Pvclock",
     "RestorePlan", "RestoreRecord", "Snapshot", "StateError", "Strategy", "StrategyError", "System", "Unsupported", "Vcpu",

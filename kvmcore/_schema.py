@@ -109,10 +109,11 @@ def check_int(value: Any, path: str, lo: int = U64[0], hi: int = U64[1]) -> None
         raise StateError(path, f"{value} outside [{lo}, {hi}]")
 
 
-def check_bytes(value: Any, path: str, length: int) -> None:
+def check_bytes(value: Any, path: str, length: int | None = None) -> None:
+    """Bytes (of ``length``, when given; a document checks a free length itself)."""
     if not isinstance(value, bytes):
         raise StateError(path, f"expected bytes, got {describe(value)}")
-    if len(value) != length:
+    if length is not None and len(value) != length:
         raise StateError(path, f"expected {length} bytes, got {len(value)}")
 
 
@@ -193,7 +194,7 @@ def one_of(names: typing.Collection[str]) -> Callable[[Any, str], None]:
 
 
 _CHECK_FOR_TYPE: dict[Any, Callable[[Any, str], None]] = {
-    bool: check_bool, int: check_u64, str: check_str}
+    bool: check_bool, int: check_u64, str: check_str, bytes: check_bytes}
 
 
 def _checker_for_hint(hint: Any, where: str) -> Callable[[Any, str], None]:
@@ -222,6 +223,11 @@ def _hints(cls: type) -> dict[str, Any]:
 
 
 @functools.cache
+def _added(cls: type) -> dict[str, bool]:
+    return {f.name: bool(f.metadata.get(ADDED)) for f in dataclasses.fields(cls)}
+
+
+@functools.cache
 def dataclass_spec(cls: type) -> dict[str, Any]:
     """The checkers of a dataclass's fields, from its type hints (bool, int as u64, str,
     list[X], dict[str, int], X | None, a nested document with its own ``from_plain``) or
@@ -233,11 +239,21 @@ def dataclass_spec(cls: type) -> dict[str, Any]:
             for f in dataclasses.fields(cls)}
 
 
+#: A dataclass field's metadata key for a field added to a document after peers that lack
+#: it were written: absent from the wire, it takes its default (``field(default=0,
+#: metadata={ADDED: True})``); every other field must be present.
+ADDED = "wire_added"
+
+
 def dataclass_from_plain(cls: type, plain: Any, path: str) -> Any:
     """An instance of ``cls`` from its wire form, checked exactly by dataclass_spec (every
-    field, no other; StateError names the field); nested documents are built by their own
-    ``from_plain``, so ``to_plain = dataclasses.asdict`` round-trips."""
-    check_record(plain, path, dataclass_spec(cls))
+    field but an ADDED one, no other; StateError names the field); nested documents are
+    built by their own ``from_plain``, so ``to_plain = dataclasses.asdict`` round-trips."""
+    spec = dataclass_spec(cls)
+    if isinstance(plain, dict):
+        spec = {name: check for name, check in spec.items()
+                if name in plain or not _added(cls).get(name)}
+    check_record(plain, path, spec)
     hints = _hints(cls)
     values = {}
     for name, value in plain.items():

@@ -38,7 +38,10 @@ SEED_RUNNABLE_LIMIT_NS = 5_000_000_000
 NO_XEN = "not measurable on this host: no KVM Xen"
 #: Every verdict, in the order a report lists them; the only place a verdict is named.
 CHECK_NAMES = ("xen_runnable_in_window", "seed_runnable", "kvmclock_follows_gap",
-               "tsc_follows_gap", "pvclock_preserved", "never_backwards", "sequence_continues")
+               "tsc_follows_gap", "pvclock_preserved", "never_backwards", "sequence_continues",
+               "memory_intact")
+#: Why memory_intact is not measured when the caller gives no comparison.
+MEMORY_NOT_COMPARED = "memory not compared (no digest of the destination's memory)"
 #: The KVM_[GS]ET_CLOCK_GUEST series' own bound (its pvclock_migration_test): source and
 #: destination pvclock agree at the same guest TSC to within this.
 PVCLOCK_BOUND_NS = 2
@@ -156,7 +159,9 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
             slack_ns: int = DEFAULT_SLACK_NS, slack_ppm: int = DEFAULT_SLACK_PPM, *,
             uncertainty_ns: int = 0, requested_gap_ns: int | None = None,
             hosts_have_xen: bool = True,
-            runnable_slack_ppm: int = xen.RUNNABLE_SLACK_PPM) -> Analysis:
+            runnable_slack_ppm: int = xen.RUNNABLE_SLACK_PPM,
+            memory_comparison: MemoryComparison | None = None,
+            memory_reason: str = MEMORY_NOT_COMPARED) -> Analysis:
     """``before``: the source's last report; ``after``: the destination's first (its host
     bracket is the first entry: CLOCK_REALTIME before the first KVM_RUN, and how long
     that run took).
@@ -164,7 +169,10 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     pass ``wall_gap_ns`` measured otherwise. ``slack_ns`` includes the clock-sync
     uncertainty, which ``uncertainty_ns`` states on its own for the runnable window;
     ``requested_gap_ns`` is the seed's lower bound; ``hosts_have_xen`` False names
-    the host, not the strategy, as why there is no runstate."""
+    the host, not the strategy, as why there is no runstate. ``memory_comparison``
+    (kvmcore.intact.compare_digest of the source's memory and the REPORT's digest) decides
+    memory_intact; without one it is not measured, for ``memory_reason`` (e.g.
+    intact.DIGEST_NOT_COMPUTED)."""
     strategy = Strategy.parse(record.strategy)
 
     if wall_gap_ns is not None:
@@ -232,6 +240,8 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
                                     f"{-step} ns" if step is not None else "never backwards"),
         "sequence_continues": Check(after.sequence == before.sequence + 1,
                                     f"{before.sequence} -> {after.sequence}"),
+        "memory_intact": (memory_intact(memory_comparison) if memory_comparison is not None
+                          else Check(None, memory_reason)),
     }
     assert tuple(checks) == CHECK_NAMES
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
@@ -397,17 +407,20 @@ def _seed(runnable: Measurement, requested_gap_ns: int | None) -> Check:
 def _offset_note(record: RestoreRecord) -> str:
     if record.tsc_offset_requested is None:
         return ""
+    clamped = ("" if record.tsc_gap_clamped_ns is None else
+               f" (gap {ms(record.tsc_gap_clamped_ns)} taken as 0: the destination's "
+               f"realtime is behind the capture)")
     if record.tsc_offset_applied == record.tsc_offset_requested:
-        return f"; offset {record.tsc_offset_requested:#x} applied"
+        return f"; offset {record.tsc_offset_requested:#x} applied{clamped}"
     return (f"; offset {record.tsc_offset_requested:#x} requested but "
-            f"{record.tsc_offset_applied:#x} read back")
+            f"{record.tsc_offset_applied:#x} read back{clamped}")
 
 
 def memory_intact(comparison: MemoryComparison, shown: int = 3) -> Check:
     """The ``memory_intact`` verdict from kvmcore.intact.compare_memory(): every page of
     the destination is the source's, or was written by the guest itself after resuming
-    (its generation stamp is newer than the source's last). Not in CHECK_NAMES yet: the
-    caller that compared both memories adds it."""
+    (its generation stamp is newer than the source's last). analyse() makes it from the
+    comparison it is given."""
     c = comparison
     scope = (f"{c.pages} pages, {c.working_set_pages} in the working set; "
              f"{c.bookkeeping} bookkeeping pages not compared")

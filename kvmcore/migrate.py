@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from . import xen
 from ._kvm import lib
-from .errors import KvmIoctlError, StateError
+from .errors import GuestError, KvmIoctlError, StateError
 from .guest import Guest, GuestConfig
 from .memory import GuestMemory
 from .report_doc import RestoreRecord
@@ -86,25 +86,69 @@ def _get_clock_guest(guest: Guest) -> dict[str, Any] | None:
         raise
 
 
-def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
-    """A new VM resuming ``plan.state``'s guest on ``memory`` (used as RAM, not copied).
+def prepare(kvm: System, config: GuestConfig, memory: GuestMemory) -> Guest:
+    """A destination's VM made ahead of the state (at PREPARE): VM + memory slot on
+    ``memory`` + vCPU with CPUID (+ Xen config when ``config.xen``), registers not set.
+    restore(..., prepared=guest) later resumes the migrated guest in it, so the VM's
+    creation is off the downtime path; ``guest.timings["create"]`` is what it cost."""
+    _check_memory(memory, config.memory_size)
+    t0 = time.perf_counter_ns()
+    guest = Guest.with_memory(kvm, config, memory)
+    guest.timings["create"] = time.perf_counter_ns() - t0
+    return guest
 
-    ``plan`` comes from Strategy.check, so nothing about the host or the state is
-    checked again; only ``memory`` is (StateError before any VM exists). The returned
-    guest's ``restore_record`` says what was done; its first entry is the host bracket of
-    the Snapshot its first run_until_snapshot() returns.
-    """
-    state, strategy = plan.state, plan.strategy
+
+def _check_memory(memory: GuestMemory, memory_size: int) -> None:
     if memory.closed:
         raise StateError("memory", "the guest memory is closed")
-    if memory.size != state.memory_size:
-        raise StateError("memory_size", f"{state.memory_size:#x} but the memory given has "
+    if memory.size != memory_size:
+        raise StateError("memory_size", f"{memory_size:#x} but the memory given has "
                          f"{memory.size:#x} bytes")
+
+
+def _check_prepared(prepared: Guest, state: VmState, memory: GuestMemory) -> None:
+    """The prepared VM fits the state: its memory, its size, Xen or not (StateError naming
+    the state's field), and nothing restored into it yet."""
+    if prepared.memory is not memory:
+        raise StateError("memory", "the prepared VM's memory is not the memory given")
+    if prepared.config.memory_size != state.memory_size:
+        raise StateError("memory_size", f"{state.memory_size:#x} but the VM was prepared "
+                         f"for {prepared.config.memory_size:#x} bytes")
+    if prepared.config.xen != (state.runstate is not None):
+        raise StateError("runstate", (
+            "a Xen guest's state but the VM was prepared without Xen" if state.runstate
+            else "no Xen runstate but the VM was prepared with Xen"))
+    if prepared.vm.fd < 0:
+        raise GuestError("the prepared VM is closed")
+    if prepared.restore_record is not None or prepared.last_snapshot is not None:
+        raise GuestError("the prepared VM was already restored into or run")
+
+
+def restore(kvm: System, plan: RestorePlan, memory: GuestMemory, *,
+            prepared: Guest | None = None) -> Guest:
+    """A VM resuming ``plan.state``'s guest on ``memory`` (used as RAM, not copied): a new
+    one, or ``prepared`` (from prepare(), on this ``memory``).
+
+    ``plan`` comes from Strategy.check, so nothing about the host or the state is
+    checked again; only ``memory`` and ``prepared`` are (StateError before any VM exists
+    or any ioctl). The returned guest's ``restore_record`` says what was done
+    (``timings["create"]`` is 0 for a prepared VM: its creation was prepare()'s); its
+    first entry is the host bracket of the Snapshot its first run_until_snapshot()
+    returns. A failure of the restore itself closes the guest, prepared or not (its state
+    is then half-set); a refusal by the checks leaves a prepared VM as it was.
+    """
+    state, strategy = plan.state, plan.strategy
+    _check_memory(memory, state.memory_size)
+    if prepared is not None:
+        _check_prepared(prepared, state, memory)
 
     t0 = time.perf_counter_ns()
     record = RestoreRecord(strategy=str(strategy))
-    config = GuestConfig(memory_size=state.memory_size, xen=state.runstate is not None)
-    guest = Guest.with_memory(kvm, config, memory)
+    if prepared is None:
+        config = GuestConfig(memory_size=state.memory_size, xen=state.runstate is not None)
+        guest = Guest.with_memory(kvm, config, memory)
+    else:
+        guest = prepared
     try:
         t1 = time.perf_counter_ns()
         _restore_registers(guest, state, strategy)
@@ -138,11 +182,13 @@ def restore(kvm: System, plan: RestorePlan, memory: GuestMemory) -> Guest:
         guest.close()
         raise
     t4 = time.perf_counter_ns()
-    record.timings = {"create": t1 - t0, "registers": t2 - t1, "clock_tsc": t3 - t2,
+    record.timings = {"create": t1 - t0 if prepared is None else 0, "registers": t2 - t1, "clock_tsc": t3 - t2,
                       "runstate": t4 - t3}
     record.restore_ns = t4 - t0
     guest.restore_record = record
-    guest.timings.update(create=t1 - t0, setup=t4 - t1)
+    if prepared is None:
+        guest.timings["create"] = t1 - t0
+    guest.timings["setup"] = t4 - t1
     return guest
 
 
@@ -184,6 +230,13 @@ def _restore_tsc(guest: Guest, state: VmState, strategy: Strategy,
     now = guest.vm.get_clock()
     if strategy.clock == "guest":
         elapsed_ns = now.realtime - state.clock["realtime"]
+        if elapsed_ns < 0:
+            # The destination's realtime is behind the capture: a TSC that followed it
+            # would go back (below zero: the guest's kvmclock then lands centuries ahead).
+            # No gap is carried instead, as KVM_SET_CLOCK does for a realtime in its future;
+            # the gap verdicts fail and the record says why.
+            record.tsc_gap_clamped_ns = elapsed_ns
+            elapsed_ns = 0
     else:
         elapsed_ns = now.clock - state.clock["clock"]
     offset = (state.tsc_offset + elapsed_ns * state.tsc_khz // 1_000_000

@@ -22,8 +22,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ._schema import CHECK, dataclass_from_plain
+from ._schema import ADDED, CHECK, dataclass_from_plain
 from .errors import StateError, StrategyError
+from .intact import MemoryDigest
 from .snapshot import Snapshot
 from .state import CLOCK_SPEC
 from .strategy import Strategy
@@ -51,6 +52,10 @@ class RestoreRecord:
     clock_after: dict[str, int] = field(default_factory=dict, metadata={CHECK: CLOCK_SPEC})
     tsc_offset_requested: int | None = None
     tsc_offset_applied: int | None = None                 # read back
+    #: tsc=offset with clock=guest: the realtime gap the TSC was to follow, when it was
+    #: negative (the destination's realtime behind the source's capture) and so taken as 0,
+    #: as KVM_SET_CLOCK takes a KVM_CLOCK_REALTIME in the future; None: not clamped
+    tsc_gap_clamped_ns: int | None = field(default=None, metadata={ADDED: True})
     tsc_khz_destination: int = 0                          # the source's is VmState.tsc_khz
     #: KVM_SET_TSC_KHZ given (the source's rate, where this host scales); None: not scaled
     tsc_khz_set: int | None = None
@@ -76,6 +81,13 @@ class DestinationPhases:
     close_ns: int              # destroying the restored VM after its first report
     migrate_realtime_ns: int   # CLOCK_REALTIME when MIGRATE arrived
     commit_realtime_ns: int    # CLOCK_REALTIME when COMMIT was verified (ends the transfer)
+    # Off the downtime path (live migration); absent from an older REPORT: 0.
+    #: PREPARE: memory allocated, VM + slot + vCPU created (kvmcore.migrate.prepare).
+    prepare_ns: int = field(default=0, metadata={ADDED: True})
+    #: All ROUNDs received into the prepared memory, while the source guest ran.
+    rounds_receive_ns: int = field(default=0, metadata={ADDED: True})
+    #: MemoryDigest.of the memory after the first report (the REPORT's ``memory``).
+    verify_ns: int = field(default=0, metadata={ADDED: True})
 
     @classmethod
     def from_plain(cls, plain: Any, path: str = "phases") -> DestinationPhases:
@@ -90,6 +102,10 @@ class DestinationReport:
     after: Snapshot
     restore_record: RestoreRecord
     phases: DestinationPhases
+    #: The restored memory's digest after the first report (None: not computed, above
+    #: DIGEST_MAX_MEMORY, or a REPORT from before digests): the source judges it with
+    #: compare_digest against its own stopped memory.
+    memory: MemoryDigest | None = field(default=None, metadata={ADDED: True})
 
     def to_plain(self) -> dict[str, Any]:
         """Msgpack-ready; ``from_plain(to_plain())`` gives it back."""
@@ -101,11 +117,15 @@ class DestinationReport:
         StateError names the field (``report.after.runstate.state``)."""
         return dataclass_from_plain(cls, plain, path)
 
-    def check_answers(self, strategy: Strategy, path: str = "report") -> DestinationReport:
+    def check_answers(self, strategy: Strategy, path: str = "report", *,
+                      memory_size: int | None = None) -> DestinationReport:
         """This report, if it describes a restore with ``strategy`` (the one MIGRATE asked
-        for); StateError naming the field otherwise."""
+        for) and its memory digest, if any, a memory of ``memory_size`` (when given);
+        StateError naming the field otherwise."""
         if self.restore_record.strategy != str(strategy):
             raise StateError(f"{path}.restore_record.strategy",
                              f"{self.restore_record.strategy!r}, but {str(strategy)!r} "
                              "was asked for")
+        if self.memory is not None and memory_size is not None:
+            self.memory.check_size(memory_size, f"{path}.memory")
         return self

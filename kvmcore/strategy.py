@@ -39,6 +39,7 @@ from .errors import StateError, StrategyError, Unsupported
 
 if TYPE_CHECKING:
     from .caps import HostCapabilities
+    from .guest import GuestConfig
     from .state import VmState
 
 PARTS = ("clock", "tsc", "runstate")
@@ -189,6 +190,14 @@ class Strategy:
         strategy = best if overrides in ("", "best") else cls.parse(overrides, best)
         strategy.check_host(caps)
         return strategy
+
+    def guest_config(self, memory_size: int) -> GuestConfig:
+        """The guest this strategy migrates: Xen-configured iff runstate=kernel. The one
+        home of that rule, for the source creating its guest and the destination preparing
+        a VM at PREPARE (before any state says whether it is Xen)."""
+        from .guest import GuestConfig
+
+        return GuestConfig(memory_size=memory_size, xen=self.runstate == "kernel")
 
     def missing(self, caps: HostCapabilities) -> list[str]:
         """The capabilities this host lacks for this strategy (empty: it can do it)."""

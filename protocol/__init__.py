@@ -12,7 +12,7 @@ The private modules, one concern each (in the manner of h11 and httpcore):
     _messages    the messages and their field checks
     _auth        the key proofs and the frame MAC
     _state       the state table (and the NEED_DATA / END_OF_STREAM sentinels)
-    _memory      one MIGRATE's memory stream: its runs, the chunk rule, the MAC, the sink
+    _memory      one memory stream (ROUND or MIGRATE): its runs, the chunk rule, the MAC, the sink
     _session     the sans-IO session: framing, MAC, state, memory
     _io          the byte I/O a Channel needs (plain TCP fd path, any trio stream)
     _channel     Channel: a session driven over a trio stream, with timeouts
@@ -50,11 +50,14 @@ from ._messages import (
     MemoryChunk,
     Message,
     Migrate,
+    Prepare,
+    Prepared,
     Report,
     Role,
+    Round,
 )
 from ._memory import pack_runs
-from ._session import Session
+from ._session import Preparation, Session
 from ._state import END_OF_STREAM, NEED_DATA, State
 from ._channel import Channel
 from ._handshake import Handshake, destination_handshake, source_handshake
@@ -91,11 +94,15 @@ __all__ = [
     "MiB",
     "Migrate",
     "PeerError",
+    "Preparation",
+    "Prepare",
+    "Prepared",
     "ProtocolError",
     "ProtocolTimeout",
     "RemoteProtocolError",
     "Report",
     "Role",
+    "Round",
     "Session",
     "pack_runs",
     "State",

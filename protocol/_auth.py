@@ -20,10 +20,11 @@ sender's AUTH carries ``HMAC-SHA256(key, seq || length || body)[:16]`` with an
 implicit per-direction sequence number, so frames cannot be altered,
 dropped, reordered, replayed or injected without detection.
 
-The memory of each MIGRATE is covered by its own one-time Poly1305 key,
+The memory of each memory stream (every precopy ROUND and every MIGRATE) is
+covered by its own one-time Poly1305 key,
 ``HMAC-SHA256(k_source>destination, LABEL || "memory" || n)`` for the n-th
-MIGRATE of the session (`memory_key`): derived from the session's source key,
-never from the PSK directly, and never used twice (a Poly1305 key must not be).
+memory stream of the session (`memory_key`): derived from the session's source
+key, never from the PSK directly, and never used twice (a Poly1305 key must not be).
 """
 
 
@@ -78,14 +79,14 @@ def derive_keys(psk: bytes, transcript: bytes) -> tuple[bytes, bytes]:
     )
 
 
-def memory_key(source_key: bytes, migration: int) -> bytes:
-    """The one-time Poly1305 key of the session's ``migration``-th memory stream (from 0).
+def memory_key(source_key: bytes, stream: int) -> bytes:
+    """The one-time Poly1305 key of the session's ``stream``-th memory stream (from 0).
 
     ``source_key`` is the source's frame key (`derive_keys`): bound to the PSK
-    and to both fresh nonces, so unique per session; ``migration`` makes it
-    unique per MIGRATE within the session.
+    and to both fresh nonces, so unique per session; ``stream`` (ROUNDs and
+    MIGRATEs counted together) makes it unique per memory stream within it.
     """
-    return hmac.digest(source_key, _LABEL + b"memory\x00" + migration.to_bytes(8, "big"), "sha256")
+    return hmac.digest(source_key, _LABEL + b"memory\x00" + stream.to_bytes(8, "big"), "sha256")
 
 
 class FrameMac:

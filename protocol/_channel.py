@@ -84,6 +84,8 @@ class Channel:
         self.stream = stream
         self._frame_started: float | None = None
         self._broken: str | None = None
+        #: `send_memory(copy=True)`'s bounce buffer: made at its first use, kept for the next.
+        self._bounce: bytearray | None = None
 
     @property
     def stream(self) -> trio.abc.Stream:
@@ -171,26 +173,32 @@ class Channel:
                 self.session.receive_data(data)
         return None
 
-    async def send_memory(self, memory: Any) -> Commit:
-        """Send ``memory`` (any contiguous buffer, e.g. guest RAM) after MIGRATE, then COMMIT.
+    async def send_memory(self, memory: Any, *, copy: bool = False) -> Commit:
+        """Send ``memory`` (any contiguous buffer, e.g. guest RAM) after ROUND or MIGRATE, then COMMIT.
 
-        The chunks the session says are due -- every run of the MIGRATE, in
-        order -- go to the stream by ``writev`` straight from ``memory``
-        (header, the slice itself, tag; several small chunks per call): no
-        copy is made.  Returns
-        the COMMIT sent.  However it ends, no view of ``memory`` made here or
-        by the session outlives the call: the caller may unmap it.
+        The chunks the session says are due -- every run of the ROUND or
+        MIGRATE, in order -- go to the stream by ``writev`` (header, data,
+        tag; several small chunks per call).  With ``copy`` False the data is
+        ``memory`` itself, no copy made: for a guest that is stopped.  With
+        ``copy`` True (a guest still running, writing its memory meanwhile)
+        each batch is first copied into a bounce buffer the channel owns, then
+        MACed and written from there, so the tag covers exactly the bytes
+        written: a page the guest changes during the write is sent as it was
+        at the copy (the dirty log sends it again later).  Returns the COMMIT
+        sent.  However it ends, no view of ``memory`` made here or by the
+        session outlives the call: the caller may unmap it.
         """
         self._check_usable()
         session = self.session
         progress = session.memory_progress
         if progress is None:
             raise LocalProtocolError(
-                f"send_memory needs a MIGRATE sent first (state {session.state.name})"
+                f"send_memory needs a ROUND or MIGRATE sent first (state {session.state.name})"
             )
         view = byte_view(memory)
         if len(view) < progress[1]:
             raise LocalProtocolError(f"memory buffer holds {len(view)} bytes, memory_size is {progress[1]}")
+        bounce = self._bounce_view(progress[2]) if copy else None
         self._io.grow_buffer("SO_SNDBUF")
         chunks: list[MemoryChunk] = []
         try:
@@ -202,7 +210,14 @@ class Channel:
                 batched = 0
                 while due is not None and len(chunks) < _BATCH_FRAMES and batched < _BATCH_BYTES:
                     offset, size = due
-                    chunks.append(MemoryChunk(offset=offset, data=view[offset : offset + size]))
+                    if bounce is None:
+                        data = view[offset : offset + size]
+                    elif batched + size <= len(bounce):
+                        data = bounce[batched : batched + size]
+                        data[:] = view[offset : offset + size]
+                    else:
+                        break  # the bounce buffer is full: write this batch first
+                    chunks.append(MemoryChunk(offset=offset, data=data))
                     pieces += session.send_iov(chunks[-1])
                     batched += size
                     due = session.memory_due()
@@ -218,9 +233,18 @@ class Channel:
                 _release(chunk)
             chunks.clear()
             view.release()
+            if bounce is not None:
+                bounce.release()
         commit = session.make_commit()
         await self.send(commit)
         return commit
+
+    def _bounce_view(self, chunk_size: int) -> memoryview:
+        """A view of the bounce buffer, large enough for a batch (one chunk at least)."""
+        size = max(_BATCH_BYTES, chunk_size)
+        if self._bounce is None or len(self._bounce) < size:
+            self._bounce = bytearray(size)
+        return memoryview(self._bounce)
 
     async def send_error(self, error: BaseException | Error) -> None:
         """Tell the peer why the session ends on this side; best effort, never raises.
@@ -278,7 +302,7 @@ class Channel:
         raise await self._timed_out()
 
     async def receive_memory(self, into: Any) -> Commit:
-        """After MIGRATE: receive every chunk straight into ``into`` (guest RAM), then COMMIT.
+        """After ROUND or MIGRATE: receive every chunk straight into ``into`` (guest RAM), then COMMIT.
 
         The COMMIT's tag has been checked when this returns.  If it raises
         (cancellation included) the session has failed and no view of

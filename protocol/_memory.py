@@ -1,16 +1,18 @@
-"""One MIGRATE's memory stream: which runs it covers, what is due next, its MAC, the receive path.
+"""One memory stream (a ROUND's or a MIGRATE's): which runs it covers, what is due next, its MAC,
+the receive path.
 
 Apart from the session's framing and frame MAC (`_session.py`), which only
 hands this class the pieces of MEMORY frames.  It owns:
 
-* the runs (``MIGRATE.runs``): page-aligned ``(offset, length)`` ranges of
-  guest memory, ascending and disjoint, inside ``memory_size`` -- all of it
-  when absent (stop-and-copy) or the pages dirtied since the last round
-  (precopy).  `parse_runs` checks them before anything is allocated;
+* the runs (``MIGRATE.runs``, ``ROUND.runs``): page-aligned ``(offset, length)``
+  ranges of guest memory, ascending and disjoint, inside ``memory_size`` --
+  all of it when absent (stop-and-copy, precopy's round 0) or the pages
+  dirtied since the last round (precopy), possibly none.  `parse_runs`
+  checks them before anything is allocated;
 * the rule of the stream, written once (`due`, `check`): each run in order,
   as chunks of ``chunk_size`` bytes but its last (the run's remainder);
 * the memory MAC: Poly1305 over the data bytes in stream order, under the
-  MIGRATE's one-time key (`_auth.memory_key`); COMMIT carries its tag.  It is
+  stream's one-time key (`_auth.memory_key`); COMMIT carries its tag.  It is
   computed inline, as the bytes go by: at 6-12 GB/s per core here it costs
   less than the socket copy, and less than handing it to ``trio.to_thread``
   jobs did (docs/protocol.md, "Cost");
@@ -22,7 +24,7 @@ hands this class the pieces of MEMORY frames.  It owns:
   tracebacks or chunks still refer to those views.
 
 The frame MAC binds each chunk's header (offset, size) and the chunks' order;
-the memory MAC binds the data; the MIGRATE (frame-MACed) binds the runs.
+the memory MAC binds the data; the ROUND or MIGRATE (frame-MACed) binds the runs.
 """
 
 from __future__ import annotations
@@ -57,33 +59,35 @@ def byte_view(data: Any) -> memoryview:
 
 
 def pack_runs(runs: Iterable[tuple[int, int]]) -> bytes:
-    """``MIGRATE.runs`` for these ``(offset, length)`` runs (checked when the MIGRATE is sent)."""
+    """``MIGRATE.runs`` or ``ROUND.runs`` for these ``(offset, length)`` runs (checked when sent).
+
+    No runs at all is allowed (``b""``): a last precopy round may find nothing dirty.
+    """
     try:
         return b"".join(_RUN.pack(offset, length) for offset, length in runs)
     except struct.error as exc:
-        raise LocalProtocolError(f"MIGRATE.runs: {exc}") from None
+        raise LocalProtocolError(f"runs: {exc}") from None
 
 
-def parse_runs(runs: bytes | None, memory_size: int, limits: Limits) -> Runs:
-    """The runs of a MIGRATE, checked; all of memory when ``runs`` is None.
+def parse_runs(runs: bytes | None, memory_size: int, limits: Limits, name: str = "MIGRATE.runs") -> Runs:
+    """The runs of a MIGRATE or a ROUND (``name`` says which), checked; all of memory when None.
 
     FieldError (LimitError for the count) naming the first run at fault:
-    runs must be non-empty, page-aligned, ascending, disjoint and inside
-    ``memory_size``.  The count is checked before any run is unpacked.
+    runs must be page-aligned, ascending, disjoint and inside ``memory_size``;
+    there may be none (``b""``: a stream of no memory, COMMIT at once).  The
+    count is checked before any run is unpacked.
     """
     if runs is None:
         return [(0, memory_size)]
     if len(runs) % _RUN.size:
-        raise FieldError(f"MIGRATE.runs: {len(runs)} bytes is not a whole number of 16-byte runs")
+        raise FieldError(f"{name}: {len(runs)} bytes is not a whole number of 16-byte runs")
     count = len(runs) // _RUN.size
     if count > limits.max_memory_runs:
-        raise LimitError(f"MIGRATE.runs: {count} runs exceeds the limit {limits.max_memory_runs}")
-    if not count:
-        raise FieldError("MIGRATE.runs: no runs (omit the field to send all of memory)")
+        raise LimitError(f"{name}: {count} runs exceeds the limit {limits.max_memory_runs}")
     parsed: Runs = []
     end = 0
     for index, (offset, length) in enumerate(_RUN.iter_unpack(runs)):
-        where = f"MIGRATE.runs[{index}] ({offset}, {length})"
+        where = f"{name}[{index}] ({offset}, {length})"
         if offset % PAGE_SIZE or length % PAGE_SIZE or not length:
             raise FieldError(f"{where}: offset and length must be multiples of {PAGE_SIZE}, length > 0")
         if offset < end:
@@ -110,7 +114,7 @@ class _Partial:
 
 
 class MemoryStream:
-    """Progress of one MIGRATE's memory: the run and offset due next, the MAC so far, the sink."""
+    """Progress of one memory stream: the run and offset due next, the MAC so far, the sink."""
 
     def __init__(self, size: int, chunk_size: int, runs: Runs, key: bytes) -> None:
         self.size = size
@@ -120,9 +124,9 @@ class MemoryStream:
         self.total = sum(length for _, length in runs)
         self.covered = 0
         self._run = 0
-        #: The offset the next chunk must have.
-        self.offset = runs[0][0]
-        self._run_end = runs[0][0] + runs[0][1]
+        #: The offset the next chunk must have (no runs: nothing is due, the stream is complete).
+        self.offset, length = runs[0] if runs else (0, 0)
+        self._run_end = self.offset + length
         self._mac: Poly1305 | None = Poly1305(key)
         self._tag = b""
         #: The caller's buffer the received data is written into (`receive_into`).

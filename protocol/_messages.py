@@ -29,13 +29,17 @@ __all__ = [
     "MemoryChunk",
     "Message",
     "Migrate",
+    "Prepare",
+    "Prepared",
     "Report",
     "Role",
+    "Round",
 ]
 
 #: Bumped on any change of the wire format; both sides must speak the same one.
 #: 2: COMMIT carries a Poly1305 tag (was a SHA-256 digest); MIGRATE carries runs.
-PROTOCOL_VERSION = 2
+#: 3: PREPARE/PREPARED and precopy ROUNDs; each memory stream (ROUND or MIGRATE) has its own key.
+PROTOCOL_VERSION = 3
 
 Role = Literal["source", "destination"]
 ROLES: tuple[Role, Role] = ("source", "destination")
@@ -195,6 +199,45 @@ class ClockSyncReply(Message):
 
 
 @dataclass(frozen=True)
+class Prepare(Message):
+    """Source to destination, in READY: make ready for a migration of this guest.
+
+    The destination checks ``strategy`` against its host, allocates
+    ``memory_size`` bytes and creates the VM before answering PREPARED, so
+    that none of it falls in the downtime.  ROUNDs and the MIGRATE that
+    follow use this ``memory_size`` and ``chunk_size`` (the MIGRATE must
+    announce the same ones); `Session.prepared` remembers them.
+    """
+
+    TYPE: ClassVar[str] = "prepare"
+    strategy: str
+    memory_size: int
+    chunk_size: int
+
+
+@dataclass(frozen=True)
+class Prepared(Message):
+    """Destination's answer to PREPARE: ready; ``prepare_ns`` is what preparing took (ns)."""
+
+    TYPE: ClassVar[str] = "prepared"
+    prepare_ns: int
+
+
+@dataclass(frozen=True)
+class Round(Message):
+    """Source to destination, in PREPARED: one precopy round of memory, while the guest runs.
+
+    ``runs`` as `Migrate.runs` (None: all of memory, as round 0 sends),
+    checked against the prepared ``memory_size``; the memory follows as
+    MEMORY chunks of the prepared ``chunk_size``, then COMMIT, under a
+    one-time key of its own.  No answer: the session is back in PREPARED.
+    """
+
+    TYPE: ClassVar[str] = "round"
+    runs: bytes | None = None
+
+
+@dataclass(frozen=True)
 class Migrate(Message):
     """Start of one migration: the VM state without its memory, and how the memory follows.
 
@@ -203,8 +246,10 @@ class Migrate(Message):
     None, lists and str-keyed maps.  ``runs`` says which memory follows:
     None for all ``memory_size`` bytes (stop-and-copy), else `pack_runs` of
     page-aligned ``(offset, length)`` runs, ascending and disjoint (the pages
-    a precopy round sends).  Each run follows, in order, as MEMORY chunks of
-    ``chunk_size`` bytes (its last one shorter), then COMMIT.
+    dirtied since precopy's last ROUND), possibly none.  Each run follows, in
+    order, as MEMORY chunks of ``chunk_size`` bytes (its last one shorter),
+    then COMMIT.  In PREPARED, ``memory_size`` and ``chunk_size`` must be the
+    PREPARE's.
     """
 
     TYPE: ClassVar[str] = "migrate"
@@ -217,7 +262,7 @@ class Migrate(Message):
 
 @dataclass(frozen=True)
 class MemoryChunk(Message):
-    """``data`` is guest memory at ``offset``; chunks follow the MIGRATE's runs in order and
+    """``data`` is guest memory at ``offset``; chunks follow the ROUND's or MIGRATE's runs in order and
     exactly cover them (all of ``memory_size`` without runs).
 
     On receipt into a buffer given to `Session.receive_memory_into`, ``data``
@@ -233,7 +278,7 @@ class MemoryChunk(Message):
 class Commit(Message):
     """End of the memory stream: ``tag`` is the Poly1305 MAC of its data bytes, in order.
 
-    Under the MIGRATE's one-time key (docs/security.md); the destination
+    Under the stream's (ROUND's or MIGRATE's) one-time key (docs/security.md); the destination
     checks it against what it received (`IntegrityError` if it differs)
     before it may use the memory.  Build it with `Session.make_commit`.
     """
@@ -289,9 +334,13 @@ Hello._CHECKS = {
 Auth._CHECKS = {"proof": _bytes(PROOF_SIZE)}
 ClockSyncRequest._CHECKS = {"t1": _timestamp}
 ClockSyncReply._CHECKS = {"t1": _timestamp, "t2": _timestamp, "t3": _timestamp}
+_strategy = _text(64, r"[A-Za-z0-9_,=\-]+")
+Prepare._CHECKS = {"strategy": _strategy, "memory_size": _memory_size, "chunk_size": _chunk_size}
+Prepared._CHECKS = {"prepare_ns": _int(0, _INT64[1])}
+Round._CHECKS = {"runs": _runs}
 Migrate._CHECKS = {
     "state": _plain_map(allow_float=False),
-    "strategy": _text(64, r"[A-Za-z0-9_,=\-]+"),
+    "strategy": _strategy,
     "memory_size": _memory_size,
     "chunk_size": _chunk_size,
     "runs": _runs,
@@ -318,6 +367,9 @@ MESSAGE_TYPES: dict[str, type[Message]] = {
         Auth,
         ClockSyncRequest,
         ClockSyncReply,
+        Prepare,
+        Prepared,
+        Round,
         Migrate,
         MemoryChunk,
         Commit,

@@ -13,21 +13,25 @@ if the peer did.
           <----------------------------------- AUTH      (or ERROR auth)
     CLOCK_REQUEST --------------------------->           } repeated,
           <----------------------------------- CLOCK_REPLY } at most max_clock_sync_rounds
+    PREPARE --------------------------------->           } optional (without it,
+          <----------------------------------- PREPARED  } MIGRATE from READY)
+    ROUND, MEMORY × n, COMMIT --------------->           } precopy rounds, 0 or more
     MIGRATE, MEMORY × n, COMMIT ------------->
           <----------------------------------- REPORT    (or ERROR)
     ... more clock syncs or migrations ...
-    BYE   -----------------------------------> (either side, in READY)
+    BYE   -----------------------------------> (either side in READY; the source in PREPARED)
 
 ERROR may be sent by either side in any state before BYE; it ends the session.
 
 This module frames messages, MACs them and feeds them through the state table
-(`_state.py`); one MIGRATE's memory (its runs, the chunk rule, the MAC, the receive
-path straight into the caller's buffer) is `_memory.MemoryStream`.
+(`_state.py`); one ROUND's or MIGRATE's memory (its runs, the chunk rule, the MAC,
+the receive path straight into the caller's buffer) is `_memory.MemoryStream`.
 """
 
 from __future__ import annotations
 
 import secrets
+from dataclasses import dataclass, replace
 from typing import Any
 
 from ._auth import TAG_SIZE, FrameMac, derive_keys, make_proof, memory_key, transcript_hash, verify_proof
@@ -51,6 +55,7 @@ from ._messages import (
     PROTOCOL_VERSION,
     ROLES,
     Auth,
+    Bye,
     ClockSyncReply,
     ClockSyncRequest,
     Commit,
@@ -59,17 +64,37 @@ from ._messages import (
     MemoryChunk,
     Message,
     Migrate,
+    Prepare,
+    Prepared,
     Report,
     Role,
+    Round,
     from_wire,
     name_of,
     validate,
 )
-from ._state import END_OF_STREAM, NEED_DATA, State, next_state, refusal
+from ._state import COVERED, END_OF_STREAM, NEED_DATA, State, next_state, refusal
 
-__all__ = ["END_OF_STREAM", "NEED_DATA", "Session", "State"]
+__all__ = ["END_OF_STREAM", "NEED_DATA", "Preparation", "Session", "State"]
 
 Event = Message | type[NEED_DATA] | type[END_OF_STREAM]
+
+
+@dataclass(frozen=True)
+class Preparation:
+    """What a PREPARE announced (`Session.prepared`), and whether all memory has followed.
+
+    ROUNDs and the MIGRATE of the preparation use its ``memory_size`` and
+    ``chunk_size``.  ``whole_memory_sent`` turns true once a ROUND covering all
+    of memory (runs None) has been committed: before that the destination's
+    memory holds no copy of the guest's, so a MIGRATE with runs would restore
+    a guest from pages never sent; the destination checks it.
+    """
+
+    strategy: str
+    memory_size: int
+    chunk_size: int
+    whole_memory_sent: bool = False
 
 
 class Session:
@@ -118,8 +143,15 @@ class Session:
         self._clock_t1: int | None = None
         self._clock_rounds = 0
         self._memory: MemoryStream | None = None
-        #: MIGRATEs so far in this session: each one's memory MAC has its own key.
-        self._migrations = 0
+        #: Where the current memory stream's chunks are due, and where its COMMIT is
+        #: (MEMORY and COMMIT for a MIGRATE's, ROUND_MEMORY and ROUND_COMMIT for a ROUND's).
+        self._streaming = State.MEMORY
+        self._committing = State.COMMIT
+        #: Memory streams (ROUNDs and MIGRATEs) so far in this session: each one's memory
+        #: MAC has its own one-time key, the n-th stream's (docs/security.md).
+        self._memory_streams = 0
+        #: The PREPARE in force (from PREPARE until its migration's REPORT or BYE), else None.
+        self.prepared: Preparation | None = None
         self._sent_error = False
 
     # -- building the messages only the session can fill in ------------------
@@ -143,7 +175,7 @@ class Session:
 
     def make_commit(self) -> Commit:
         """The COMMIT closing the memory stream sent so far (its memory MAC's tag)."""
-        if self.state is not State.COMMIT or self._memory is None or self.role != "source":
+        if self.state is not self._committing or self._memory is None or self.role != "source":
             raise LocalProtocolError(f"cannot build COMMIT in state {self.state.name} ({self.role})")
         return Commit(tag=self._memory.finish())
 
@@ -232,7 +264,7 @@ class Session:
         stream.check(offset, len(data), LocalProtocolError)
         stream.hash(stream.track(data))
         if stream.advance(len(data)):
-            self.state = State.COMMIT
+            self.state = self._committing
         pieces: list[bytes | memoryview] = [LENGTH.pack(length) + header, data]
         if self._send_mac is not None:
             pieces.append(self._send_mac.tag(length, [header]))
@@ -285,7 +317,7 @@ class Session:
         partial = stream.partial
         header = LENGTH.size + MEMORY_HEADER_SIZE
         if partial is None:
-            need = header - len(self._buf) if self.state is State.MEMORY else 0
+            need = header - len(self._buf) if self.state is self._streaming else 0
         elif partial.got == partial.size and stream.covered + partial.size < stream.total:
             need = (TAG_SIZE if self._recv_mac is not None else 0) + header - len(self._buf)
         else:
@@ -303,7 +335,7 @@ class Session:
     def memory_due(self) -> tuple[int, int] | None:
         """``(offset, size)`` of the MEMORY chunk due next (the stream's rule), else None."""
         stream = self._memory
-        if stream is None or self.state is not State.MEMORY:
+        if stream is None or self.state is not self._streaming:
             return None
         return stream.offset, stream.due
 
@@ -311,7 +343,7 @@ class Session:
     def memory_progress(self) -> tuple[int, int, int] | None:
         """``(offset, memory_size, chunk_size)`` of the memory stream in progress, else None."""
         stream = self._memory
-        if stream is None or self.state not in (State.MEMORY, State.COMMIT):
+        if stream is None or (self.state is not self._streaming and self.state is not self._committing):
             return None
         return stream.offset, stream.size, stream.chunk_size
 
@@ -326,16 +358,21 @@ class Session:
     def receive_memory_into(self, buffer: Any) -> None:
         """Write the coming MEMORY chunks' data straight into ``buffer`` at their offsets.
 
-        Call after MIGRATE was received and before its first chunk; ``buffer``
+        Call after ROUND or MIGRATE was received and before its first chunk; ``buffer``
         is any writable, contiguous buffer of at least ``memory_size`` bytes
         (the guest's RAM, say), so the whole memory is never held twice.  The
         data is MACed as it arrives.  If the session fails, it releases every
         view of ``buffer`` it made (`fail`).
         """
         stream = self._memory
-        if self.state is not State.MEMORY or stream is None or stream.covered or self.role != "destination":
+        if (
+            stream is None
+            or stream.covered
+            or self.role != "destination"
+            or (self.state is not self._streaming and self.state is not self._committing)
+        ):
             raise LocalProtocolError(
-                f"receive_memory_into is for a destination before the first MEMORY chunk "
+                f"receive_memory_into is for a destination before the first MEMORY chunk of a ROUND or MIGRATE "
                 f"(state {self.state.name}, {self.role})"
             )
         view = byte_view(buffer)
@@ -422,7 +459,7 @@ class Session:
         """
         if (
             stream.sink is None
-            or self.state is not State.MEMORY
+            or self.state is not self._streaming
             or self.role != "destination"
             or len(self._buf) < LENGTH.size + MEMORY_HEADER_SIZE
         ):
@@ -457,7 +494,7 @@ class Session:
             self._verify_frame(partial.length, memoryview(partial.header), view[:tag_size])
         del buf[:tag_size]
         offset, data = stream.end_partial()
-        self.state = State.COMMIT if stream.complete else State.MEMORY
+        self.state = self._committing if stream.complete else self._streaming
         return MemoryChunk(offset=offset, data=data)
 
     def _read_frame(self, view: memoryview, length: int, body_end: int, end: int) -> Message:
@@ -514,7 +551,7 @@ class Session:
         else:
             chunk = MemoryChunk(offset=offset, data=bytes(data))
         if stream.advance(len(data)):
-            self.state = State.COMMIT
+            self.state = self._committing
         return chunk
 
     def _check_version(self, obj: Any) -> None:
@@ -565,19 +602,29 @@ class Session:
                 raise error(f"CLOCK_REPLY echoes t1={message.t1}, the request had t1={self._clock_t1}")
             if message.t3 < message.t2:
                 raise error(f"CLOCK_REPLY sent (t3={message.t3}) before received (t2={message.t2})")
-        elif isinstance(message, Migrate):
-            if message.chunk_size + MEMORY_HEADER_SIZE + TAG_SIZE + LENGTH.size > self.limits.max_frame_size:
-                raise limit_error(f"MIGRATE.chunk_size {message.chunk_size} does not fit max_frame_size")
-            try:
-                runs = parse_runs(message.runs, message.memory_size, self.limits)
-            except LimitError as exc:
-                raise limit_error(f"{exc} (state {self.state.name})") from None
-            except FieldError as exc:
-                raise error(f"{exc} (state {self.state.name})") from None
+        elif isinstance(message, Prepare):
+            self._check_chunk_fits(message, limit_error)
             self._clock_rounds = 0
-            key = memory_key(self._keys["source"], self._migrations)
-            self._migrations += 1
-            self._memory = MemoryStream(message.memory_size, message.chunk_size, runs, key)
+            self.prepared = Preparation(message.strategy, message.memory_size, message.chunk_size)
+        elif isinstance(message, Round):
+            prepared = self.prepared
+            assert prepared is not None  # PREPARED has one
+            runs = self._parse_runs(message.runs, prepared.memory_size, "ROUND.runs", error, limit_error)
+            following = self._start_stream(prepared.memory_size, prepared.chunk_size, runs, following)
+        elif isinstance(message, Migrate):
+            self._check_chunk_fits(message, limit_error)
+            prepared = self.prepared
+            if self.state is State.PREPARED and prepared is not None and (
+                (message.memory_size, message.chunk_size) != (prepared.memory_size, prepared.chunk_size)
+            ):
+                raise error(
+                    f"MIGRATE announces memory_size {message.memory_size} and chunk_size "
+                    f"{message.chunk_size} in state PREPARED, where PREPARE announced memory_size "
+                    f"{prepared.memory_size} and chunk_size {prepared.chunk_size}"
+                )
+            runs = self._parse_runs(message.runs, message.memory_size, "MIGRATE.runs", error, limit_error)
+            self._clock_rounds = 0
+            following = self._start_stream(message.memory_size, message.chunk_size, runs, following)
         elif isinstance(message, Commit):
             stream, self._memory = self._memory, None
             assert stream is not None
@@ -588,9 +635,40 @@ class Session:
                     "COMMIT.tag differs from the Poly1305 tag of the memory received: "
                     "the memory stream was corrupted"
                 )
-        elif isinstance(message, Report):
+            if self.state is State.ROUND_COMMIT and stream.runs == [(0, stream.size)] and self.prepared:
+                self.prepared = replace(self.prepared, whole_memory_sent=True)
+        elif isinstance(message, (Report, Bye)):
             self._clock_rounds = 0
+            self.prepared = None  # the migration, or the preparation BYE gives up, is over
         self.state = following
+
+    def _check_chunk_fits(self, message: Prepare | Migrate, limit_error: type[ProtocolError]) -> None:
+        if message.chunk_size + MEMORY_HEADER_SIZE + TAG_SIZE + LENGTH.size > self.limits.max_frame_size:
+            raise limit_error(f"{name_of(message)}.chunk_size {message.chunk_size} does not fit max_frame_size")
+
+    def _parse_runs(
+        self,
+        runs: bytes | None,
+        memory_size: int,
+        name: str,
+        error: type[ProtocolError],
+        limit_error: type[ProtocolError],
+    ) -> list[tuple[int, int]]:
+        try:
+            return parse_runs(runs, memory_size, self.limits, name)
+        except LimitError as exc:
+            raise limit_error(f"{exc} (state {self.state.name})") from None
+        except FieldError as exc:
+            raise error(f"{exc} (state {self.state.name})") from None
+
+    def _start_stream(self, memory_size: int, chunk_size: int, runs: list[tuple[int, int]], streaming: State) -> State:
+        """Open the memory stream a ROUND or MIGRATE announced, under the next one-time key;
+        the state it leads to (its COMMIT's at once when it has no runs)."""
+        key = memory_key(self._keys["source"], self._memory_streams)
+        self._memory_streams += 1
+        self._memory = MemoryStream(memory_size, chunk_size, runs, key)
+        self._streaming, self._committing = streaming, COVERED[streaming]
+        return self._committing if self._memory.complete else streaming
 
     def _check_hello(self, hello: Hello, local: bool) -> None:
         if local:

@@ -22,12 +22,15 @@ from ._messages import (
     MemoryChunk,
     Message,
     Migrate,
+    Prepare,
+    Prepared,
     Report,
     Role,
+    Round,
     name_of,
 )
 
-__all__ = ["END_OF_STREAM", "NEED_DATA", "State", "next_state", "refusal"]
+__all__ = ["COVERED", "END_OF_STREAM", "NEED_DATA", "State", "next_state", "refusal"]
 
 
 class _Sentinel(type):
@@ -57,11 +60,19 @@ class State(enum.Enum):
     AWAIT_DESTINATION_HELLO = enum.auto()
     AWAIT_SOURCE_AUTH = enum.auto()
     AWAIT_DESTINATION_AUTH = enum.auto()
-    #: Authenticated, between migrations: the source may sync clocks, migrate or say BYE.
+    #: Authenticated, between migrations: the source may sync clocks, prepare, migrate or say BYE.
     READY = enum.auto()
     #: A CLOCK_REQUEST awaits its CLOCK_REPLY.
     CLOCK_SYNC = enum.auto()
-    #: MIGRATE received; MEMORY chunks are due until memory_size is covered.
+    #: PREPARE sent; the destination's PREPARED is due.
+    PREPARING = enum.auto()
+    #: The destination is prepared: the source may send a precopy ROUND, MIGRATE or BYE.
+    PREPARED = enum.auto()
+    #: ROUND received; its MEMORY chunks are due until its runs are covered.
+    ROUND_MEMORY = enum.auto()
+    #: The round's memory all sent; its COMMIT is due.
+    ROUND_COMMIT = enum.auto()
+    #: MIGRATE received; MEMORY chunks are due until its runs are covered.
     MEMORY = enum.auto()
     #: All memory sent; COMMIT is due.
     COMMIT = enum.auto()
@@ -73,9 +84,10 @@ class State(enum.Enum):
     ERROR = enum.auto()
 
 
-# (state, sender) -> {message class: next state}.  MEMORY stays in MEMORY here; the
-# session moves on to COMMIT once memory_size is covered.  ERROR is allowed in every
-# state but CLOSED and leads to ERROR: the session handles it before the table.
+# (state, sender) -> {message class: next state}.  MEMORY stays in MEMORY here (and
+# ROUND_MEMORY in ROUND_MEMORY); the session moves on by COVERED once the runs are
+# covered.  ERROR is allowed in every state but CLOSED and leads to ERROR: the session
+# handles it before the table.
 _TRANSITIONS: dict[tuple[State, Role], dict[type[Message], State]] = {
     (State.AWAIT_SOURCE_HELLO, "source"): {Hello: State.AWAIT_DESTINATION_HELLO},
     (State.AWAIT_DESTINATION_HELLO, "destination"): {Hello: State.AWAIT_SOURCE_AUTH},
@@ -83,15 +95,28 @@ _TRANSITIONS: dict[tuple[State, Role], dict[type[Message], State]] = {
     (State.AWAIT_DESTINATION_AUTH, "destination"): {Auth: State.READY},
     (State.READY, "source"): {
         ClockSyncRequest: State.CLOCK_SYNC,
+        Prepare: State.PREPARING,
         Migrate: State.MEMORY,
         Bye: State.CLOSED,
     },
     (State.READY, "destination"): {Bye: State.CLOSED},
     (State.CLOCK_SYNC, "destination"): {ClockSyncReply: State.READY},
+    (State.PREPARING, "destination"): {Prepared: State.PREPARED},
+    (State.PREPARED, "source"): {
+        Round: State.ROUND_MEMORY,
+        Migrate: State.MEMORY,
+        Bye: State.CLOSED,
+    },
+    (State.ROUND_MEMORY, "source"): {MemoryChunk: State.ROUND_MEMORY},
+    (State.ROUND_COMMIT, "source"): {Commit: State.PREPARED},
     (State.MEMORY, "source"): {MemoryChunk: State.MEMORY},
     (State.COMMIT, "source"): {Commit: State.REPORT},
     (State.REPORT, "destination"): {Report: State.READY},
 }
+
+# The states where a memory stream's MEMORY chunks are due -> the state once its runs
+# are covered (at once for a stream of no runs), where its COMMIT is due.
+COVERED: dict[State, State] = {State.ROUND_MEMORY: State.ROUND_COMMIT, State.MEMORY: State.COMMIT}
 
 # The same keyed by the state's int value: Enum.__hash__ is a Python-level call, and
 # this lookup runs for every message.

@@ -25,7 +25,8 @@ from kvmcore import HostCapabilities, KvmError, Strategy, System, Unsupported, p
 from kvmcore.strategy import CHOICES, PARTS
 
 from .loopback import loopback
-from .migrate import MigrationPlan, migrate
+from .migrate import MigrationFailed, MigrationPlan, RolledBack, migrate
+from .stats import MODES
 from agentcore import AGENT_VERSION
 from agentcore.crash import internal_error
 from agentcore.options import (
@@ -34,6 +35,7 @@ from agentcore.options import (
     EXIT_USAGE,
     UsageError,
     argtype,
+    parse_byte_rate,
     parse_duration_ns,
     parse_guest_memory,
     parse_host_port,
@@ -44,12 +46,13 @@ from agentcore.options import (
 from . import results_cli
 from .results_cli import print_report
 from .sweep import cli as sweep_cli
-from .report import compose, error_report, record_columns
+from .report import compose, error_report
 from .results import (
     ResultsStore,
     ResultsStoreError,
     RunRecord,
     default_db_path,
+    record_columns,
     timestamp,
 )
 
@@ -59,13 +62,16 @@ examples:
   source-agent loopback --gap 10ms --json | jq .verdicts
   source-agent loopback --clock plain            # negative control: kvmclock hides the gap (exit 1)
   source-agent migrate --to 10.0.0.2:7400 --psk-file key --gap 50ms
+  source-agent loopback --mode precopy --memory 64MiB --dirty-rate 50MiB/s --working-set 8MiB
+  source-agent loopback --destroy-first          # the seed's order: source VM destroyed at capture
   source-agent results list --limit 20
   source-agent results show RUN_ID               # a stored report, as its run printed it
   source-agent results export --format csv > runs.csv
 
 exit codes: 0 every verdict passed, 1 a verdict failed, 2 usage or set-up error
 (bad option, key file refused, strategy unsupported on this host, no /dev/kvm),
-3 peer or network error (refused, timeout, authentication, the destination's ERROR),
+3 peer or network error (refused, timeout, authentication, the destination's ERROR; once the
+source guest exists it is resumed: outcome "rolled back"),
 4 internal error (a bug: one line names the file holding the traceback).
 """
 
@@ -89,6 +95,24 @@ def _common(p: argparse.ArgumentParser, *, remote: bool) -> None:
                    help="memory chunk size on the wire (default 1MiB)")
     p.add_argument("--clock-rounds", type=int, default=8, metavar="N",
                    help="clock-sync exchanges, 1..256; the minimum-RTT one is used (default 8)")
+    p.add_argument("--mode", choices=MODES, default="stop-copy",
+                   help="stop-copy: the guest stopped for the whole transfer; precopy: memory "
+                        "sent in rounds while it runs, then the last dirty pages (default "
+                        "stop-copy)")
+    p.add_argument("--destroy-first", action="store_true",
+                   help="stop-copy in the seed's order: destroy the source VM at capture, "
+                        "before the transfer (inside the downtime; a failure loses the guest)")
+    p.add_argument("--downtime-limit", type=argtype(parse_duration_ns), metavar="DURATION",
+                   help="precopy: stop the guest once the dirty pages would take no longer "
+                        "than this to send (default 30ms)")
+    p.add_argument("--max-rounds", type=int, metavar="N",
+                   help="precopy: stop the guest after N rounds, round 0 (all memory) "
+                        "included, converged or not (default 10)")
+    p.add_argument("--dirty-rate", type=argtype(parse_byte_rate), default=0, metavar="RATE",
+                   help="the guest writes this many bytes per second of its kvmclock time, "
+                        "e.g. 50MiB/s (default 0: none)")
+    p.add_argument("--working-set", type=argtype(parse_size), default=0, metavar="SIZE",
+                   help="... over this much of its memory, whole 4KiB pages, e.g. 8MiB")
     for name, default in (("connect", "10s"), ("handshake", "30s"), ("message", "30s"),
                           ("idle", "60s")):
         p.add_argument(f"--{name}-timeout", type=argtype(parse_timeout), default=seconds(default),
@@ -154,7 +178,17 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
                                                       keyfile=args.tls_key)
         except (OSError, ValueError) as exc:
             raise UsageError(f"TLS set-up: {exc}") from None
+    for option in ("downtime_limit", "max_rounds"):
+        if getattr(args, option) is not None and args.mode != "precopy":
+            raise UsageError(f"--{option.replace('_', '-')} applies to --mode precopy only "
+                             f"(this run is {args.mode})")
+    precopy = {name: value for name in ("downtime_limit", "max_rounds")
+               if (value := getattr(args, name)) is not None}
+    if "downtime_limit" in precopy:
+        precopy["downtime_limit_ns"] = precopy.pop("downtime_limit")
     return MigrationPlan(
+        mode=args.mode, destroy_first=args.destroy_first, dirty_rate=args.dirty_rate,
+        working_set=args.working_set, **precopy,
         host=host, port=port, psk=psk, strategy=Strategy(), memory_size=args.memory,
         warmup_ns=args.warmup, gap_ns=args.gap, chunk_size=args.chunk_size,
         clock_rounds=args.clock_rounds, topology=getattr(args, "topology", "loopback"),
@@ -170,13 +204,9 @@ def resolve_strategy(args: argparse.Namespace, caps: HostCapabilities) -> Strate
                                      if getattr(args, part) is not None), caps)
 
 
-class PeerFailure(Exception):
-    """The destination or the network failed the run (exit code 3)."""
-
-
 async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: str,
                         started: int) -> dict[str, Any]:
-    """Set up (exit 2 on failure), migrate (exit 3 on the peer's or the network's failure)."""
+    """Set up, migrate, compose the report; the failures are cmd_run's to classify."""
     try:
         kvm = System()
     except OSError as exc:
@@ -184,21 +214,29 @@ async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: s
     with kvm:
         caps = await trio.to_thread.run_sync(probe, kvm)
         plan = dataclasses.replace(plan, strategy=resolve_strategy(args, caps))
-        log.info("migrating a %d MiB guest (%s) %s", plan.memory_size >> 20, plan.strategy,
-                 "over loopback" if args.command == "loopback" else f"to {plan.destination}")
-        try:
-            if args.command == "loopback":
-                migration = await loopback(plan, kvm, caps)
-            else:
-                migration = await migrate(plan, kvm, caps)
-        except (protocol.ProtocolError, OSError, trio.TooSlowError) as exc:
-            what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
-            if isinstance(exc, protocol.AuthenticationFailed) and not plan.psk:
-                what += ("; this source has no key: give --psk-file with the destination's "
-                         "key file")
-            where = "loopback" if args.command == "loopback" else plan.destination
-            raise PeerFailure(f"{where}: {what or type(exc).__name__}") from None
+        log.info("migrating a %d MiB guest (%s, %s) %s", plan.memory_size >> 20, plan.strategy,
+                 plan.mode, "over loopback" if args.command == "loopback"
+                 else f"to {plan.destination}")
+        if args.command == "loopback":
+            migration = await loopback(plan, kvm, caps)
+        else:
+            migration = await migrate(plan, kvm, caps)
     return compose(migration, run_id=run_id, started_ns=started, command=args.command)
+
+
+def classify(exc: BaseException, args: argparse.Namespace, plan: MigrationPlan
+             ) -> tuple[int, str] | None:
+    """A failure's exit code and message: 3 the peer or the network, 2 this host's set-up;
+    None for anything else (a bug: exit 4)."""
+    if isinstance(exc, (UsageError, Unsupported, KvmError)):
+        return EXIT_USAGE, str(exc)
+    if isinstance(exc, (protocol.ProtocolError, OSError, trio.TooSlowError)):
+        what = "timed out" if isinstance(exc, trio.TooSlowError) else str(exc)
+        if isinstance(exc, protocol.AuthenticationFailed) and not plan.psk:
+            what += "; this source has no key: give --psk-file with the destination's key file"
+        where = "loopback" if args.command == "loopback" else plan.destination
+        return EXIT_PEER, f"{where}: {what or type(exc).__name__}"
+    return None
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -216,14 +254,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_USAGE
     try:
         report = trio.run(run_migration, args, plan, run_id, started)
-    except (UsageError, Unsupported, KvmError, PeerFailure) as exc:
-        code = EXIT_PEER if isinstance(exc, PeerFailure) else EXIT_USAGE
-        print(f"source-agent: error: {exc}", file=sys.stderr)
+    except Exception as exc:
+        failed = exc if isinstance(exc, MigrationFailed) else None
+        known = classify(failed.cause if failed else exc, args, plan)
+        if known is None:
+            raise (failed.cause if failed else exc)
+        code, error = known
+        extra: dict[str, Any] = {}
+        if failed is not None:
+            # What became of the source guest, after the cause.
+            error += f"; {failed.what}"
+            extra["migration"] = failed.stats.to_plain()
+            if isinstance(failed, RolledBack):
+                extra["rollback"] = failed.rollback.to_plain()
+        print(f"source-agent: error: {error}", file=sys.stderr)
         destination = (f"{args.to[0]}:{args.to[1]}" if getattr(args, "to", None) else None)
         report = error_report(run_id=run_id, started_ns=started, command=args.command,
                               topology=getattr(args, "topology", "loopback"),
                               destination=destination, strategy=None, exit_code=code,
-                              error=str(exc))
+                              error=error, outcome=("rolled back" if isinstance(
+                                  failed, RolledBack) else "error"), **extra)
     if store is not None:
         store.record(RunRecord(
             run_id=run_id, started_at=report["started_at"], finished_at=timestamp(time.time_ns()),

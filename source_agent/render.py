@@ -39,7 +39,14 @@ def render(report: dict[str, Any], file: IO[str]) -> None:
     head.add_row("outcome", f"{report['outcome']} (exit {report['exit_code']})")
     if report.get("error"):
         head.add_row("error", report["error"])
+    if report.get("rollback"):
+        rb = report["rollback"]
+        head.add_row("rollback", f"source guest resumed: sequence {rb['stopped_sequence']} -> "
+                     f"{', '.join(map(str, rb['resumed_sequences'])) or '-'} "
+                     f"({'runs on' if rb['ok'] else 'did NOT run on'})")
     console.print(head)
+    if report.get("migration"):
+        _migration(console, report["migration"])
     if "measurements" not in report:
         return
     sync = report["clock_sync"]
@@ -80,6 +87,45 @@ def render(report: dict[str, Any], file: IO[str]) -> None:
                 "xen_hvm", "clock_guest", "tsc_offset_applies", "steal_time"):
         hosts.add_row(key, _short(src[key]), _short(dst[key]))
     console.print(hosts)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value / (1 << 20):.1f}"
+
+
+def _migration(console: Console, m: dict[str, Any]) -> None:
+    """The statistics (source_agent.stats), as query-migrate would list them."""
+    table = Table(title=f"migration: {m['mode']}" + (" (destroy first)" if m["destroy_first"]
+                                                      else ""),
+                  title_justify="left", show_header=False)
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    converged = {True: "yes", False: "no (max rounds)", None: "-"}[m["converged"]]
+    for name, value in (("total", ms(m["total_ns"])), ("setup", ms(m["setup_ns"])),
+                        ("downtime", ms(m["downtime_ns"])),
+                        ("expected downtime", ms(m["expected_downtime_ns"])),
+                        ("downtime limit", ms(m["downtime_limit_ns"])),
+                        ("bandwidth", f"{_mib(m['bandwidth'])} MiB/s"),
+                        ("rounds", f"{len(m['rounds'])}" + (f" of at most {m['max_rounds']}"
+                                                            if m["max_rounds"] else "")),
+                        ("converged", converged),
+                        ("destination prepare (outside the downtime)",
+                         ms(m["destination_prepare_ns"])),
+                        ("source destroy (" + ("inside" if m["destroy_first"] else "outside")
+                         + " the downtime)", ms(m["source_destroy_ns"]))):
+        table.add_row(name, value)
+    console.print(table)
+    if not m["rounds"] and not m["final"]:
+        return
+    rounds = Table(title="memory sent", title_justify="left")
+    for col in ("round", "pages", "MiB", "time", "MiB/s", "dirtied MiB/s"):
+        rounds.add_column(col, justify="left" if col == "round" else "right")
+    numbered = [(str(i), r) for i, r in enumerate(m["rounds"])]
+    for label, r in numbered + ([("after the stop", m["final"])] if m["final"] else []):
+        rounds.add_row(label, str(r["pages"]), _mib(r["bytes"]), ms(r["ns"]),
+                       _mib(r["bytes"] * 1e9 / r["ns"] if r["ns"] > 0 else None),
+                       _mib(r["dirty_rate"]))
+    console.print(rounds)
 
 
 def _short(value: Any) -> str:

@@ -20,10 +20,12 @@ from kvmcore.analysis import CHECK_NAMES, HOST_BRACKET_RULE
 from .migrate import Migration
 from .results import timestamp
 
+#: 3: ``migration`` (the statistics, source_agent.stats); ``downtime`` from the source stop
+#: (``stop_ns`` first), ``destroy_ns`` in it only with --destroy-first; outcome "rolled back".
 #: 2: ``restore_record`` without the first entry and the capture instant, which it repeated
 #: (the downtime and the ``after`` snapshot's bracket have them), and without the source's
 #: TSC kHz; ``destination_phases`` without restore_ns and first_entry_ns (in ``downtime``).
-REPORT_VERSION = 2
+REPORT_VERSION = 3
 
 
 #: Set by the pair (tools/xen_pair): the hosts' clocks measured against a third clock over a path
@@ -56,20 +58,25 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
     state, after = m.source.state, dest.after
     offset = round(m.clock.offset_ns)
     uncertainty = round(m.clock.uncertainty_ns)
-    phases = {
-        "capture_ns": state.timings["capture"],
-        "destroy_ns": m.source.destroy_ns,
+    # From the source stop (its vCPU leaving the last KVM_RUN) to the destination's first
+    # report: the guest's downtime, phase by phase.
+    capture_start = state.capture_realtime_ns - state.timings["before_clock"]
+    phases = {"stop_ns": capture_start - m.source.stop_realtime_ns,
+              "capture_ns": state.timings["capture"]}
+    if plan.mode == "precopy":      # the last dirty set, read after the capture
+        phases["dirty_log_ns"] = m.source.dirty_log_ns
+    if plan.destroy_first:          # else after the REPORT, outside the downtime (migration)
+        phases["destroy_ns"] = m.source.destroy_ns
+    phases.update({
         "gap_ns": m.gap_ns,
         "encode_ns": m.encode_ns,
         "transfer_ns": dest.phases.commit_realtime_ns - offset - m.send_start_realtime_ns,
         "validate_ns": dest.phases.validate_ns,
         "restore_ns": dest.restore_record.restore_ns,
         "first_entry_ns": after.host_run_ns,
-    }
-    # From the capture's start (its instant less the part before the clock reading) to the
-    # destination's first report.
-    capture_start = state.capture_realtime_ns - state.timings["before_clock"]
-    total = after.host_realtime_ns - offset - capture_start
+    })
+    total = m.stats.downtime_ns
+    assert total is not None
     phases["other_ns"] = total - sum(phases.values())
     phases["total_ns"] = total
     phases["uncertainty_ns"] = uncertainty
@@ -114,6 +121,7 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
         "pvclock": {"before": m.source.before.pvclock.to_plain(),
                     "after": after.pvclock.to_plain()},
         "hosts": {"source": m.source_caps.to_plain(), "destination": m.destination_caps.to_plain()},
+        "migration": m.stats.to_plain(),
         "source_phases": m.source_phases,
         "destination_phases": dataclasses.asdict(dest.phases),
         "restore_record": dest.restore_record.to_plain(),
@@ -125,29 +133,14 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
 
 def error_report(*, run_id: str, started_ns: int, command: str, topology: str,
                  destination: str | None, strategy: str | None, exit_code: int,
-                 error: str) -> dict[str, Any]:
-    """The report of a run that did not complete: same top-level keys, figures null."""
+                 error: str, outcome: str = "error", **extra: Any) -> dict[str, Any]:
+    """The report of a run that did not complete: same top-level keys, figures null.
+    ``outcome`` "rolled back" when the source guest was resumed (``extra``: ``rollback``,
+    and the ``migration`` statistics measured up to the failure)."""
     return {
         "report_version": REPORT_VERSION, "run_id": run_id, "command": command,
         "started_at": timestamp(started_ns), "topology": topology, "destination": destination,
-        "strategy": strategy, "outcome": "error", "exit_code": exit_code, "error": error,
+        "strategy": strategy, "outcome": outcome, "exit_code": exit_code, "error": error,
         "verdicts": {name: {"ok": None, "detail": "not run"} for name in CHECK_NAMES},
-    }
-
-
-def record_columns(report: dict[str, Any]) -> dict[str, Any]:
-    """The indexed columns of the results store, taken from a report."""
-    meas = report.get("measurements", {})
-
-    def value(name: str) -> Any:
-        return meas.get(name, {}).get("value_ns")
-
-    return {
-        "destination": report.get("destination"), "strategy": report.get("strategy"),
-        "memory_size": report.get("memory_size"),
-        "wall_gap_ns": report.get("wall_gap", {}).get("value_ns"),
-        "kvmclock_jump_ns": value("kvmclock_jump"), "tsc_jump_ns": value("tsc_jump"),
-        "steal_delta_ns": value("kvm_steal_delta"),
-        "runnable_delta_ns": value("xen_runnable_delta"),
-        "downtime_ns": report.get("downtime", {}).get("total_ns"),
+        **extra,
     }

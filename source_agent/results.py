@@ -25,17 +25,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping
 
-SCHEMA_VERSION = 1
+#: 2: outcome "rolled back" (the source guest resumed after a failed migration), and the
+#: migration's mode, rounds and convergence (source_agent.stats). A version-1 database is
+#: upgraded in place, in one transaction, its runs kept as they were (the new columns NULL).
+SCHEMA_VERSION = 2
+#: Outcomes a run may have: its verdicts passed or failed; it failed before a verdict with the
+#: source guest lost or never made (error) or resumed and running on (rolled back).
+OUTCOMES = ("passed", "failed", "error", "rolled back")
+#: The outcomes of a run that completed (has figures and verdicts); the others are retried.
+COMPLETED = ("passed", "failed")
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
+_RUNS_TABLE = """
+CREATE TABLE {table} (
     run_id            TEXT PRIMARY KEY,
     started_at        TEXT NOT NULL,
     finished_at       TEXT NOT NULL,
     command           TEXT NOT NULL,
     sweep             TEXT,
     point             TEXT,
-    outcome           TEXT NOT NULL CHECK (outcome IN ('passed', 'failed', 'error')),
+    outcome           TEXT NOT NULL CHECK (outcome IN ({outcomes})),
     exit_code         INTEGER NOT NULL,
     error             TEXT,
     destination       TEXT,
@@ -47,8 +55,13 @@ CREATE TABLE IF NOT EXISTS runs (
     steal_delta_ns    INTEGER,
     runnable_delta_ns INTEGER,
     downtime_ns       INTEGER,
-    report            TEXT NOT NULL
+    report            TEXT NOT NULL,
+    mode              TEXT,
+    rounds            INTEGER,
+    converged         INTEGER CHECK (converged IN (0, 1))
 ) STRICT;
+"""
+_SCHEMA = _RUNS_TABLE.format(table="runs", outcomes=", ".join(f"'{o}'" for o in OUTCOMES)) + """
 CREATE INDEX IF NOT EXISTS runs_by_sweep ON runs (sweep, point);
 """
 
@@ -80,13 +93,38 @@ CREATE TABLE IF NOT EXISTS sweeps (
 ) STRICT
 """
 
-#: Columns in the order ``results`` exports them (the report JSON comes last).
-COLUMNS = (
+#: Columns of a version-1 database: every testbed database has them.
+COLUMNS_V1 = (
     "run_id", "started_at", "finished_at", "command", "sweep", "point", "outcome",
     "exit_code", "error", "destination", "strategy", "memory_size", "wall_gap_ns",
     "kvmclock_jump_ns", "tsc_jump_ns", "steal_delta_ns", "runnable_delta_ns",
     "downtime_ns", "report",
 )
+#: Columns in the order ``results`` exports them.
+COLUMNS = (*COLUMNS_V1, "mode", "rounds", "converged")
+
+
+def record_columns(report: Mapping[str, Any]) -> dict[str, Any]:
+    """The indexed columns of a run, taken from its report (the agents' or a sweep's)."""
+    def value(name: str) -> Any:
+        entry = report.get(name, (report.get("measurements") or {}).get(name))
+        return entry.get("value_ns") if isinstance(entry, Mapping) else None
+
+    downtime = report.get("downtime")
+    migration = report.get("migration")
+    migration = migration if isinstance(migration, Mapping) else {}
+    converged = migration.get("converged")
+    return {
+        "destination": report.get("destination"), "strategy": report.get("strategy"),
+        "memory_size": report.get("memory_size"), "wall_gap_ns": value("wall_gap"),
+        "kvmclock_jump_ns": value("kvmclock_jump"), "tsc_jump_ns": value("tsc_jump"),
+        "steal_delta_ns": value("kvm_steal_delta"),
+        "runnable_delta_ns": value("xen_runnable_delta"),
+        "downtime_ns": downtime.get("total_ns") if isinstance(downtime, Mapping) else None,
+        "mode": migration.get("mode"),
+        "rounds": len(migration["rounds"]) if isinstance(migration.get("rounds"), list) else None,
+        "converged": None if converged is None else int(converged),
+    }
 
 
 class ResultsStoreError(Exception):
@@ -137,6 +175,9 @@ class RunRecord:
     steal_delta_ns: int | None = None
     runnable_delta_ns: int | None = None
     downtime_ns: int | None = None
+    mode: str | None = None
+    rounds: int | None = None
+    converged: int | None = None
 
     def row(self) -> dict[str, Any]:
         values = {name: getattr(self, name) for name in COLUMNS}
@@ -151,26 +192,40 @@ def timestamp(ns: int) -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns / 1e9)) + f".{ns // 1_000_000 % 1000:03d}Z"
 
 
-def _identify(con: sqlite3.Connection, path: Path) -> bool:
-    """True if the database holds the testbed's runs, False if it is empty; ResultsStoreError for
-    anyone else's database (so neither a reader nor a writer ever adds our tables to it)."""
+def _identify(con: sqlite3.Connection, path: Path) -> int | None:
+    """The schema version of the testbed's database (1 or 2), None if it is empty;
+    ResultsStoreError for anyone else's database (so neither a reader nor a writer ever adds
+    our tables to it)."""
     tables = [row[0] for row in con.execute(
         "SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")]
     if "runs" not in tables:
         if tables:
             raise ResultsStoreError(f"{path}: not a testbed results database (it has tables "
                                     f"{', '.join(tables)} and no 'runs'); left untouched")
-        return False
+        return None
     columns = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
-    missing = [name for name in COLUMNS if name not in columns]
+    missing = [name for name in COLUMNS_V1 if name not in columns]
     if missing:
         raise ResultsStoreError(f"{path}: not a testbed results database (its 'runs' table lacks "
                                 f"{', '.join(missing)}); left untouched")
     version = con.execute("PRAGMA user_version").fetchone()[0]
-    if version != SCHEMA_VERSION:
-        raise ResultsStoreError(f"{path}: results schema version {version}, this tool reads and "
-                                f"writes {SCHEMA_VERSION}")
-    return True
+    if version not in (1, SCHEMA_VERSION):
+        raise ResultsStoreError(f"{path}: results schema version {version}, this tool reads 1 "
+                                f"and {SCHEMA_VERSION} and writes {SCHEMA_VERSION}")
+    return int(version)
+
+
+def _upgrade_from_1(con: sqlite3.Connection) -> None:
+    """Version 1 -> 2 inside the caller's transaction: the runs table rebuilt with the new
+    outcome and columns (SQLite cannot alter a CHECK), every row copied as it was."""
+    outcomes = ", ".join(f"'{o}'" for o in OUTCOMES)
+    con.execute(_RUNS_TABLE.format(table="runs_v2", outcomes=outcomes))
+    con.execute(f"INSERT INTO runs_v2 ({', '.join(COLUMNS_V1)}) "
+                f"SELECT {', '.join(COLUMNS_V1)} FROM runs")
+    con.execute("DROP TABLE runs")
+    con.execute("ALTER TABLE runs_v2 RENAME TO runs")
+    con.execute("CREATE INDEX runs_by_sweep ON runs (sweep, point)")
+    con.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
 
 class ResultsStore:
@@ -187,6 +242,8 @@ class ResultsStore:
     #: "wal" where the filesystem has the shared memory WAL needs, else "delete" (see _leave_wal);
     #: None for a read-only store, which changes nothing.
     journal_mode: str | None = None
+    #: What a query selects for COLUMNS (a read-only store of version 1 has NULLs for some).
+    _select = ", ".join(COLUMNS)
 
     def __init__(self, path: str | os.PathLike[str], *, read_only: bool = False) -> None:
         self.path = Path(path)
@@ -200,25 +257,28 @@ class ResultsStore:
             if not wal:
                 self.journal_mode = self._leave_wal()
             with closing(self._connect()) as con:
-                known = _identify(con, self.path)     # before anything is written to it
+                version = _identify(con, self.path)     # before anything is written to it
                 if wal:
                     self.journal_mode = str(con.execute("PRAGMA journal_mode=WAL").fetchone()[0])
-                if not known:
+                if version is None:
                     # Tables and version in one transaction: a reader opening the file
                     # meanwhile sees either an empty database or the whole schema, never
                     # tables at "version 0".
                     con.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} {_VERDICTS_SCHEMA}; "
                                       f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
-                elif con.execute("SELECT 1 FROM sqlite_master WHERE name = 'verdicts'"
-                                 ).fetchone() is None:
-                    con.execute("BEGIN IMMEDIATE")
-                    try:
+                    return
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    if _identify(con, self.path) == 1:      # again, under the write lock
+                        _upgrade_from_1(con)
+                    if con.execute("SELECT 1 FROM sqlite_master WHERE name = 'verdicts'"
+                                   ).fetchone() is None:
                         con.execute(_VERDICTS_SCHEMA)
                         self._backfill_verdicts(con)
-                    except BaseException:
-                        con.execute("ROLLBACK")
-                        raise
-                    con.execute("COMMIT")
+                except BaseException:
+                    con.execute("ROLLBACK")
+                    raise
+                con.execute("COMMIT")
         except sqlite3.DatabaseError as exc:
             raise ResultsStoreError(f"{self.path}: cannot use as a results database: {exc}") from exc
         except OSError as exc:
@@ -228,8 +288,12 @@ class ResultsStore:
         if not self.path.is_file():     # reading must not create a database from a typo
             raise ResultsStoreError(f"{self.path}: no results database there")
         with closing(self._connect()) as con:
-            if not _identify(con, self.path):
+            version = _identify(con, self.path)
+            if version is None:
                 raise ResultsStoreError(f"{self.path}: an empty database, no testbed results in it")
+        # A reader never upgrades: a version-1 database reads with the new columns NULL.
+        self._select = ", ".join(c if version == SCHEMA_VERSION or c in COLUMNS_V1
+                                 else f"NULL AS {c}" for c in COLUMNS)
 
     def _leave_wal(self) -> str:
         """The rollback journal, for a filesystem where WAL does not work (see below).
@@ -313,7 +377,7 @@ class ResultsStore:
 
         ``since`` is a `timestamp` (runs started at or after it); ``limit`` keeps the latest.
         """
-        query = f"SELECT {', '.join(COLUMNS)} FROM runs"
+        query = f"SELECT {self._select} FROM runs"
         where, args = [], []
         for clause, value in (("sweep = ?", sweep), ("outcome = ?", outcome),
                               ("started_at >= ?", since)):
@@ -336,7 +400,7 @@ class ResultsStore:
         """The run with this id, or the only one whose id starts with it; ResultsStoreError else."""
         pattern = run_id.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
         with closing(self._connect()) as con:
-            rows = con.execute(f"SELECT {', '.join(COLUMNS)} FROM runs WHERE run_id = ? OR run_id "
+            rows = con.execute(f"SELECT {self._select} FROM runs WHERE run_id = ? OR run_id "
                                "LIKE ? ESCAPE '\\' ORDER BY run_id LIMIT 3", (run_id, pattern)).fetchall()
         exact = [row for row in rows if row[0] == run_id]
         if exact or len(rows) == 1:
@@ -361,10 +425,12 @@ class ResultsStore:
         return result
 
     def points_done(self, sweep: str) -> set[str]:
-        """Sweep points that already have a successful or failed (not errored) run."""
+        """Sweep points that already have a passed or failed run (an errored or rolled-back
+        one did not complete: a rerun retries it)."""
         with closing(self._connect()) as con:
             rows = con.execute(
-                "SELECT DISTINCT point FROM runs WHERE sweep = ? AND outcome != 'error'", (sweep,)
+                f"SELECT DISTINCT point FROM runs WHERE sweep = ? AND outcome IN "
+                f"({', '.join(repr(o) for o in COMPLETED)})", (sweep,)
             ).fetchall()
         return {row[0] for row in rows if row[0] is not None}
 

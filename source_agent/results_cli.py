@@ -18,6 +18,7 @@ from typing import IO, Any
 from agentcore.options import EXIT_USAGE, UsageError, argtype, parse_duration_ns
 
 from .results import (
+    OUTCOMES,
     ResultsStore,
     ResultsStoreError,
     default_db_path,
@@ -26,12 +27,11 @@ from .results import (
     timestamp,
 )
 
-OUTCOMES = ("passed", "failed", "error")
-
 EPILOG = """\
 examples:
   source-agent results list --limit 5
   source-agent results list --sweep latency-gap --outcome error --since 2h
+  source-agent results list --outcome "rolled back"   # the destination failed, the guest ran on
   source-agent results show 20261127T125225-ffcb4640 --json
   source-agent results export --format json --since 2026-11-27 | jq '.[].outcome'
 

@@ -21,7 +21,7 @@ import trio
 import protocol
 from kvmcore import HostCapabilities, Strategy, System, probe
 
-from ..migrate import MigrationPlan, migrate
+from ..migrate import MigrationFailed, MigrationPlan, RolledBack, migrate
 from ..report import compose
 from .plan import PointConfig
 from .runner import RunPoint, SweepStop, Target
@@ -38,13 +38,24 @@ def agent_run_point(*, warmup_ns: int = 10_000_000) -> RunPoint:
             plan = MigrationPlan(host=target.host, port=target.port, psk=psk,
                                  strategy=Strategy.resolve(point.strategy, caps[0]),
                                  memory_size=point.memory_size, warmup_ns=warmup_ns,
-                                 gap_ns=point.gap_ns, topology=target.topology)
+                                 gap_ns=point.gap_ns, topology=target.topology, mode=point.mode,
+                                 dirty_rate=point.dirty_rate, working_set=point.working_set)
             started = time.time_ns()
             try:
                 migration = await migrate(plan, kvm, caps[0])
             except (protocol.AuthenticationFailed, protocol.VersionMismatch) as exc:
                 # Every later point would fail the same way: stop, as migrate's exit 3 would.
                 raise SweepStop(f"{target.destination}: {exc}") from None
+            except MigrationFailed as exc:
+                # The run failed with the source guest resumed (rolled back) or lost: recorded
+                # with its statistics, as `source-agent migrate` records it.
+                return {"command": "sweep", "outcome": "rolled back" if isinstance(
+                            exc, RolledBack) else "error", "exit_code": 3,
+                        "error": f"{type(exc.cause).__name__}: {exc}", "topology": target.topology,
+                        "memory_size": point.memory_size, "strategy": str(plan.strategy),
+                        "migration": exc.stats.to_plain(),
+                        **({"rollback": exc.rollback.to_plain()}
+                           if isinstance(exc, RolledBack) else {})}
         return compose(migration, run_id=f"sweep-{secrets.token_hex(4)}", started_ns=started,
                        command="sweep")
 

@@ -48,7 +48,10 @@ from .plan import (
     AxisError,
     PointConfig,
     SweepPlan,
+    parse_byte_rates,
+    parse_byte_sizes,
     parse_durations,
+    parse_modes,
     parse_rates,
     parse_sizes,
     strategies,
@@ -66,6 +69,8 @@ examples:
   source-agent sweep size --memory 2MiB,16MiB,64MiB --latency 0ms,5ms --repeat 3
   source-agent sweep ns --topology netns --latency 0ms,20ms --bandwidth unlimited,100mbit
   source-agent sweep far --topology remote --to 10.0.0.2:7400 --psk-file key --latency 0ms,5ms
+  source-agent sweep live --mode stop-copy,precopy --dirty-rate 0,10,50MiB/s --working-set 8MiB \
+      --memory 16MiB,64MiB --plot-dir plots
   source-agent sweep lat --format ktap     # rerun: points already in --db are skipped
 
 Every combination of the axes runs --repeat times. Latency and jitter are one-way (the RTT is
@@ -98,6 +103,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--strategy", action="append", default=[], metavar="STRATEGY",
                    help="restore strategy: 'best' or overrides like clock=plain,tsc=none; "
                         "repeat the option for several (default best)")
+    p.add_argument("--mode", default="stop-copy", metavar="LIST",
+                   help="stop-copy, precopy or both: stop-copy,precopy (default stop-copy)")
+    p.add_argument("--dirty-rate", default="0", metavar="LIST",
+                   help="the guest's dirtying rates, e.g. 0,10,50MiB/s (default 0: none)")
+    p.add_argument("--working-set", default="0", metavar="LIST",
+                   help="the memory the guest dirties, e.g. 8MiB (needed with a dirty rate)")
     p.add_argument("--repeat", type=int, default=3, metavar="N",
                    help="runs per combination (default 3)")
     p.add_argument("--topology", choices=TOPOLOGIES, default="loopback",
@@ -138,7 +149,10 @@ def plan_from_args(args: argparse.Namespace) -> SweepPlan:
                 bandwidth=parse_rates("--bandwidth", args.bandwidth),
                 memory=parse_sizes("--memory", args.memory),
                 gap_ns=tuple(round(s * 1e9) for s in parse_durations("--gap", args.gap)),
-                strategy=strategies("--strategy", args.strategy))
+                strategy=strategies("--strategy", args.strategy),
+                mode=parse_modes("--mode", args.mode),
+                dirty_rate=parse_byte_rates("--dirty-rate", args.dirty_rate),
+                working_set=parse_byte_sizes("--working-set", args.working_set))
     to = _host_port(args.to) if args.to else None
     return SweepPlan(args.name, axes, args.repeat, args.topology,
                      f"{to[0]}:{to[1]}" if to else None, args.injector)

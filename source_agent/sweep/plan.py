@@ -12,7 +12,9 @@ with errors that name the option and the offending value.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
+import math
 import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -24,7 +26,9 @@ from agentcore.options import (
     format_rate,
     format_size,
     parse_bandwidth,
+    parse_byte_rate,
     parse_guest_memory,
+    parse_size as parse_bytes,
     seconds,
 )
 from source_agent.netem import Link
@@ -58,7 +62,7 @@ class AxisError(ValueError):
 
 
 _BARE = re.compile(r"[0-9]*\.?[0-9]+")
-_WITH_UNIT = re.compile(r"[0-9]*\.?[0-9]+\s*([A-Za-zµ]+)")
+_WITH_UNIT = re.compile(r"[0-9]*\.?[0-9]+\s*([A-Za-zµ]+(?:/s)?)")
 
 
 def _split(option: str, text: str) -> list[str]:
@@ -132,6 +136,30 @@ def parse_sizes(option: str, text: str) -> tuple[int, ...]:
     return _axis(option, text, lambda item: parse_size(option, item))
 
 
+def parse_byte_rates(option: str, text: str) -> tuple[int, ...]:
+    """``"0,10,50MiB/s"`` -> bytes per second (a guest's dirtying rate; 0 is none)."""
+    return _axis(option, text, _item(option, parse_byte_rate))
+
+
+def parse_byte_sizes(option: str, text: str) -> tuple[int, ...]:
+    """``"4,8MiB"`` -> bytes (a working set; agentcore's size grammar)."""
+    return _axis(option, text, _item(option, parse_bytes))
+
+
+def parse_modes(option: str, text: str) -> tuple[str, ...]:
+    from source_agent.stats import MODES
+
+    def parse(item: str) -> str:
+        if item not in MODES:
+            raise AxisError(f"{option}: {item!r}: choose one of {', '.join(MODES)}")
+        return item
+    return _axis(option, text, parse)
+
+
+def format_byte_rate(rate: int) -> str:
+    return f"{format_size(rate)}/s" if rate else "0"
+
+
 def parse_strategy(option: str, text: str) -> str:
     """``best`` or overrides of the host's best, ``clock=plain,tsc=none``, in canonical part order.
 
@@ -160,13 +188,21 @@ def format_bandwidth(rate: float | None) -> str:
     return "unlimited" if rate is None else format_rate(rate)
 
 
+#: The live-migration axes and their defaults: a point at the default leaves them out of its
+#: key and a sweep out of its stored axes, so sweeps recorded before these axes resume as they
+#: were.
+LIVE_DEFAULTS = {"mode": "stop-copy", "dirty_rate": 0, "working_set": 0}
+
+
 @dataclass(frozen=True)
 class PointConfig:
     """One migration of the sweep: the network and guest it runs with, and which repeat it is.
 
     ``latency`` and ``jitter`` are one-way, in seconds (so the RTT is about
     twice the latency); ``bandwidth`` is bytes per second or None (unlimited);
-    ``strategy`` is ``best`` or overrides in `parse_strategy`'s canonical form.
+    ``strategy`` is ``best`` or overrides in `parse_strategy`'s canonical form;
+    ``mode`` stop-copy or precopy, with the guest dirtying ``dirty_rate`` bytes/s over
+    ``working_set`` bytes.
     """
 
     latency: float
@@ -176,13 +212,25 @@ class PointConfig:
     gap_ns: int
     strategy: str
     repeat: int
+    mode: str = "stop-copy"
+    dirty_rate: int = 0
+    working_set: int = 0
+
+    def parts(self) -> list[tuple[str, str]]:
+        """(axis, value as spelled) for every axis, in key order."""
+        return [("latency", format_duration(self.latency)),
+                ("jitter", format_duration(self.jitter)),
+                ("bandwidth", format_bandwidth(self.bandwidth)),
+                ("memory", format_size(self.memory_size)),
+                ("gap", format_duration(self.gap_ns / 1e9)), ("strategy", self.strategy),
+                ("mode", self.mode), ("dirty_rate", format_byte_rate(self.dirty_rate)),
+                ("working_set", format_size(self.working_set) if self.working_set else "0")]
 
     @property
     def combination(self) -> str:
         """The key shared by every repeat of this combination (what the summary groups by)."""
-        return (f"latency={format_duration(self.latency)} jitter={format_duration(self.jitter)} "
-                f"bandwidth={format_bandwidth(self.bandwidth)} memory={format_size(self.memory_size)} "
-                f"gap={format_duration(self.gap_ns / 1e9)} strategy={self.strategy}")
+        return " ".join(f"{axis}={text}" for axis, text in self.parts()
+                        if axis not in LIVE_DEFAULTS or getattr(self, axis) != LIVE_DEFAULTS[axis])
 
     @property
     def key(self) -> str:
@@ -208,6 +256,9 @@ class Axes:
     memory: tuple[int, ...] = (MEMORY_STEP,)
     gap_ns: tuple[int, ...] = (0,)
     strategy: tuple[str, ...] = ("best",)
+    mode: tuple[str, ...] = ("stop-copy",)
+    dirty_rate: tuple[int, ...] = (0,)
+    working_set: tuple[int, ...] = (0,)
 
     def __post_init__(self) -> None:
         # The relay and netem never send a byte before it arrived: a jitter above the latency
@@ -217,21 +268,41 @@ class Axes:
                             f"{format_duration(min(self.latency))}: jitter is ± around the latency "
                             "and a delay cannot go below 0, so every jitter must be at most every "
                             "latency")
+        from kvmcore import GuestConfig, StateError     # kvmcore's one rule for the guest
 
-    def combinations(self) -> Iterable[tuple[float, float, float | None, int, int, str]]:
+        for memory, rate, working_set in itertools.product(self.memory, self.dirty_rate,
+                                                           self.working_set):
+            try:
+                GuestConfig(memory, dirty_rate=rate, working_set=working_set)
+            except StateError as exc:
+                raise AxisError(f"--{exc.field.replace('_', '-')}: {exc.reason} (at --memory "
+                                f"{format_size(memory)}, --dirty-rate "
+                                f"{format_byte_rate(rate)}, --working-set "
+                                f"{format_size(working_set)})") from None
+
+    def combinations(self) -> Iterable[tuple[Any, ...]]:
         return itertools.product(self.latency, self.jitter, self.bandwidth, self.memory,
-                                 self.gap_ns, self.strategy)
+                                 self.gap_ns, self.strategy, self.mode, self.dirty_rate,
+                                 self.working_set)
 
     def describe(self) -> dict[str, list[str]]:
-        """Canonical spellings, as stored with the sweep and compared on a rerun."""
-        return {
+        """Canonical spellings, as stored with the sweep and compared on a rerun (the live
+        axes only where they leave their default)."""
+        described = {
             "latency": [format_duration(v) for v in self.latency],
             "jitter": [format_duration(v) for v in self.jitter],
             "bandwidth": [format_bandwidth(v) for v in self.bandwidth],
             "memory": [format_size(v) for v in self.memory],
             "gap": [format_duration(v / 1e9) for v in self.gap_ns],
             "strategy": list(self.strategy),
+            "mode": list(self.mode),
+            "dirty_rate": [format_byte_rate(v) for v in self.dirty_rate],
+            "working_set": [format_size(v) if v else "0" for v in self.working_set],
         }
+        for axis, default in LIVE_DEFAULTS.items():
+            if getattr(self, axis) == (default,):
+                del described[axis]
+        return described
 
 
 @dataclass(frozen=True)
@@ -268,15 +339,15 @@ class SweepPlan:
         jobs, thermal) over every combination instead of biasing whichever
         combination happened to run during them.
         """
-        return [PointConfig(latency, jitter, bandwidth, memory, gap, strategy, repeat)
+        return [PointConfig(latency, jitter, bandwidth, memory, gap, strategy, repeat, mode,
+                            dirty_rate, working_set)
                 for repeat in range(self.repeat)
-                for latency, jitter, bandwidth, memory, gap, strategy in self.axes.combinations()]
+                for (latency, jitter, bandwidth, memory, gap, strategy, mode, dirty_rate,
+                     working_set) in self.axes.combinations()]
 
     @property
     def combination_count(self) -> int:
-        a = self.axes
-        return (len(a.latency) * len(a.jitter) * len(a.bandwidth) * len(a.memory) * len(a.gap_ns)
-                * len(a.strategy))
+        return math.prod(len(values) for values in dataclasses.astuple(self.axes))
 
     def label(self, point: PointConfig) -> str:
         """The combination spelled with only the axes this sweep varies (for tables, KTAP, progress).
@@ -285,9 +356,8 @@ class SweepPlan:
         reader needs to tell this sweep's points apart.
         """
         varying = {axis for axis, values in self.axes.describe().items() if len(values) > 1}
-        parts = [part for part in point.combination.split(" ")
-                 if part.partition("=")[0] in (varying or {"latency"})]
-        return " ".join(parts)
+        return " ".join(f"{axis}={text}" for axis, text in point.parts()
+                        if axis in (varying or {"latency"}))
 
     def config(self) -> dict[str, Any]:
         """What must match on a rerun under the same name (``--repeat`` may change: see docs)."""

@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from source_agent.netem import format_duration
+from source_agent.results import COMPLETED
 
-from .plan import SweepPlan, format_bandwidth, format_size
+from .plan import LIVE_DEFAULTS, SweepPlan, format_bandwidth, format_byte_rate, format_size
 from .summary import accounting, percentile
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -55,16 +56,18 @@ def _figure(width: float, height: float) -> Any:
 
 
 def _config(run: dict[str, Any]) -> dict[str, Any]:
+    """A run's point as stored (a run recorded before the live axes has their defaults)."""
     config: dict[str, Any] = run.get("report", {}).get("sweep", {}).get("config", {})
-    return config
+    return {**LIVE_DEFAULTS, **config}
 
 
 def _completed(runs: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [run for run in runs if run["outcome"] != "error"]
+    return [run for run in runs if run["outcome"] in COMPLETED]
 
 
 #: Axes a figure encodes, in the order they are given colour, marker, facet (gap: the x axis).
-ENCODED_AXES = ("strategy", "latency", "memory", "jitter", "bandwidth")
+ENCODED_AXES = ("strategy", "mode", "latency", "memory", "dirty_rate", "working_set", "jitter",
+                "bandwidth")
 MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 FAILED_RING = {"s": 110, "facecolors": "none", "edgecolors": "red", "linewidths": 1.4}
 YLABEL = {"xen_runnable": "accounting error: Xen runnable delta − (wall gap + open), ms",
@@ -211,17 +214,21 @@ def _stacked(ax: Any, labels: list[str], groups: list[list[dict[str, Any]]], xla
 #: Axis name in the plan -> key in PointConfig.to_plain() and how to spell a value.
 _AXES: dict[str, tuple[str, Callable[[Any], str]]] = {"latency": ("latency", format_duration), "jitter": ("jitter", format_duration),
          "bandwidth": ("bandwidth", format_bandwidth), "memory": ("memory_size", format_size),
-         "gap_ns": ("gap_ns", lambda ns: format_duration(ns / 1e9)), "strategy": ("strategy", str)}
+         "gap_ns": ("gap_ns", lambda ns: format_duration(ns / 1e9)), "strategy": ("strategy", str),
+         "mode": ("mode", str), "dirty_rate": ("dirty_rate", format_byte_rate),
+         "working_set": ("working_set", format_size)}
 
 
-def _slice(plan: SweepPlan, runs: Sequence[dict[str, Any]], vary: str) -> tuple[list[list[dict[str, Any]]], str]:
+def _slice(plan: SweepPlan, runs: Sequence[dict[str, Any]], vary: str,
+           hold: Sequence[str] = ()) -> tuple[list[list[dict[str, Any]]], str]:
     """Runs grouped by ``vary``'s values, every other axis held at its first value.
 
     Taking a median across other axes (say, across latencies when plotting
     against memory) would mix populations and show a bar no experiment had;
     holding them fixed makes each panel a one-factor experiment, named in its label.
     """
-    fixed = {axis: getattr(plan.axes, axis)[0] for axis in _AXES if axis != vary}
+    fixed = {axis: getattr(plan.axes, axis)[0] for axis in _AXES
+             if axis != vary and axis not in hold}
     held = [run for run in _completed(runs)
             if all(_config(run).get(_AXES[axis][0]) == value for axis, value in fixed.items())]
     key = _AXES[vary][0]
@@ -232,9 +239,11 @@ def _slice(plan: SweepPlan, runs: Sequence[dict[str, Any]], vary: str) -> tuple[
     return groups, ", ".join(varying)
 
 
-DOWNTIME_AXES = ("latency", "memory", "strategy", "gap_ns", "jitter", "bandwidth")
+DOWNTIME_AXES = ("latency", "memory", "mode", "dirty_rate", "working_set", "strategy", "gap_ns",
+                 "jitter", "bandwidth")
 AXIS_TITLES = {"latency": "one-way latency", "memory": "guest memory", "strategy": "strategy",
-               "gap_ns": "extra gap", "jitter": "jitter", "bandwidth": "bandwidth cap"}
+               "gap_ns": "extra gap", "jitter": "jitter", "bandwidth": "bandwidth cap",
+               "mode": "mode", "dirty_rate": "guest dirty rate", "working_set": "working set"}
 
 
 def downtime_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
@@ -277,12 +286,52 @@ def _mark_failed(ax: Any, groups: Sequence[Sequence[dict[str, Any]]]) -> None:
                         xytext=(0, 2), textcoords="offset points")
 
 
+#: The live-migration figure's panels: the guest's downtime against these axes, a line per mode.
+LIVE_AXES = ("dirty_rate", "memory")
+
+
+def _downtime_ms(run: dict[str, Any]) -> float | None:
+    """The guest's downtime (the migration statistics' figure, source stop -> first report)."""
+    value = (run.get("report", {}).get("migration") or {}).get("downtime_ns")
+    return value / 1e6 if isinstance(value, int) else None
+
+
+def live_figure(plan: SweepPlan, runs: Sequence[dict[str, Any]]) -> Any:
+    """Downtime against the dirty rate and against the guest size, one line per mode (median
+    of the repeats, every run a dot; the other axes held at their first value)."""
+    figure = _figure(5.5 * len(LIVE_AXES) + 1.5, 4.8)
+    axes = figure.subplots(1, len(LIVE_AXES), squeeze=False)[0]
+    for ax, vary in zip(axes, LIVE_AXES):
+        values = list(getattr(plan.axes, vary))
+        xs = [v / (1 << 20) for v in values]
+        for i, mode in enumerate(plan.axes.mode):
+            groups, held = _slice(plan, [r for r in runs if _config(r)["mode"] == mode], vary,
+                                  hold=("mode",))
+            medians = []
+            for x, group in zip(xs, groups):
+                figures = [d for r in group if (d := _downtime_ms(r)) is not None]
+                ax.scatter([x] * len(figures), figures, color=f"C{i}", s=14, alpha=0.5)
+                medians.append(percentile(figures, 50) if figures else float("nan"))
+            ax.plot(xs, medians, color=f"C{i}", marker="o", label=mode)
+        unit = "MiB/s" if vary == "dirty_rate" else "MiB"
+        ax.set_xlabel(f"{AXIS_TITLES[vary]}, {unit}" + (f" (at {held})" if held else ""))
+        ax.set_ylabel("downtime, ms (source stop -> first report)")
+        ax.grid(True, alpha=0.3)
+    axes[-1].legend(title="mode", fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    figure.suptitle(f"{plan.name}: downtime by mode")
+    return figure
+
+
 def write_plots(plan: SweepPlan, runs: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
-    """Draw both figures as PNG and SVG into ``directory``; returns the paths, each PNG checked."""
+    """Draw the figures as PNG and SVG into ``directory`` (the live one when the sweep varies
+    the mode or the dirty rate); returns the paths, each PNG checked."""
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for stem, figure in ((f"{plan.name}-accounting", accounting_figure(plan, runs)),
-                         (f"{plan.name}-downtime", downtime_figure(plan, runs))):
+    figures = [(f"{plan.name}-accounting", accounting_figure(plan, runs)),
+               (f"{plan.name}-downtime", downtime_figure(plan, runs))]
+    if varied_axes(plan, ("mode", "dirty_rate")):
+        figures.append((f"{plan.name}-live", live_figure(plan, runs)))
+    for stem, figure in figures:
         for suffix in ("png", "svg"):
             path = directory / f"{stem}.{suffix}"
             figure.savefig(path, format=suffix)

@@ -19,8 +19,8 @@ from .plan import PointConfig
 def describe(report: dict[str, Any]) -> str:
     """``passed (gap 10.2 ms, downtime 4.1 ms)`` or ``error: <why>`` for one run."""
     outcome = report.get("outcome", "?")
-    if outcome == "error":
-        return f"error: {report.get('error')}"
+    if outcome in ("error", "rolled back"):
+        return f"{outcome}: {report.get('error')}"
     gap = (report.get("wall_gap") or {}).get("value_ns")
     downtime = (report.get("downtime") or {}).get("total_ns")
     figures = [f"{label} {value / 1e6:.1f} ms" for label, value in

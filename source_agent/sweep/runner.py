@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 import trio
 
-from source_agent.results import ResultsStore, RunRecord, timestamp
+from source_agent.results import COMPLETED, OUTCOMES, ResultsStore, RunRecord, record_columns, timestamp
 
 from .injector import Injector, inject
 from .plan import PointConfig, SweepPlan, config_mismatch
@@ -114,26 +114,6 @@ def claim(store: ResultsStore, plan: SweepPlan) -> None:
                                                              timestamp(time.time_ns())))
 
 
-def _value(report: dict[str, Any], name: str) -> Any:
-    """A measurement's ``value_ns``, at the report's top level or under ``measurements``."""
-    entry = report.get(name, report.get("measurements", {}).get(name))
-    return entry.get("value_ns") if isinstance(entry, dict) else None
-
-
-def columns(report: dict[str, Any]) -> dict[str, Any]:
-    """The store's indexed columns from an agent report."""
-    downtime = report.get("downtime")
-    return {
-        "destination": report.get("destination"), "strategy": report.get("strategy"),
-        "memory_size": report.get("memory_size"), "wall_gap_ns": _value(report, "wall_gap"),
-        "kvmclock_jump_ns": _value(report, "kvmclock_jump"),
-        "tsc_jump_ns": _value(report, "tsc_jump"),
-        "steal_delta_ns": _value(report, "kvm_steal_delta"),
-        "runnable_delta_ns": _value(report, "xen_runnable_delta"),
-        "downtime_ns": downtime.get("total_ns") if isinstance(downtime, dict) else None,
-    }
-
-
 def _error_report(point: PointConfig, target: Target, error: str) -> dict[str, Any]:
     return {"command": "sweep", "outcome": "error", "exit_code": 3, "error": error,
             "topology": target.topology, "memory_size": point.memory_size,
@@ -161,7 +141,7 @@ def record_run(store: ResultsStore, plan: SweepPlan, point: PointConfig, report:
         exit_code=exit_code if isinstance(exit_code, int) else {"passed": 0, "failed": 1}.get(
             report["outcome"], 3),
         report=report, sweep=plan.name, point=point.key, error=report.get("error"),
-        **columns(report)))
+        **record_columns(report)))
     return run_id
 
 
@@ -203,7 +183,7 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
                         report = _error_report(point, target, f"{type(exc).__name__}: {exc}")
                 if timer.cancelled_caught:
                     report = _error_report(point, target, f"point timed out after {point_timeout:g}s")
-                elif report.get("outcome") not in ("passed", "failed", "error"):
+                elif report.get("outcome") not in OUTCOMES:
                     report = {**report, "outcome": "error", "error": "the migration's report has "
                               f"no valid outcome ({report.get('outcome')!r})"}
                 # Recorded and reported before the next checkpoint (leaving the injector is one),
@@ -216,7 +196,7 @@ async def run_sweep(plan: SweepPlan, store: ResultsStore, run_point: RunPoint, *
                 outcome.errors += 1
                 outcome.stopped = stop
                 break
-            if report.get("outcome") == "error":
+            if report.get("outcome") not in COMPLETED:
                 await dest.check()
                 outcome.errors += 1
                 consecutive += 1

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from source_agent.results import COMPLETED
+
 from .plan import PointConfig, SweepPlan
 
 BASES = {"xen_runnable": "Xen runnable delta − (wall gap + open), from the captured runstate "
@@ -161,9 +163,9 @@ def summarise(plan: SweepPlan, runs: Iterable[dict[str, Any]]) -> list[PointSumm
     completed_runs: dict[str, list[dict[str, Any]]] = {key: [] for key in summaries}
     runs = list(runs)
     # An errored run is retried on rerun: once its point completed, the error is history.
-    completed = {run.get("point") for run in runs if run["outcome"] != "error"} - {None}
+    completed = {run.get("point") for run in runs if run["outcome"] in COMPLETED} - {None}
     for run in runs:
-        if run["outcome"] == "error" and run.get("point") in completed:
+        if run["outcome"] not in COMPLETED and run.get("point") in completed:
             continue
         combination = run.get("report", {}).get("sweep", {}).get("combination")
         summary = summaries.get(combination)
@@ -173,10 +175,10 @@ def summarise(plan: SweepPlan, runs: Iterable[dict[str, Any]]) -> list[PointSumm
         outcome = run["outcome"]
         summary.passed += outcome == "passed"
         summary.failed += outcome == "failed"
-        summary.errors += outcome == "error"
+        summary.errors += outcome not in COMPLETED       # error or rolled back
         if outcome != "passed" and run.get("error"):
             summary.problems.append(run["error"])
-        if outcome == "error":
+        if outcome not in COMPLETED:
             continue  # no figures from a run that did not complete
         completed_runs[combination].append(run)
         if (acc := accounting_error(run)) is not None:

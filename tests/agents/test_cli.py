@@ -97,11 +97,19 @@ def test_gap_appears_in_wall_gap_and_kvmclock_jump(cli, gap_ms):
 
 
 def test_clock_none_fails_never_backwards_with_exit_1(cli):
-    run = cli("source-agent", "loopback", "--json", "--clock", "none")
+    # In the seed's order the destination VM is created at MIGRATE, its own kvmclock near 0:
+    # backwards by the source's kvmclock then, about its warm-up -- long enough that a loaded
+    # host's restore and first entry (the destination's kvmclock) cannot make up for it.
+    run = cli("source-agent", "loopback", "--json", "--clock", "none", "--warmup", "100ms",
+              "--destroy-first")
     assert run.code == 1
     r = run.json()
     assert r["verdicts"]["never_backwards"]["ok"] is False
     assert r["outcome"] == "failed" and "never_backwards" in r["error"]
+    # Prepared at PREPARE, before the source guest existed, the VM's kvmclock is ahead of the
+    # source's instead: forwards, by the wrong amount -- still a failed run.
+    r = cli("source-agent", "loopback", "--json", "--clock", "none", "--no-db").json()
+    assert r["exit_code"] == 1 and r["verdicts"]["kvmclock_follows_gap"]["ok"] is False
 
 
 def test_clock_plain_fails_kvmclock_follows_the_gap(cli):
@@ -155,12 +163,64 @@ def test_connection_refused_exits_3_and_is_recorded_with_its_error(cli, tmp_path
     (["migrate"], "--to"),
     (["migrate", "--to", "127.0.0.1:http"], "expected HOST:PORT"),
     (["migrate", "--to", "127.0.0.1:99999"], "PORT in 0..65535"),
+    (["loopback", "--mode", "live"], "invalid choice: 'live'"),
+    (["loopback", "--mode", "precopy", "--destroy-first"],
+     "--destroy-first is the seed's stop-copy order (the source VM destroyed before the "
+     "transfer): it cannot be combined with --mode precopy"),
+    (["loopback", "--max-rounds", "3"], "--max-rounds applies to --mode precopy only"),
+    (["loopback", "--downtime-limit", "5ms"], "--downtime-limit applies to --mode precopy only"),
+    (["loopback", "--mode", "precopy", "--max-rounds", "0"], "--max-rounds 0: must be between 1"),
+    (["loopback", "--mode", "precopy", "--downtime-limit", "0"],
+     "--downtime-limit 0ms: must be longer than 0"),
+    (["loopback", "--dirty-rate", "fast"], "argument --dirty-rate: cannot parse 'fast'"),
+    (["loopback", "--dirty-rate", "50MiB/s"], "--dirty-rate: a dirty rate needs a working_set"),
+    (["loopback", "--dirty-rate", "1MiB/s", "--working-set", "3000"], "--working-set: 0xbb8 is "
+                                                                       "not a multiple of 0x1000"),
 ])
 def test_bad_command_line_exits_2_with_a_clear_message(cli, args, message):
     run = cli("source-agent", *args, "--no-db")
     assert run.code == 2
     assert message in run.stderr
     assert run.stdout == ""
+
+
+def test_destroy_first_keeps_the_seeds_order_and_the_default_destroys_after_the_report(cli):
+    """--destroy-first: the source VM's destruction is a downtime phase, as in the seed; by
+    default it comes after the REPORT, outside the downtime (the migration statistics)."""
+    seed = cli("source-agent", "loopback", "--destroy-first", "--json", "--no-db").json()
+    assert seed["outcome"] == "passed", seed["error"]
+    assert seed["migration"]["destroy_first"] is True
+    assert seed["downtime"]["destroy_ns"] == seed["migration"]["source_destroy_ns"] > 0
+    live = cli("source-agent", "loopback", "--json", "--no-db").json()
+    assert live["outcome"] == "passed", live["error"]
+    assert "destroy_ns" not in live["downtime"] and live["migration"]["source_destroy_ns"] > 0
+    for report in (seed, live):
+        m = report["migration"]
+        assert m["mode"] == "stop-copy" and m["rounds"] == [] and m["converged"] is None
+        assert m["downtime_ns"] == report["downtime"]["total_ns"] > 0
+        assert m["final"]["bytes"] == report["memory_size"] and m["bandwidth"] > 0
+        assert 0 < m["setup_ns"] < m["total_ns"]
+
+
+def test_precopy_from_the_command_line_reports_its_rounds_everywhere(cli, tmp_path):
+    """The statistics in the JSON, the tables and the results store, from one document."""
+    db = tmp_path / "r.db"
+    argv = ("source-agent", "loopback", "--mode", "precopy", "--memory", "16MiB",
+            "--dirty-rate", "20MiB/s", "--working-set", "4MiB", "--db", str(db))
+    report = cli(*argv, "--json").json()
+    assert report["outcome"] == "passed", report["error"]
+    m = report["migration"]
+    assert m["mode"] == "precopy" and m["rounds"][0]["bytes"] == 16 << 20
+    assert m["downtime_limit_ns"] == 30_000_000 and m["max_rounds"] == 10
+    assert m["converged"] is (len(m["rounds"]) < 10) and m["destination_prepare_ns"] > 0
+    assert "dirty_log_ns" in report["downtime"] and "destroy_ns" not in report["downtime"]
+    assert report["verdicts"]["memory_intact"]["ok"] is True
+    [row] = ResultsStore(db).runs()
+    assert (row["mode"], row["rounds"], row["converged"]) == (
+        "precopy", len(m["rounds"]), int(m["converged"]))
+    text = cli(*argv).stdout
+    assert "migration: precopy" in text and "memory sent" in text and "after the stop" in text
+    assert re.search(r"rounds +│ +\d+ of at most 10", text), text
 
 
 def test_strategy_this_host_cannot_do_exits_2_before_connecting(cli, caps):

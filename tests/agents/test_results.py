@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sqlite3
+from contextlib import closing
 
 import pytest
 
@@ -21,7 +22,8 @@ from source_agent.results import (
 def run(run_id: str, *, outcome: str = "passed", started: str = "2026-11-27T10:00:00Z", **kw) -> RunRecord:
     return RunRecord(
         run_id=run_id, started_at=started, finished_at=started, command="migrate",
-        outcome=outcome, exit_code={"passed": 0, "failed": 1, "error": 3}[outcome],
+        outcome=outcome,
+        exit_code={"passed": 0, "failed": 1, "error": 3, "rolled back": 3}[outcome],
         report={"run_id": run_id, "nested": {"x": [1, 2]}}, **kw,
     )
 
@@ -77,7 +79,53 @@ def test_sweep_points_done_counts_passed_and_failed_but_not_errored(tmp_path):
     store.record(run("2", sweep="s", point="p2", outcome="failed"))
     store.record(run("3", sweep="s", point="p3", outcome="error"))
     store.record(run("4", sweep="other", point="p4"))
+    store.record(run("5", sweep="s", point="p5", outcome="rolled back"))
     assert store.points_done("s") == {"p1", "p2"}
+
+
+#: The runs table as schema version 1 wrote it (before "rolled back" and the migration columns).
+V1_RUNS = """
+CREATE TABLE runs (
+    run_id TEXT PRIMARY KEY, started_at TEXT NOT NULL, finished_at TEXT NOT NULL,
+    command TEXT NOT NULL, sweep TEXT, point TEXT,
+    outcome TEXT NOT NULL CHECK (outcome IN ('passed', 'failed', 'error')),
+    exit_code INTEGER NOT NULL, error TEXT, destination TEXT, strategy TEXT, memory_size INTEGER,
+    wall_gap_ns INTEGER, kvmclock_jump_ns INTEGER, tsc_jump_ns INTEGER, steal_delta_ns INTEGER,
+    runnable_delta_ns INTEGER, downtime_ns INTEGER, report TEXT NOT NULL) STRICT;
+CREATE INDEX runs_by_sweep ON runs (sweep, point);
+PRAGMA user_version=1;
+INSERT INTO runs VALUES ('old', '2026-11-27T10:00:00Z', '2026-11-27T10:00:01Z', 'migrate', 's',
+    'p', 'passed', 0, NULL, 'h:1', 'clock=realtime,tsc=none,runstate=off', 2097152, 10, 11, 12,
+    13, NULL, 14, '{"run_id": "old", "z": 1, "a": 2}');
+"""
+
+
+def test_a_version_1_database_reads_as_is_and_is_upgraded_keeping_its_runs(tmp_path):
+    path = tmp_path / "r.db"
+    with closing(sqlite3.connect(path)) as con:
+        con.executescript(V1_RUNS)
+    # Negative control: version 1's schema refuses the new outcome.
+    with closing(sqlite3.connect(path)) as con, pytest.raises(sqlite3.IntegrityError):
+        con.execute("INSERT INTO runs (run_id, started_at, finished_at, command, outcome, "
+                    "exit_code, report) VALUES ('x', 't', 't', 'c', 'rolled back', 3, '{}')")
+    before = ResultsStore(path, read_only=True).runs()     # a reader never upgrades
+    assert before[0]["mode"] is None and before[0]["downtime_ns"] == 14
+    assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+    store = ResultsStore(path)                              # a writer does, in place
+    with closing(sqlite3.connect(path)) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == 2
+        assert con.execute("SELECT report FROM runs").fetchone()[0] == (
+            '{"run_id": "old", "z": 1, "a": 2}')           # byte for byte
+        assert con.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert "runs_by_sweep" in {r[1] for r in con.execute("PRAGMA index_list(runs)")}
+    assert store.runs() == before
+    store.record(run("new", outcome="rolled back", started="2026-11-28T10:00:00Z", mode="precopy",
+                     rounds=3, converged=1))
+    rows = store.runs()
+    assert [(r["run_id"], r["outcome"], r["mode"], r["rounds"]) for r in rows] == [
+        ("old", "passed", None, None), ("new", "rolled back", "precopy", 3)]
+    assert store.verdicts() == []                           # backfilled from the old run
+    assert ResultsStore(path).runs() == rows                # opening again changes nothing
 
 
 def test_exports_round_trip(tmp_path):

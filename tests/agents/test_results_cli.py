@@ -94,7 +94,8 @@ def test_reading_never_creates_or_changes_a_file(cli, tmp_path):
 def _stored(db, run_id: str, started: str, outcome: str, sweep: str | None) -> None:
     ResultsStore(db).record(RunRecord(
         run_id=run_id, started_at=started, finished_at=started, command="sweep" if sweep else "migrate",
-        outcome=outcome, exit_code={"passed": 0, "failed": 1, "error": 3}[outcome],
+        outcome=outcome,
+        exit_code={"passed": 0, "failed": 1, "error": 3, "rolled back": 3}[outcome],
         report={"run_id": run_id}, sweep=sweep, point="p" if sweep else None))
 
 
@@ -104,17 +105,19 @@ def test_list_and_export_filter_by_sweep_outcome_and_time(cli, tmp_path):
     _stored(db, "new-error", "2026-11-27T00:00:00.000Z", "error", "lat")
     _stored(db, "new-other", "2026-11-27T10:00:00.000Z", "passed", "size")
     _stored(db, "new-migrate", "2026-11-28T10:00:00.000Z", "failed", None)
+    _stored(db, "back", "2026-11-28T11:00:00.000Z", "rolled back", None)
 
     def ids(*argv: str) -> list[str]:
         run = cli("source-agent", "results", "export", "--db", str(db), *argv)
         assert run.code == 0, run.stderr
         return [r["run_id"] for r in json.loads(run.stdout)]
 
-    assert ids() == ["old", "new-error", "new-other", "new-migrate"]     # control: no filter
+    assert ids() == ["old", "new-error", "new-other", "new-migrate", "back"]   # control
     assert ids("--sweep", "lat") == ["old", "new-error"]
     assert ids("--outcome", "error") == ["new-error"]
-    assert ids("--since", "2026-11-27") == ["new-error", "new-other", "new-migrate"]
-    assert ids("--since", "2026-11-27T11:00+01:00") == ["new-other", "new-migrate"]
+    assert ids("--outcome", "rolled back") == ["back"]
+    assert ids("--since", "2026-11-27") == ["new-error", "new-other", "new-migrate", "back"]
+    assert ids("--since", "2026-11-27T11:00+01:00") == ["new-other", "new-migrate", "back"]
     assert ids("--sweep", "lat", "--since", "2026-11-27", "--outcome", "passed") == []
     assert ids("--since", "1min") == []
     listing = cli("source-agent", "results", "list", "--db", str(db), "--sweep", "size")

@@ -137,6 +137,13 @@ def test_bitmap_runs_merge_adjacent_pages():
     assert dirty.runs() == [(0, 2 * PAGE_SIZE), (5 * PAGE_SIZE, 3 * PAGE_SIZE),
                             (70 * PAGE_SIZE, PAGE_SIZE)]
     assert DirtyBitmap(0, 100, bytes(16)).runs() == []
+    # A run up to the slot's last page; bits past the slot (the last word's padding) are not
+    # pages (negative control: page 99 is, page 100 is not).
+    tail = DirtyBitmap(0, 100, (0b11 << 98 | 1 << 100 | 1 << 127).to_bytes(16, "little"))
+    assert tail.pages() == [98, 99] and len(tail) == 2 and tail.runs() == [(98 * PAGE_SIZE,
+                                                                           2 * PAGE_SIZE)]
+    full = DirtyBitmap(0, 1 << 16, b"\xff" * (1 << 13))
+    assert full.runs() == [(0, (1 << 16) * PAGE_SIZE)] and len(full.pages()) == 1 << 16
     with pytest.raises(ValueError):
         DirtyBitmap(0, 100, bytes(8))
 

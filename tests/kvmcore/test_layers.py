@@ -15,9 +15,10 @@ PACKAGE = Path(kvmcore.__file__).parent
 #: Bottom-up: bindings and schema helpers; System/Vm/Vcpu; memory and the guest; the
 #: state, strategy, capture and restore; the probe; the analysis; the entry points.
 LAYERS = [
-    {"_kvm", "_build", "errors", "deadline", "_ioctl", "_schema", "_layout", "xen", "dirty"},
+    {"_kvm", "_build", "errors", "deadline", "_ioctl", "_schema", "_layout", "xen", "dirty",
+     "vcpu_thread"},
     {"vcpu", "vm", "system"},
-    {"memory", "snapshot", "guest", "intact"},
+    {"memory", "snapshot", "guest", "intact", "live"},
     {"state", "strategy", "report_doc", "migrate"},
     {"caps"},
     {"analysis"},

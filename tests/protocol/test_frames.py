@@ -171,10 +171,14 @@ _plain = st.recursive(
     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
     max_leaves=20,
 )
-_TYPES = ["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye"]
+_TYPES = [
+    "hello", "auth", "clock_request", "clock_reply", "prepare", "prepared", "round", "migrate", "memory",
+    "commit", "report", "error", "bye",
+]  # fmt: skip
 _FIELDS = [
     "protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
     "state", "strategy", "memory_size", "chunk_size", "offset", "data", "tag", "runs", "report", "code", "message",
+    "prepare_ns",
 ]  # fmt: skip
 _message_like = st.builds(
     lambda kind, fields: {"type": kind, **fields},

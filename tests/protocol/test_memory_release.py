@@ -12,12 +12,12 @@ from __future__ import annotations
 import contextlib
 import mmap
 import os
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import trio
 import trio.testing
-from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, connected, drive_to, forge
+from protocol_helpers import CHUNK_SIZE, MEMORY_SIZE, drive_to, forge
 
 import protocol
 from protocol import Channel, ConnectionClosed, State
@@ -124,14 +124,6 @@ async def receive_into_ram(channel: Channel, ram: mmap.mmap) -> protocol.Commit:
         return await channel.receive_memory(view)
     finally:
         view.release()
-
-
-@pytest.fixture(params=["memory", "socket"])
-async def channels(request: pytest.FixtureRequest) -> AsyncIterator[tuple[Channel, Channel]]:
-    source, destination = await connected(request.param)
-    yield source, destination
-    await source.aclose()
-    await destination.aclose()
 
 
 async def test_receive_memory_cut_short_leaves_no_view(channels: tuple[Channel, Channel], guest_ram: mmap.mmap) -> None:

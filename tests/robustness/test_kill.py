@@ -8,12 +8,13 @@ outside through /proc: its VMs are its ``anon_inode:kvm-vm`` descriptors.
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 from contextlib import closing
 
 import pytest
 import trio
-from agents_helpers import PSK
+from agents_helpers import PSK, run_cli
 from robustness_helpers import Agent, Resources, source_argv, vm_count, wait_for
 
 from kvmcore import Strategy
@@ -77,10 +78,14 @@ def results(db) -> list[dict]:
         return [dict(r) for r in con.execute("SELECT * FROM runs ORDER BY started_at")]
 
 
-def test_destination_killed_mid_restore_gives_a_peer_error_and_a_recorded_run(dest, agents, key,
-                                                                              tmp_path):
+@pytest.mark.parametrize("order", ["default", "--destroy-first"])
+def test_destination_killed_mid_restore_rolls_back_and_is_recorded(order, dest, agents, key,
+                                                                   tmp_path):
+    """After the stop: the source guest is resumed and runs on (rolled back, exit 3); with
+    --destroy-first it was destroyed before the transfer and is lost (error, exit 3)."""
     db = tmp_path / "results.sqlite3"
-    argv = ("migrate", "--psk-file", str(key), "--db", str(db), "--json")
+    argv = ("migrate", "--psk-file", str(key), "--db", str(db), "--json",
+            *([order] if order != "default" else []))
     # Negative control: the same source and options against an unpaced destination pass.
     plain = dest(name="plain")
     control = Agent(source_argv(*argv, "--to", plain.target), tmp_path / "control.log")
@@ -98,11 +103,53 @@ def test_destination_killed_mid_restore_gives_a_peer_error_and_a_recorded_run(de
     code, out = source.finish(60)
     assert code == 3, source.log()
     report = json.loads(out)
-    assert report["outcome"] == "error" and report["exit_code"] == 3
-    # A clear peer error: names the destination and what happened to the connection.
+    outcome = "rolled back" if order == "default" else "error"
+    assert report["outcome"] == outcome and report["exit_code"] == 3
+    # A clear peer error: names the destination and what happened to the connection...
     assert d.target in report["error"], report["error"]
     assert any(w in report["error"] for w in ("closed", "broke", "reset")), report["error"]
+    # ... and what became of the source guest.
+    if order == "default":
+        rollback = report["rollback"]
+        assert rollback["ok"] and rollback["resumed_sequences"][0] > rollback["stopped_sequence"]
+        assert "rolled back: the source guest resumed and runs on" in report["error"]
+    else:
+        assert "rollback" not in report
+        assert "destroyed before the transfer (--destroy-first) and is lost" in report["error"]
+    assert report["migration"]["destroy_first"] is (order != "default")
     assert f"source-agent: error: {report['error']}" in source.log()
     rows = results(db)
-    assert [(r["outcome"], r["exit_code"]) for r in rows] == [("passed", 0), ("error", 3)]
+    assert [(r["outcome"], r["exit_code"]) for r in rows] == [("passed", 0), (outcome, 3)]
     assert rows[1]["error"] == report["error"] and rows[1]["run_id"] == report["run_id"]
+
+
+def test_destination_killed_mid_precopy_rolls_back_the_running_guest(dest, agents, key,
+                                                                      tmp_path):
+    """kill -9 of the destination while the source guest runs (sending precopy's round 0): the
+    source stops it, runs it on (rolled back, exit 3), and records it so."""
+    db = tmp_path / "results.sqlite3"
+    d = dest(pause="round")
+    # 64 MiB: more than the sockets hold, so the source is still sending round 0 when killed.
+    source = Agent(source_argv("migrate", "--to", d.target, "--psk-file", str(key), "--db",
+                               str(db), "--json", "--mode", "precopy", "--memory", "64MiB",
+                               "--dirty-rate", "50MiB/s", "--working-set", "8MiB"),
+                   tmp_path / "src.log")
+    agents.append(source)
+    d.wait_paused("round")
+    assert vm_count(d.pid) == 1                 # the prepared VM
+    d.kill()
+    code, out = source.finish(60)
+    assert code == 3, source.log()
+    report = json.loads(out)
+    assert report["outcome"] == "rolled back" and report["rollback"]["ok"], report["error"]
+    migration = report["migration"]
+    assert migration["mode"] == "precopy" and migration["final"] is None   # never stopped
+    assert migration["rounds"] == []            # round 0 was never sent in full
+    assert [(r["outcome"], r["mode"]) for r in results(db)] == [("rolled back", "precopy")]
+    # As a person reads it: the stored run's tables say what became of the guest.
+    shown = run_cli("source-agent", "results", "show", report["run_id"], "--db", str(db),
+                    cwd=tmp_path)
+    assert shown.code == 0, shown.stderr
+    assert "rolled back (exit 3)" in shown.stdout and "migration: precopy" in shown.stdout
+    assert re.search(r"rollback +source guest resumed: sequence \d+ -> [\d, ]+ \(runs on\)",
+                     shown.stdout), shown.stdout

@@ -17,6 +17,7 @@ BENCH = Path(__file__).resolve().parents[2] / "bench"
 SMALL = {
     "kvmcore_cycle.py": ["--cycles", "1", "--sizes", "2"],     # includes the C reference
     "agents_loopback.py": ["--runs", "1", "--no-c"],
+    "live_migration.py": ["--runs", "1", "--big-mib", "16", "--no-c"],
     "data_path.py": ["--mib", "2", "--runs", "1"],
     "memory_mac.py": ["--sizes-mib", "2"],
     "protocol_fuzz.py": ["--inputs", "200"],

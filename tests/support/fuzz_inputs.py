@@ -35,10 +35,12 @@ NONCE = b"N" * 32
 FIELDS = [
     "protocol_version", "agent_version", "role", "capabilities", "nonce", "proof", "t1", "t2", "t3",
     "state", "strategy", "memory_size", "chunk_size", "offset", "data", "digest", "report", "code", "message",
+    "runs", "prepare_ns",
 ]
 KINDS = ("random bytes", "mutated conversation", "MACed frames to a destination",
          "MACed frames to a source", "validators")
-TYPES = ["hello", "auth", "clock_request", "clock_reply", "migrate", "memory", "commit", "report", "error", "bye"]
+TYPES = ["hello", "auth", "clock_request", "clock_reply", "prepare", "prepared", "round", "migrate", "memory",
+         "commit", "report", "error", "bye"]
 
 
 def record() -> bytes:

@@ -9,6 +9,8 @@ there: no sleep-and-hope. Test-only; the agents' code is wrapped from outside, n
 
 - dest ``restore``: right after kvmcore's ``restore`` has returned the VM (the VM exists, its
   vCPU has not run yet) -- "mid-restore".
+- dest ``round``: before receiving the first memory stream of a session (precopy's round 0,
+  the VM prepared, the source guest running and sending it) -- "mid-precopy".
 - source ``connected``: the TCP connection is up, nothing sent.
 - source ``handshake``: HELLO, AUTH and clock sync done, no VM created yet.
 - source ``memory``: MIGRATE sent and at least half of the memory handed to the kernel.
@@ -83,6 +85,20 @@ def install_source(point: str) -> None:
 def install_dest(point: str) -> None:
     import dest_agent.session as session
 
+    if point == "round":
+        import protocol
+
+        real_receive_memory = protocol.Channel.receive_memory
+        streams = [0]
+
+        @functools.wraps(real_receive_memory)
+        async def receive_memory(self: Any, into: Any) -> Any:
+            streams[0] += 1
+            if streams[0] == 1:
+                pause(point)
+            return await real_receive_memory(self, into)
+        protocol.Channel.receive_memory = receive_memory
+        return
     if point != "restore":
         raise SystemExit(f"paced.py: unknown dest point {point!r}")
     real_restore = session.restore

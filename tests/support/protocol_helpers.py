@@ -41,6 +41,10 @@ def migrate_message(memory_size: int = MEMORY_SIZE, chunk_size: int = CHUNK_SIZE
     return protocol.Migrate(state=STATE, strategy="full", memory_size=memory_size, chunk_size=chunk_size)
 
 
+def prepare_message(memory_size: int = MEMORY_SIZE, chunk_size: int = CHUNK_SIZE) -> protocol.Prepare:
+    return protocol.Prepare(strategy="full", memory_size=memory_size, chunk_size=chunk_size)
+
+
 def memory(size: int = MEMORY_SIZE) -> bytes:
     return os.urandom(size)
 
@@ -63,6 +67,19 @@ def drive_to(target: State) -> tuple[Session, Session, bytes]:
             return source, destination, mem
     if target is State.CLOCK_SYNC:
         transfer(source, destination, protocol.ClockSyncRequest(t1=1))
+        return source, destination, mem
+    if target in (State.PREPARING, State.PREPARED, State.ROUND_MEMORY, State.ROUND_COMMIT):
+        transfer(source, destination, prepare_message())
+        if target is State.PREPARING:
+            return source, destination, mem
+        transfer(destination, source, protocol.Prepared(prepare_ns=1))
+        if target is State.PREPARED:
+            return source, destination, mem
+        transfer(source, destination, protocol.Round(runs=None))  # round 0: all of memory
+        if target is State.ROUND_MEMORY:
+            return source, destination, mem
+        for offset in range(0, MEMORY_SIZE, CHUNK_SIZE):
+            transfer(source, destination, protocol.MemoryChunk(offset, mem[offset : offset + CHUNK_SIZE]))
         return source, destination, mem
     transfer(source, destination, migrate_message())
     if target is State.MEMORY:

@@ -9,7 +9,10 @@ from source_agent.sweep.plan import (
     AxisError,
     SweepPlan,
     config_mismatch,
+    parse_byte_rates,
+    parse_byte_sizes,
     parse_durations,
+    parse_modes,
     parse_rates,
     parse_sizes,
     strategies,
@@ -122,3 +125,45 @@ def test_a_jitter_above_a_latency_is_refused_naming_both():
     with pytest.raises(AxisError, match=r"^--jitter 2ms is more than --latency 1ms"):
         Axes(latency=(0.001, 0.005), jitter=(0.0, 0.002))
     assert Axes(latency=(0.002, 0.005), jitter=(0.0, 0.002)).jitter == (0.0, 0.002)   # control
+
+
+def test_the_live_axes_leave_old_keys_and_stored_axes_as_they_were():
+    """A sweep without --mode/--dirty-rate/--working-set keeps the keys and the stored config it
+    had before these axes existed (so it resumes); with them, each is in the key and label."""
+    old = SweepPlan("s", Axes(latency=(0.0, 0.005)), 1)
+    assert [p.key for p in old.points()] == [
+        "latency=0ms jitter=0ms bandwidth=unlimited memory=2MiB gap=0ms strategy=best rep=0",
+        "latency=5ms jitter=0ms bandwidth=unlimited memory=2MiB gap=0ms strategy=best rep=0"]
+    assert set(old.config()["axes"]) == {"latency", "jitter", "bandwidth", "memory", "gap",
+                                         "strategy"}
+    live = SweepPlan("s", Axes(mode=parse_modes("--mode", "stop-copy,precopy"),
+                               dirty_rate=parse_byte_rates("--dirty-rate", "0,50MiB/s"),
+                               working_set=parse_byte_sizes("--working-set", "8MiB"),
+                               memory=(16 << 20,)), 1)
+    points = live.points()
+    assert len(points) == live.combination_count == 4
+    assert len({p.key for p in points}) == 4
+    assert [live.label(p) for p in points] == [
+        "mode=stop-copy dirty_rate=0", "mode=stop-copy dirty_rate=50MiB/s",
+        "mode=precopy dirty_rate=0", "mode=precopy dirty_rate=50MiB/s"]
+    assert points[3].key.endswith("mode=precopy dirty_rate=50MiB/s working_set=8MiB rep=0")
+    assert config_mismatch(live.config(), old.config())        # negative control: they differ
+
+
+@pytest.mark.parametrize("axes, message", [
+    ({"dirty_rate": (50 << 20,)}, "--dirty-rate: a dirty rate needs a working_set"),
+    ({"working_set": (8 << 20,)}, "--working-set: 0x800000 is not a multiple of 0x1000 in "
+                                  "[0, 0x100000]"),               # above a 2 MiB guest's room
+])
+def test_a_workload_the_guest_cannot_run_is_refused_before_the_sweep(axes, message):
+    with pytest.raises(AxisError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Axes(**axes)
+    Axes(**{**axes, "memory": (16 << 20,), "working_set": (8 << 20,)})   # control: it fits
+
+
+def test_bad_live_axis_values_name_the_option():
+    with pytest.raises(AxisError, match="--mode: 'live': choose one of stop-copy, precopy"):
+        parse_modes("--mode", "live")
+    with pytest.raises(AxisError, match="--dirty-rate: cannot parse 'fast'"):
+        parse_byte_rates("--dirty-rate", "fast")
+    assert parse_byte_rates("--dirty-rate", "0,10,50MiB/s") == (0, 10 << 20, 50 << 20)

@@ -7,7 +7,7 @@ from fakes import fake_report
 
 from source_agent.sweep.plan import Axes, SweepPlan
 from source_agent.sweep.plots import PlotError, check_png, write_plots
-from source_agent.sweep.runner import columns
+from source_agent.results import record_columns as columns
 
 
 def _runs(plan, xen=False, fail=frozenset()):
@@ -89,6 +89,33 @@ def test_plots_are_valid_png_and_svg(tmp_path, xen):
     assert f"<!-- accounting error: {label}" in svg
     other = "kvmclock jump − host interval" if xen else "Xen runnable delta − (wall gap + open)"
     assert f"<!-- accounting error: {other}" not in svg  # negative control: label follows basis
+
+
+def test_a_sweep_over_modes_and_dirty_rates_draws_downtime_per_mode(tmp_path):
+    """The live figure: downtime against the dirty rate and against the guest size, a line per
+    mode; drawn only when the sweep varies the mode or the dirty rate (negative control above:
+    a latency sweep writes two figures)."""
+    from source_agent.sweep.plots import live_figure
+
+    plan = SweepPlan("s", Axes(mode=("stop-copy", "precopy"), dirty_rate=(0, 50 << 20),
+                               working_set=(8 << 20,), memory=(16 << 20, 64 << 20)), 2)
+    runs = _runs(plan)
+    for run in runs:                    # precopy: a fifth of stop-copy's downtime
+        config = run["report"]["sweep"]["config"]
+        down = 10_000_000 + config["dirty_rate"] // 10 + config["memory_size"] // 5
+        run["report"]["migration"] = {"mode": config["mode"], "downtime_ns":
+                                      down // 5 if config["mode"] == "precopy" else down}
+    paths = write_plots(plan, runs, tmp_path)
+    assert "s-live.png" in {p.name for p in paths}
+    check_png(tmp_path / "s-live.png")
+    figure = live_figure(plan, runs)
+    by_dirty_rate, by_memory = figure.axes[:2]
+    lines = {line.get_label(): list(line.get_ydata()) for line in by_dirty_rate.get_lines()}
+    assert set(lines) == {"stop-copy", "precopy"}
+    # Medians at memory 16 MiB (held): 0 and 50 MiB/s, each mode its own.
+    assert lines["stop-copy"] == pytest.approx([13.3554432, 18.598323])
+    assert lines["precopy"] == pytest.approx([v / 5 for v in lines["stop-copy"]], rel=1e-3)
+    assert "guest memory, MiB" in by_memory.get_xlabel()
 
 
 def test_a_truncated_png_is_detected(tmp_path):

@@ -147,3 +147,52 @@ async def test_a_remote_sweep_with_a_wrong_or_missing_key_stops_at_once_with_exi
     runs = ResultsStore(db).runs(sweep="right")
     assert [r["destination"] for r in runs] == [to, to]
     assert all(r["report"]["destination"] == to != r["report"]["sweep"]["via"] for r in runs)
+
+
+async def test_a_real_sweep_over_modes_and_dirty_rates(tmp_path, capsys):
+    """Both modes, with and without a dirtying guest, through the real agents: every run passes
+    (memory_intact included), records its mode and rounds, and the live figure is drawn."""
+    db = tmp_path / "r.db"
+    code = await cli.run(parse("live", "--mode", "stop-copy,precopy", "--dirty-rate", "0,20MiB/s",
+                               "--working-set", "4MiB", "--memory", "16MiB", "--repeat", "1",
+                               "--db", str(db), "--format", "json", "--plot-dir",
+                               str(tmp_path / "plots")))
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    runs = ResultsStore(db).runs(sweep="live")
+    assert len(runs) == 4 and {r["outcome"] for r in runs} == {"passed"}, [r["error"] for r in runs]
+    for run in runs:
+        config = run["report"]["sweep"]["config"]
+        assert run["mode"] == config["mode"] == run["report"]["migration"]["mode"]
+        assert run["report"]["verdicts"]["memory_intact"]["ok"] is True
+        assert (run["rounds"] > 0) == (config["mode"] == "precopy")
+    plots = json.loads(out)["plots"]
+    assert any(path.endswith("live-live.png") for path in plots)
+    check_png(tmp_path / "plots" / "live-live.png")
+
+
+async def test_a_point_whose_destination_fails_after_the_stop_is_recorded_rolled_back(
+        tmp_path, nursery, kvm, caps, monkeypatch):
+    """The agents' run_point turns a rollback into the run's report (outcome, statistics,
+    rollback record) instead of an anonymous error (a rerun retries it: test_results)."""
+    from agents_helpers import PSK, key_file
+
+    import dest_agent.session
+    from dest_agent import AGENT_VERSION, DestinationServer, ServerConfig
+    from source_agent.sweep.agent import agent_run_point
+    from source_agent.sweep.plan import PointConfig
+    from source_agent.sweep.runner import Target
+
+    def refuse(memory):
+        raise dest_agent.session.SessionRefused("restore_failed", "refused for the test")
+    monkeypatch.setattr(dest_agent.session, "_final_sink", refuse)
+    server = DestinationServer(kvm, caps, ServerConfig(psk=PSK, port=0), AGENT_VERSION)
+    await nursery.start(server.serve)
+    target = Target(*server.address, str(key_file(tmp_path / "key")), "loopback", "dest")
+    point = PointConfig(0.0, 0.0, None, 2 << 20, 0, "best", 0)
+    report = await agent_run_point(warmup_ns=0)(point, target)
+    assert report["outcome"] == "rolled back" and report["rollback"]["ok"], report
+    assert "refused for the test" in report["error"]
+    assert report["migration"]["mode"] == "stop-copy" and report["migration"]["final"] is None
+    monkeypatch.undo()                                       # control: the same point passes
+    assert (await agent_run_point(warmup_ns=0)(point, target))["outcome"] == "passed"

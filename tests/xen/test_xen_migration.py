@@ -37,7 +37,7 @@ from kvmcore import (Guest, GuestConfig, Strategy, System, analyse, capture, pro
 import protocol
 from source_agent import netem
 from source_agent.loopback import loopback
-from source_agent.migrate import Migration, MigrationPlan, migrate
+from source_agent.migrate import GuestLost, Migration, MigrationPlan, migrate
 from source_agent.report import compose
 from source_agent.netem.netns import leftovers
 
@@ -122,8 +122,9 @@ def check_agents_migration(m: Migration, label: str) -> dict:
 async def test_agents_loopback() -> None:
     """Both real agents in this process (source_agent.loopback: what `source-agent loopback
     --runstate kernel --gap 10ms` runs), over real TCP on 127.0.0.1; then clock=none through
-    the same path: the kernel's EINVAL on RUNSTATE_DATA comes back as the destination's ERROR,
-    named, not as a crash."""
+    the same path in the seed's order (--destroy-first: the destination's VM made at MIGRATE,
+    its kvmclock near 0): the kernel's EINVAL on RUNSTATE_DATA comes back as the destination's
+    ERROR, named, not as a crash (and the source guest, destroyed first, is lost)."""
     with System() as kvm:
         caps = probe(kvm)
         plan = MigrationPlan(host="", port=0, psk=b"", strategy=HEADLINE, gap_ns=GAP_NS)
@@ -140,10 +141,12 @@ async def test_agents_loopback() -> None:
         assert hidden["verdicts"]["xen_runnable_in_window"]["error_ns"] < -GAP_NS // 2
         assert hidden["outcome"] == "failed" and "xen_runnable_in_window" in hidden["error"]
         refused = dataclasses.replace(
-            plan, strategy=Strategy.parse("clock=none,tsc=offset,runstate=kernel"))
-        with pytest.raises(protocol.PeerError) as exc:
+            plan, strategy=Strategy.parse("clock=none,tsc=offset,runstate=kernel"),
+            destroy_first=True)
+        with pytest.raises(GuestLost) as exc:
             await loopback(refused, kvm, caps)
     print(f"loopback agents, clock=none: {exc.value}")
+    assert isinstance(exc.value.cause, protocol.PeerError)
     assert "restore_failed" in str(exc.value) and "EINVAL" in str(exc.value)
 
 
