@@ -292,10 +292,14 @@ def test_tsc_offset_follows_the_gap_across_the_hosts_tsc_difference(pair_runs):
 
 def test_tsc_none_does_not_show_the_hosts_tsc_difference(pair_runs):
     """What is physically true: KVM starts a new vCPU's TSC near 0 (guest TSC = host TSC +
-    offset, offset = -host TSC at vCPU creation), so with tsc=none the guest's TSC jump is
-    the difference of the two VMs' ages, not the hosts' TSC difference (~ -5 s here). The
-    issue's "tsc=none shows the jump by the hosts' TSC difference" holds only where the
-    guest reads the host TSC itself (no offset applied: PVM, tests/pair/test_hetero.py)."""
+    offset, offset = -host TSC at vCPU creation), so with tsc=none the guest's TSC jump is the
+    difference of the two VMs' ages (the destination's at its first report, the source's at
+    its last), whatever the hosts' TSCs: near 0 when the destination VM is made after the
+    source's, near the interval when it is made first (the live flow's PREPARE). Either way
+    the hosts' difference (~ -5 s here) is not in it: the jump is nearer the host interval
+    than the interval plus that difference (what a raw copy of the source's offset would
+    show). The issue's "tsc=none shows the jump by the hosts' TSC difference" holds only
+    where the guest reads the host TSC itself (no offset applied: PVM, test_pair_hetero.py)."""
     o = pair_runs["tsc", "none"]
     r = report(o)
     jump = r["measurements"]["tsc_jump"]["value_ns"]
@@ -305,9 +309,7 @@ def test_tsc_none_does_not_show_the_hosts_tsc_difference(pair_runs):
     print(f"tsc=none: TSC jump {jump / 1e6:+.3f} ms against a host interval {gap / 1e6:.3f} "
           f"ms; hosts' TSCs differ by {hosts / 1e6:+.3f} ms; {check['detail']}")
     assert hosts < -BOOT_GAP_S * 1e9 * 0.9
-    assert abs(jump) < 1e9                      # a second at most: not the 5 s difference
-    # A guest TSC carried on the hosts' TSCs (a raw offset copy) would jump by the interval
-    # plus the hosts' difference: seconds away from what it did.
-    assert abs(jump - (gap + hosts)) > abs(hosts) / 2
-    assert check["ok"] is False and check["decides"] is False and o.status == 0
+    assert abs(jump - gap) < abs(hosts) / 2               # not shifted by the hosts' TSCs
+    assert abs(jump - (gap + hosts)) > abs(hosts) / 2     # what a raw offset copy would show
+    assert check["decides"] is False and o.status == 0
     assert "not carried" in r["measurements"]["tsc_jump"]["mechanism"]
