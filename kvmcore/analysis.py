@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from . import xen
+from ._kvm import lib
 from .intact import MemoryComparison
 from .report_doc import RestoreRecord
 from .strategy import Strategy
@@ -138,6 +139,9 @@ class Analysis:
     #: How far the hosts' clocks disagree (destination CLOCK_REALTIME minus source's, by
     #: clock sync), in words too: hosts_clocks().
     hosts_clock_offset: Measurement | None = None
+    #: How far the hosts' TSCs disagree (destination host TSC minus source's at one instant,
+    #: in ns): hosts_tsc().
+    hosts_tsc_offset: Measurement | None = None
 
     def to_plain(self) -> dict[str, Any]:
         plain = dataclasses.asdict(self)
@@ -190,9 +194,11 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
                                 f"guest kvmclock (pvclock read); {CLOCK_MECHANISM[strategy.clock]}")
     tsc_ticks = signed64(after.tsc - before.tsc)
     khz_note = tsc_rate_note(state, record)
+    hosts_tsc_offset = hosts_tsc(state, record, clock_offset_ns, uncertainty_ns)
     tsc_jump = Measurement(tsc_ticks_to_ns(tsc_ticks, state.tsc_khz),
                            f"guest rdtsc at {state.tsc_khz} kHz; {TSC_MECHANISM[strategy.tsc]}"
-                           + _offset_note(record) + khz_note)
+                           + _offset_note(record) + khz_note
+                           + _hosts_tsc_note(hosts_tsc_offset, strategy, uncertainty_ns))
 
     if before.steal_version == 0 or after.steal_version == 0:
         steal = Measurement.unmeasurable("MSR_KVM_STEAL_TIME", "KVM had not yet written the "
@@ -240,7 +246,8 @@ def analyse(before: Snapshot, after: Snapshot, state: VmState, record: RestoreRe
     assert tuple(checks) == CHECK_NAMES
     return Analysis(record.strategy, before.sequence, after.sequence, wall_gap, host_interval,
                     kvmclock_jump, tsc_jump, steal, runnable, backwards, step, checks,
-                    (lo, hi), hosts_clock_offset=hosts_clocks(clock_offset_ns, uncertainty_ns))
+                    (lo, hi), hosts_clock_offset=hosts_clocks(clock_offset_ns, uncertainty_ns),
+                    hosts_tsc_offset=hosts_tsc_offset)
 
 
 def pvclock_preserved(strategy: Strategy, state: VmState, after: Snapshot) -> Check:
@@ -280,6 +287,38 @@ def hosts_clocks(offset_ns: int, uncertainty_ns: int) -> Measurement:
                        "CLOCK_REALTIME minus source's; " + (
                            clock_disagreement(offset_ns, uncertainty_ns)
                            or f"the two clocks agree within +- {ms(uncertainty_ns)}"))
+
+
+def hosts_tsc(state: VmState, record: RestoreRecord, offset_ns: int,
+              uncertainty_ns: int) -> Measurement:
+    """The destination host's TSC minus the source host's at the same instant, in ns: the
+    source's KVM_GET_CLOCK host_tsc at capture, advanced at its rate by the realtime elapsed
+    (clock offset corrected) to the destination's KVM_GET_CLOCK after restore. Between two
+    hosts it is what the TSC offset algorithm absorbs; a new vCPU's TSC starts near 0 where
+    the offset applies, so without it the guest sees the destination vCPU's age instead."""
+    src, dst = state.clock, record.clock_after
+    need = lib.KVM_CLOCK_HOST_TSC | lib.KVM_CLOCK_REALTIME
+    mechanism = ("KVM_GET_CLOCK host_tsc: destination (after restore) minus source (at "
+                 "capture) advanced by the CLOCK_REALTIME between them at the source's rate")
+    if not dst or (src["flags"] & need) != need or (dst.get("flags", 0) & need) != need:
+        return Measurement.unmeasurable(mechanism, "KVM_GET_CLOCK gave no host_tsc and "
+                                        "realtime on both hosts (KVM_CLOCK_HOST_TSC|REALTIME)")
+    elapsed_ns = dst["realtime"] - offset_ns - src["realtime"]
+    source_then = src["host_tsc"] + elapsed_ns * state.tsc_khz // 1_000_000
+    value = tsc_ticks_to_ns(dst["host_tsc"] - source_then, state.tsc_khz)
+    return Measurement(value, f"{mechanism}; +- {ms(uncertainty_ns)} (clock sync)")
+
+
+def _hosts_tsc_note(hosts: Measurement, strategy: Strategy, uncertainty_ns: int) -> str:
+    """The hosts' TSC difference in the tsc_jump mechanism when it is more than the clock
+    sync can tell from 0, and where it went."""
+    if hosts.value_ns is None or abs(hosts.value_ns) <= uncertainty_ns + 1_000_000:
+        return ""
+    where = ("absorbed in the offset" if strategy.tsc == "offset" else
+             "not carried: the guest has the destination vCPU's TSC (KVM starts a new vCPU "
+             "near 0 where the offset applies, or the host TSC itself where it does not)")
+    return (f"; the hosts' TSCs differ by {ms(hosts.value_ns)} (destination minus source): "
+            f"{where}")
 
 
 def name_the_cause(check: Check, strategy: Strategy, offset_ns: int,

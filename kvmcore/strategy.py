@@ -161,10 +161,23 @@ class Strategy:
     @classmethod
     def best(cls, caps: HostCapabilities, state: VmState | None = None) -> Strategy:
         """The most faithful strategy this host supports (for ``state``, if given)."""
+        return cls._best_on((caps,), state)
+
+    @classmethod
+    def best_common(cls, *hosts: HostCapabilities) -> Strategy:
+        """The most faithful strategy every one of ``hosts`` supports: between a source and a
+        destination that differ (a kernel without Xen and one with it), each part is the
+        first choice both can do."""
+        return cls._best_on(hosts)
+
+    @classmethod
+    def _best_on(cls, hosts: tuple[HostCapabilities, ...],
+                 state: VmState | None = None) -> Strategy:
         def usable(part: str, choice: str) -> bool:
             need = REQUIREMENTS.get((part, choice))
             return (part, choice) not in NOT_BEST and (need is None or (
-                need.host(caps) and (state is None or need.state(state))))
+                all(need.host(caps) for caps in hosts)
+                and (state is None or need.state(state))))
         return cls(**{part: next(c for c in CHOICES[part] if usable(part, c))
                       for part in PARTS})
 

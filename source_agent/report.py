@@ -101,6 +101,9 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
         # How far the hosts' clocks disagree, in kvmcore.analysis's words.
         "hosts_clocks": _measurement(a.hosts_clock_offset, uncertainty_ns=uncertainty)
         if a.hosts_clock_offset else None,
+        # How far the hosts' TSCs disagree (destination minus source, ns at the source's rate).
+        "hosts_tsc": _measurement(a.hosts_tsc_offset, uncertainty_ns=uncertainty)
+        if a.hosts_tsc_offset else None,
         "wall_gap": _measurement(a.wall_gap, uncertainty_ns=uncertainty),
         "downtime": phases,
         "measurements": {

@@ -83,6 +83,21 @@ def test_best_takes_the_most_faithful_choice_the_host_has(full):
     assert str(Strategy.best(host)) == "clock=realtime,tsc=offset,runstate=kernel"
 
 
+def test_best_common_takes_each_part_both_hosts_can_do(full):
+    """A lane machine (Xen, offset applied, no clock=guest) and a PVM host (no Xen, offset
+    ignored): each part's first choice both have; either host alone would pick more."""
+    lane = dataclasses.replace(full, clock_guest=False)
+    pvm = dataclasses.replace(full, clock_guest=False, tsc_offset_applies=False, xen_hvm=[])
+    assert str(Strategy.best_common(lane, pvm)) == "clock=realtime,tsc=none,runstate=off"
+    assert Strategy.best_common(pvm, lane) == Strategy.best_common(lane, pvm)
+    assert Strategy.best_common(lane) == Strategy.best(lane)      # one host: its own best
+    assert str(Strategy.best(lane)) == "clock=realtime,tsc=offset,runstate=kernel"  # control
+    assert Strategy.best_common(lane, pvm).missing(pvm) == []
+    assert Strategy.best(lane).missing(pvm) == [                 # what the PVM side lacks
+        pvm.tsc_offset_detail and f"KVM_VCPU_TSC_OFFSET applied to the guest TSC "
+        f"({pvm.tsc_offset_detail})", "KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE"]
+
+
 def test_resolve_lays_overrides_over_the_best_and_checks_them(full):
     host = dataclasses.replace(full, clock_guest=False, tsc_offset_applies=False)
     assert str(Strategy.resolve("", host)) == "clock=realtime,tsc=none,runstate=kernel"

@@ -1,14 +1,20 @@
-"""The pair's clocks: the agents' clock-sync estimate judged against an outside reference, and
-what `clock=realtime` does when the hosts' clocks disagree (issue 12).
+"""The pair's clocks and TSCs: the agents' clock-sync estimate judged against an outside
+reference, what `clock=realtime` does when the hosts' clocks disagree, and what the TSCs do when
+the hosts booted 5 s apart (issue 12).
 
-One boot of the pair runs the migrations: clock=realtime with dst's CLOCK_REALTIME set 0, +250 ms
-and -250 ms from src's; clock=realtime-synced at +250 ms (realtime is its control); and with the
-Xen runstate restored (runstate=kernel), dst 250 ms behind, clock=realtime against realtime-synced. The reference (tools/xen_pair/timeref.py) is each machine's clock read over its
-virtio-serial control port and bracketed by the physical host's clock: it never goes over the
-virtio-net link the agents sync over, so the estimate is judged against something other than itself.
+One boot of the pair (--boot-gap 5s) runs the migrations: clock=realtime with dst's
+CLOCK_REALTIME set 0, +250 ms and -250 ms from src's; clock=realtime-synced at +250 ms (realtime
+is its control); with the Xen runstate restored (runstate=kernel), dst 250 ms and 3 s behind,
+clock=realtime against realtime-synced; tsc=none at skew 0 against the tsc=offset of the skew-0
+realtime run. KVM_TESTBED_PAIR_SET=ci (`./dev pair --ci`, CI) runs six of them (CI_SET); a test
+whose scenario is left out skips, saying so. The references (tools/xen_pair/timeref.py) are each
+machine's clock and TSC read over its virtio-serial control port and bracketed by the physical
+host's: they never go over the virtio-net link the agents sync over, so the estimate is judged
+against something other than itself.
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -32,20 +38,43 @@ EXTRA = {("realtime-synced", 250): (250, SYNCED),
          ("xen realtime-synced", -BEHIND_MS): (-BEHIND_MS, (*XEN, "--clock", "realtime-synced")),
          ("xen realtime-synced", -250): (-250, (*XEN, "--clock", "realtime-synced"))}
 
+#: The boot's --boot-gap: dst's QEMU starts this long after src's, so its TSC is behind.
+BOOT_GAP_S = 5.0
+#: tsc=none on that boot, skew 0 (tsc=offset, the lane's best, is the realtime runs' choice).
+TSC_CASES = {("tsc", "none"): (0, (*MIGRATE, "--tsc", "none"))}
+#: CI's short script (KVM_TESTBED_PAIR_SET=ci, `./dev pair --ci`): skew 0 and +-250 ms, the
+#: synced restore, one Xen migration (the seed's flow) and the boot-gap TSC case.
+CI_SET = {("realtime", 0), ("realtime", 250), ("realtime", -250), ("realtime-synced", 250),
+          ("xen realtime-synced", -250), ("tsc", "none")}
+
 pytestmark = pytest.mark.pair
 
 
 @pytest.fixture(scope="module")
-def pair_runs() -> dict[tuple[str, int], Outcome]:
-    """Every scenario of the one boot, by (clock strategy, skew in ms)."""
+def pair_boot() -> tuple[dict, dict]:
+    """Every scenario of the one boot, by (clock strategy, skew in ms), and the boot's facts."""
     options = PairOptions(python=sys.executable, results=REPO / "results" / "pair-tests",
-                          timeout=900)
-    wanted = {("realtime", ms): (ms, MIGRATE) for ms in SKEWS_MS} | EXTRA
+                          timeout=900, boot_gap_s=BOOT_GAP_S)
+    wanted = {("realtime", ms): (ms, MIGRATE) for ms in SKEWS_MS} | EXTRA | TSC_CASES
+    if os.environ.get("KVM_TESTBED_PAIR_SET") == "ci":
+        wanted = {key: value for key, value in wanted.items() if key in CI_SET}
     scenarios = [Scenario(skew_ns=ms * 1_000_000, migrate_args=args)
                  for ms, args in wanted.values()]
     outcomes, facts = run_pair(options, scenarios)
     print(f"pair: {facts}")
-    return dict(zip(wanted, outcomes, strict=True))
+    return dict(zip(wanted, outcomes, strict=True)), facts
+
+
+class Runs(dict):
+    """The outcomes by key; a key the CI set left out skips the test that needs it."""
+
+    def __missing__(self, key):
+        pytest.skip(f"scenario {key} is not in this run's set (KVM_TESTBED_PAIR_SET=ci)")
+
+
+@pytest.fixture(scope="module")
+def pair_runs(pair_boot) -> dict:
+    return Runs(pair_boot[0])
 
 
 @pytest.fixture(scope="module")
@@ -211,3 +240,76 @@ def test_both_tsc_rates_are_reported_and_a_difference_is_carried_or_named(runs):
     else:
         assert r["restore_record"]["tsc_khz_set"] is None
         assert f"{(dst - src) * 1e6 / src:+.1f} ppm not carried" in mechanism
+
+
+def tsc_reference_ns(o: Outcome) -> tuple[float, float]:
+    """dst's TSC minus src's by the TSC reference (rdtsc over the control port, bracketed by
+    the physical host's rdtsc), in ns at the host's rate, and its uncertainty."""
+    tsc = o.reference_before["tsc"]
+    khz = tsc["host_tsc_khz"]
+    diff = tsc["destination_minus_source"]
+    return diff["offset_ticks"] * 1e6 / khz, diff["uncertainty_ticks"] * 1e6 / khz
+
+
+def test_the_boot_gap_puts_dst_tsc_behind_by_it(pair_boot, pair_runs):
+    """--boot-gap 5s: under TCG a machine's TSC counts from its QEMU's start of execution, so
+    the hosts' TSCs differ by about the boot gap, by the independent TSC reference; and
+    the report's own figure (hosts_tsc, from both KVM_GET_CLOCK host_tsc and clock sync)
+    agrees with it. The control is the realtime reference: the boot gap is not in it."""
+    facts = pair_boot[1]
+    o = pair_runs["realtime", 0]
+    ref, ref_u = tsc_reference_ns(o)
+    start_gap_ns = facts["qemu_start_gap_s"] * 1e9
+    r = report(o)
+    hosts = r["hosts_tsc"]
+    print(f"boot gap {BOOT_GAP_S} s, QEMU starts {facts['qemu_start_gap_s']} s apart (src "
+          f"listened after {facts['src_listening_s']} s): TSC "
+          f"reference dst-src {ref / 1e6:+.3f} +- {ref_u / 1e6:.3f} ms, report hosts_tsc "
+          f"{hosts['value_ns'] / 1e6:+.3f} +- {hosts['uncertainty_ns'] / 1e6:.3f} ms")
+    assert start_gap_ns >= BOOT_GAP_S * 1e9
+    # A TCG machine's TSC counts from when its QEMU starts executing, after its own set-up: src's
+    # set-up ends about when it listens (src_listening_s after its start, seconds under load),
+    # dst's starts BOOT_GAP_S after that. So dst is behind by at least the boot gap and at most
+    # the time between the two QEMU starts, each give or take a second of set-up.
+    assert BOOT_GAP_S * 1e9 - 1e9 <= -ref <= start_gap_ns + 1e9
+    bound = hosts["uncertainty_ns"] + ref_u + 1e6  # + 1 ms: the two kHz figures' ppm
+    assert abs(hosts["value_ns"] - ref) <= bound
+    realtime = o.reference_before["destination_minus_source"]["offset_ns"]
+    assert abs(realtime) < 5e6  # control: the clocks were set equal; only the TSCs differ
+
+
+def test_tsc_offset_follows_the_gap_across_the_hosts_tsc_difference(pair_runs):
+    """tsc=offset: the guest TSC follows the gap (tsc_follows_gap passes) although the
+    hosts' TSCs are seconds apart; the mechanism names the difference as absorbed."""
+    r = report(pair_runs["realtime", 0])
+    assert ",tsc=offset," in r["strategy"]
+    check = r["verdicts"]["tsc_follows_gap"]
+    mechanism = r["measurements"]["tsc_jump"]["mechanism"]
+    print(f"tsc=offset: {check['detail']}; {mechanism}")
+    assert check["ok"] is True, check["detail"]
+    assert "the hosts' TSCs differ by -" in mechanism and "absorbed in the offset" in mechanism
+
+
+def test_tsc_none_does_not_show_the_hosts_tsc_difference(pair_runs):
+    """What is physically true: KVM starts a new vCPU's TSC near 0 (guest TSC = host TSC +
+    offset, offset = -host TSC at vCPU creation), so with tsc=none the guest's TSC jump is the
+    difference of the two VMs' ages (the destination's at its first report, the source's at
+    its last), whatever the hosts' TSCs: near 0 when the destination VM is made after the
+    source's, near the interval when it is made first (the live flow's PREPARE). Either way
+    the hosts' difference (~ -5 s here) is not in it: the jump is nearer the host interval
+    than the interval plus that difference (what a raw copy of the source's offset would
+    show). The issue's "tsc=none shows the jump by the hosts' TSC difference" holds only
+    where the guest reads the host TSC itself (no offset applied: PVM, test_pair_hetero.py)."""
+    o = pair_runs["tsc", "none"]
+    r = report(o)
+    jump = r["measurements"]["tsc_jump"]["value_ns"]
+    hosts = r["hosts_tsc"]["value_ns"]
+    gap = r["measurements"]["host_interval"]["value_ns"]
+    check = r["verdicts"]["tsc_follows_gap"]
+    print(f"tsc=none: TSC jump {jump / 1e6:+.3f} ms against a host interval {gap / 1e6:.3f} "
+          f"ms; hosts' TSCs differ by {hosts / 1e6:+.3f} ms; {check['detail']}")
+    assert hosts < -BOOT_GAP_S * 1e9 * 0.9
+    assert abs(jump - gap) < abs(hosts) / 2               # not shifted by the hosts' TSCs
+    assert abs(jump - (gap + hosts)) > abs(hosts) / 2     # what a raw offset copy would show
+    assert check["decides"] is False and o.status == 0
+    assert "not carried" in r["measurements"]["tsc_jump"]["mechanism"]

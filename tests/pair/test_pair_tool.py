@@ -121,3 +121,153 @@ def test_bad_usage_exits_2_before_anything_boots(tmp_path, capsys) -> None:
     assert cli.main(["--script", str(tmp_path / "missing.txt")]) == 2
     assert "No such file" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing was booted or written
+
+
+# The retry on a kernel oops (tools/xen_pair/run.py retry_after), on real sockets and files:
+# a machine whose kernel died mid-scenario surfaces as a broken control socket, and only its
+# console tells an oops (worth one more boot) from a plain failure.
+
+def broken_pipe() -> BrokenPipeError:
+    """The error a write to a dead machine's control socket raises (a real one)."""
+    import socket
+    ours, theirs = socket.socketpair()
+    theirs.close()
+    try:
+        for _ in range(64):
+            ours.sendall(b'{"op": "time"}\n' * 4096)
+    except BrokenPipeError as e:
+        return e
+    finally:
+        ours.close()
+    raise AssertionError("writing to a closed socket did not break the pipe")
+
+
+def machines_with_consoles(tmp_path, dst_console: str):
+    from xen_pair.machine import Machine
+    ms = [Machine(n, i, tmp_path / n) for i, n in enumerate(("src", "dst"))]
+    for m, text in zip(ms, ("[    1.0] Linux version 6.12\n", dst_console)):
+        m.results.mkdir()
+        (m.results / "console.log").write_text(text)
+    return ms
+
+
+OOPS_LINE = ("[   62.102938] int3: 0000 [#1] PREEMPT SMP NOPTI\n"
+             "[   62.103001] RIP: 0010:__schedule+0x2f1/0x1530\n")
+
+
+def test_an_oops_behind_a_broken_control_socket_is_retried(tmp_path) -> None:
+    from xen_pair.run import retry_after
+    machines = machines_with_consoles(tmp_path, "[    1.0] boot\n" + OOPS_LINE)
+    facts: dict = {}
+    assert retry_after(1, machines, broken_pipe(), facts) is True
+    assert facts["oops_1"].startswith("[   62.102938] int3: 0000")
+    assert facts["error_1"].startswith("BrokenPipeError")
+    assert "int3: 0000" in (tmp_path / "dst" / "console-oops-1.log").read_text()
+
+
+def test_a_broken_control_socket_without_an_oops_is_the_error(tmp_path) -> None:
+    """Negative control: the same broken pipe with clean consoles is raised, not retried."""
+    from xen_pair.run import retry_after
+    machines = machines_with_consoles(tmp_path, "[    1.0] boot\n[   62.0] all well\n")
+    with pytest.raises(BrokenPipeError):
+        retry_after(1, machines, broken_pipe(), {})
+    assert retry_after(1, machines, None, {}) is False  # a clean attempt: done
+
+
+def test_an_oops_on_the_second_boot_fails_the_pair(tmp_path) -> None:
+    from xen_pair.machine import PairError
+    from xen_pair.run import retry_after
+    machines = machines_with_consoles(tmp_path, OOPS_LINE)
+    with pytest.raises(PairError, match="kernel oops/panic twice: .*int3"):
+        retry_after(2, machines, broken_pipe(), {})
+
+
+def test_the_injected_oops_line_is_an_oops() -> None:
+    import xen_lane
+    from xen_pair.run import INJECTED_OOPS
+    assert xen_lane.find_oops(f"[   62.0] {INJECTED_OOPS}\n")
+    assert xen_lane.find_oops("[   62.0] testbed --inject-oops\n") is None  # control
+
+
+def test_tsc_reference_reads_this_machines_tsc() -> None:
+    """The TSC reference's host side: the guest agent's rdtsc, counting at the TSC rate."""
+    from xen_pair.machine import HOST_RDTSC, host_tsc_khz
+    a, b = HOST_RDTSC(), HOST_RDTSC()
+    assert 0 < a <= b
+    khz = host_tsc_khz(0.05)
+    assert 100_000 < khz < 10_000_000, khz  # 0.1-10 GHz
+
+
+def test_sweep_skews_are_signed_distinct_durations() -> None:
+    from xen_pair.scenario import split_dashdash
+    from xen_pair.skew_sweep import parse_skews, sweep_name
+    assert parse_skews("-250ms, 0,+250ms") == [-250_000_000, 0, 250_000_000]
+    assert [sweep_name(ms * 1_000_000) for ms in (-250, 0, 250)] == [
+        "pair-skew-m250ms", "pair-skew-0ms", "pair-skew-p250ms"]
+    for bad, why in (("5", "no unit"), ("0,0", "distinct"), ("", "distinct")):
+        with pytest.raises(UsageError, match=why):
+            parse_skews(bad)
+    assert split_dashdash(["--sweep-skew", "-250ms,0", "--"]) == (["--sweep-skew=-250ms,0"], [])
+
+
+def test_the_skew_figure_is_a_real_png(tmp_path) -> None:
+    """The drawing (not the figures: those come from a run, docs/pair.md): two strategies
+    against three skews give a checked, non-blank PNG and an SVG."""
+    from xen_pair.skew_sweep import plot
+    rows = [{"skew_reference_ns": ms * 1_000_000, "strategy": strategy, "failed": int(bad),
+             "error_median_ns": err, "error_p5_ns": err - 500_000, "error_p95_ns": err + 500_000}
+            for ms in (-250, 0, 250)
+            for strategy, err, bad in (("clock=realtime,runstate=off", ms * 1_000_000, ms != 0),
+                                       ("clock=realtime-synced,runstate=off", 300_000, False))]
+    png, svg = plot(rows, tmp_path / "fig")
+    assert png.stat().st_size > 1000 and svg.read_text().startswith("<?xml")
+
+
+def test_a_sweep_without_json_is_named() -> None:
+    from xen_pair.run import Outcome
+    from xen_pair.skew_sweep import points
+    o = Outcome(Scenario(skew_ns=250_000_000), 2, "", "source-agent: error: no /dev/kvm\n",
+                {"destination_minus_source": {"offset_ns": 0}}, {}, 1.0)
+    with pytest.raises(ValueError, match=r"skew \+250 ms printed no JSON \(exit 2\).*kvm"):
+        points([o])
+
+
+def test_the_table_shows_each_scenario_from_its_report() -> None:
+    """The README's table from scenarios.json: figures from the report and the reference; a
+    refused scenario with its error (the strategy's '|' escaped for markdown)."""
+    from xen_pair.table import markdown
+    verdict = {"ok": True, "decides": True, "value_ns": None}
+    report = {"strategy": "clock=realtime,tsc=none,runstate=off", "outcome": "passed",
+              "clock_sync": {"offset_ns": 249_500_000, "uncertainty_ns": 3_000_000},
+              "verdicts": {"kvmclock_follows_gap": {**verdict, "ok": False, "error_ns": 248_000_000},
+                           "xen_runnable_in_window": verdict}}
+    ran = {"scenario": {"skew_ns": 250_000_000, "migrate_args": ["--json"]}, "status": 1,
+           "stdout": json.dumps(report), "stderr": "",
+           "reference_before": {"destination_minus_source": {"offset_ns": 249_800_000,
+                                                             "uncertainty_ns": 400_000}}}
+    refused = {"scenario": {"skew_ns": 0, "migrate_args": ["--runstate", "kernel"]}, "status": 3,
+               "stdout": json.dumps({"outcome": "error", "error": "unsupported on the "
+                                     "destination host: KVM_CAP_XEN_HVM SHARED_INFO|RUNSTATE"}),
+               "stderr": "", "direction": "lane-to-host", "reference_before": {}}
+    lines = markdown([ran, refused]).splitlines()
+    assert lines[2] == ("| +250 ms | clock=realtime, tsc=none, runstate=off | +249.800 ms ± "
+                        "0.400 ms | +249.500 ms ± 3.000 ms | -0.300 ms | +248.000 ms | "
+                        "n/a (runstate off) | **fail**: kvmclock_follows_gap |")
+    assert lines[3].startswith("| +0 ms | lane-to-host: `--runstate kernel` |")
+    assert "SHARED_INFO\\|RUNSTATE" in lines[3] and lines[3].count(" | ") == 7
+
+
+def test_the_agent_can_hold_an_empty_vm() -> None:
+    """guest_agent.hold_a_vm on this machine's real /dev/kvm: a VM descriptor (KVM answers
+    KVM_CHECK_EXTENSION on it: KVM_CAP_USER_MEMORY = 3 is always there)."""
+    import fcntl
+    import os
+    from xen_pair.guest_agent import hold_a_vm
+    if not os.path.exists("/dev/kvm"):
+        pytest.skip("unsupported on this host: /dev/kvm")
+    vm = hold_a_vm()
+    assert vm is not None and vm >= 0
+    try:
+        assert fcntl.ioctl(vm, 0xAE03, 3) == 1  # KVM_CHECK_EXTENSION(KVM_CAP_USER_MEMORY)
+    finally:
+        os.close(vm)

@@ -19,6 +19,20 @@ from typing import Any
 import xen_lane
 
 from . import timeref
+from .guest_agent import make_rdtsc
+
+#: This machine's TSC, read the way each pair machine's agent reads its own.
+HOST_RDTSC = make_rdtsc()
+#: TSC references probe for a shorter time: they only need to tell seconds apart.
+TSC_PROBE_S = 0.3
+
+
+def host_tsc_khz(seconds: float = 0.2) -> int:
+    """The physical host's TSC rate, counted against CLOCK_MONOTONIC_RAW (kHz)."""
+    t0, c0 = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW), HOST_RDTSC()
+    time.sleep(seconds)
+    t1, c1 = time.clock_gettime_ns(time.CLOCK_MONOTONIC_RAW), HOST_RDTSC()
+    return round((c1 - c0) * 1_000_000 / (t1 - t0))
 
 LINK_NET = "10.12.0"  # the pair's own link; only the two machines have it
 
@@ -55,6 +69,8 @@ class Machine:
         self._buffer = b""
         self.started_at: float | None = None
         self.nic = ""  # its link interface, found at set-up
+        self.clock_target_ns = 0  # its CLOCK_REALTIME minus the host's, as last set
+        self.held_vm = False  # its agent holds an empty VM open (guest_agent.hold_a_vm)
         self._proc: subprocess.Popen | None = None
 
     def _started(self, proc: subprocess.Popen) -> None:
@@ -93,7 +109,9 @@ class Machine:
             self._check_alive(deadline, "start its agent")
             line = self._read_line()
             if line is not None:
-                if json.loads(line).get("hello"):
+                hello = json.loads(line)
+                if hello.get("hello"):
+                    self.held_vm = bool(hello.get("held_vm"))
                     return time.monotonic() - (self.started_at or 0)
 
     def _check_alive(self, deadline: float, doing: str) -> None:
@@ -149,6 +167,19 @@ class Machine:
         """This machine's CLOCK_REALTIME minus the physical host's, over the control channel."""
         return timeref.measure(lambda: self.call({"op": "time"}, deadline)["realtime_ns"],
                                time.time_ns, duration_s=duration_s)
+
+    def tsc_reference(self, deadline: float, khz: int) -> timeref.Reference:
+        """This machine's TSC minus the physical host's, in ticks (the realtime argument with
+        rdtsc on both sides); `khz` the host's TSC rate, to probe for TSC_PROBE_S."""
+        return timeref.measure(lambda: self.call({"op": "tsc"}, deadline)["tsc"], HOST_RDTSC,
+                               duration_s=TSC_PROBE_S, units_per_s=khz * 1000)
+
+    def kill(self) -> None:
+        """Kill QEMU at once (as a kernel that died would) and wait for its boot thread."""
+        if self._proc is not None:
+            self._proc.kill()
+        if self._thread is not None:
+            self._thread.join(30)
 
     def step_clock(self, delta_ns: int, deadline: float) -> None:
         self.call({"op": "settime", "delta_ns": delta_ns}, deadline)

@@ -68,14 +68,15 @@ def scenario_from(ns: argparse.Namespace, migrate_args: Sequence[str]) -> Scenar
 
 
 def split_dashdash(argv: Sequence[str]) -> tuple[list[str], list[str]]:
-    """(our options, the migrate arguments after `--`); `--skew -250ms` is made `--skew=-250ms`,
+    """(our options, the migrate arguments after `--`); `--skew -250ms` is made `--skew=-250ms`
+    (and `--sweep-skew -250ms,0` the same),
     since argparse takes a value starting with '-' for an option."""
     argv = list(argv)
     own, rest = (argv[:argv.index("--")], argv[argv.index("--") + 1:]) if "--" in argv else (argv, [])
     joined: list[str] = []
     for word in own:
-        if joined and joined[-1] == "--skew" and word.startswith("-"):
-            joined[-1] = f"--skew={word}"
+        if joined and joined[-1] in ("--skew", "--sweep-skew") and word.startswith("-"):
+            joined[-1] = f"{joined[-1]}={word}"
         else:
             joined.append(word)
     return joined, rest

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """Guest CLOCK_REALTIME minus host CLOCK_REALTIME, true within +- uncertainty_ns."""
+    """Guest CLOCK_REALTIME minus host CLOCK_REALTIME, true within +- uncertainty_ns (for the
+    TSC reference the same in TSC ticks)."""
 
     offset_ns: int
     uncertainty_ns: int
@@ -42,11 +43,13 @@ def best_probe(probes: Sequence[tuple[int, int, int]]) -> Reference:
 
 
 def measure(ask_guest: Callable[[], int], host_clock: Callable[[], int], *,
-            duration_s: float = 1.0, max_probes: int = 200) -> Reference:
-    """Probe for `duration_s` seconds (at most max_probes times) and keep the best probe."""
+            duration_s: float = 1.0, max_probes: int = 200, units_per_s: float = 1e9) -> Reference:
+    """Probe for `duration_s` seconds (at most max_probes times) and keep the best probe.
+    The clocks count `units_per_s` a second: ns for CLOCK_REALTIME; for the TSC reference
+    (the same argument with rdtsc on both sides) the offset is in ticks."""
     probes = []
     start = host_clock()
-    while len(probes) < max_probes and host_clock() - start < duration_s * 1e9:
+    while len(probes) < max_probes and host_clock() - start < duration_s * units_per_s:
         t1 = host_clock()
         g = ask_guest()
         probes.append((t1, g, host_clock()))
