@@ -36,7 +36,7 @@ pytestmark = pytest.mark.pair
 
 
 @pytest.fixture(scope="module")
-def runs() -> dict[tuple[str, int], Outcome]:
+def clock_guest_runs() -> dict[tuple[str, int], Outcome]:
     options = PairOptions(python=sys.executable, results=REPO / "results" / "pair-clock-guest",
                           timeout=900, clock_guest=True)
     wanted = [(clock, ms) for ms in SKEWS_MS for clock in CLOCKS]
@@ -53,14 +53,15 @@ def report(o: Outcome) -> dict:
     return r
 
 
-def machines_khz(runs) -> tuple[int, int]:
+def machines_khz(runs: dict[tuple[str, int], Outcome]) -> tuple[int, int]:
     """Both machines' KVM TSC kHz, from a realtime-synced report (one boot: the same kernels)."""
     hosts = report(runs["realtime-synced", 0])["hosts"]
     return hosts["source"]["tsc_khz"], hosts["destination"]["tsc_khz"]
 
 
 @pytest.mark.parametrize("skew_ms", SKEWS_MS)
-def test_clock_guest_across_the_pair(runs, skew_ms: int) -> None:
+def test_clock_guest_across_the_pair(clock_guest_runs, skew_ms: int) -> None:
+    runs = clock_guest_runs
     src_khz, dst_khz = machines_khz(runs)
     guest, synced = report(runs["guest", skew_ms]), report(runs["realtime-synced", skew_ms])
     print(f"skew {skew_ms:+d} ms: TSC src {src_khz} kHz, dst {dst_khz} kHz; clock=guest "
