@@ -7,11 +7,12 @@ restore the kernel refuses is a row too ("refused: ..."), not an exception.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from kvmcore import (
-    Guest, GuestConfig, HostCapabilities, KvmIoctlError, Strategy, System, Unsupported, analyse,
-    capture, restore, xen,
+    Analysis, Guest, GuestConfig, HostCapabilities, KvmIoctlError, RestoreRecord, Snapshot,
+    Strategy, System, Unsupported, VmState, analyse, capture, restore, xen,
 )
 
 GAP_S = 0.010                       # the seed's gap
@@ -45,6 +46,12 @@ class Row:
     src_tsc_timestamp: int | None = None  # the source pvclock's tsc_timestamp (last report)
     dest_tsc: int | None = None         # the guest TSC at the destination's first report
     checks: dict[str, bool | None] = field(default_factory=dict)
+    # What the analysis was made from, for a test that measures more than the table shows.
+    state: VmState | None = None        # as captured (not as altered for the restore)
+    before: Snapshot | None = None      # the source's last report
+    after: Snapshot | None = None       # the destination's first report
+    record: RestoreRecord | None = None
+    analysis: Analysis | None = None
 
     @property
     def label(self) -> str:
@@ -70,9 +77,12 @@ class Row:
 
 
 def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, *, gap_s: float = GAP_S,
-            close_runstate: bool = True, reports: int = 3) -> Row:
+            close_runstate: bool = True, reports: int = 3,
+            alter: Callable[[VmState], VmState] | None = None) -> Row:
     """Create a Xen guest, let it report ``reports`` times, capture, destroy, sleep ``gap_s``,
-    restore with ``strategy``, run to its first report: the seed's flow, in one process."""
+    restore with ``strategy``, run to its first report: the seed's flow, in one process.
+    ``alter`` changes the state restore() is given (a model of what another host would send:
+    its clock off ours, a record moved); the analysis still compares with the state captured."""
     row = Row(strategy, close_runstate)
     try:
         strategy.check_host(caps)
@@ -88,8 +98,9 @@ def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, *, gap_s: f
     row.captured_state = rs.state
     row.open_ns = state.clock["clock"] - rs.state_entry_time
     time.sleep(gap_s)
+    given = alter(state) if alter else state
     try:
-        g2 = restore(kvm, strategy.check(caps, state), g.memory)
+        g2 = restore(kvm, strategy.check(caps, given), g.memory)
     except KvmIoctlError as exc:
         row.outcome = f"refused: {exc}"
         return row
@@ -115,6 +126,8 @@ def migrate(kvm: System, caps: HostCapabilities, strategy: Strategy, *, gap_s: f
     row.src_tsc_timestamp = before.pvclock.tsc_timestamp
     row.dest_tsc = after.tsc
     row.checks = {name: check.ok for name, check in a.checks.items()}
+    row.state, row.before, row.after, row.record = state, before, after, record
+    row.analysis = a
     return row
 
 

@@ -8,10 +8,17 @@ import os
 KVM_CHECK_EXTENSION = 0xAE03  # _IO(KVMIO, 0x03)
 KVM_CAP_XEN_HVM = 38
 UNSUPPORTED = "unsupported on this host: KVM_CAP_XEN_HVM"
+CLOCK_GUEST_UNSUPPORTED = "unsupported on this host: KVM_GET_CLOCK_GUEST"
 
 
 def in_lane() -> bool:
     return os.environ.get("KVM_TESTBED_LANE") == "xen"
+
+
+def clock_guest_patched() -> bool:
+    """The lane loaded the project's KVM_[GS]ET_CLOCK_GUEST modules (`--clock-guest`): the
+    ioctls must then be there, and no clock=guest test may skip."""
+    return os.environ.get("KVM_TESTBED_CLOCK_GUEST") == "patched"
 
 
 def xen_hvm_bits() -> int:

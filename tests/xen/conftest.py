@@ -12,10 +12,15 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import TYPE_CHECKING
 
 import pytest
 
-from xen_lane_probe import UNSUPPORTED, in_lane, xen_hvm_bits
+from xen_lane_probe import (CLOCK_GUEST_UNSUPPORTED, UNSUPPORTED, clock_guest_patched, in_lane,
+                             xen_hvm_bits)
+
+if TYPE_CHECKING:
+    from kvmcore import System
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -47,6 +52,21 @@ def xen_static_key_pinned() -> Iterator[None]:
     from kvmcore import Guest, GuestConfig, System
     with System() as kvm, Guest.create(kvm, GuestConfig(xen=True)):
         yield
+
+
+@pytest.fixture(scope="module")
+def clock_guest_kvm() -> Iterator[System]:
+    """/dev/kvm (a kvmcore System) with KVM_[GS]ET_CLOCK_GUEST, for a module's tests: a skip
+    naming the ioctl where they are absent, a failure where the lane loaded the patched modules
+    and the probe does not find them."""
+    from kvmcore import System, probe
+    with System() as kvm:
+        caps = probe(kvm)
+        if clock_guest_patched():
+            assert caps.clock_guest is True, f"patched modules loaded, yet {caps.clock_guest_detail}"
+        elif not caps.clock_guest:
+            pytest.skip(CLOCK_GUEST_UNSUPPORTED)
+        yield kvm
 
 
 @pytest.fixture(scope="session")

@@ -8,20 +8,19 @@ booted with the patched modules (KVM_TESTBED_CLOCK_GUEST=patched) that does not 
 from __future__ import annotations
 
 import errno
-import os
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from xen_lane_probe import in_lane
+from xen_lane_probe import CLOCK_GUEST_UNSUPPORTED as UNSUPPORTED
+from xen_lane_probe import clock_guest_patched, in_lane
 
 from kvmcore import Guest, GuestConfig, KvmIoctlError, System, probe
 from kvmcore._kvm import lib
 from kvmcore._schema import plain_to_struct, struct_to_plain
 from kvmcore.snapshot import pvclock_ns
 
-UNSUPPORTED = "unsupported on this host: KVM_GET_CLOCK_GUEST"
-PATCHED = os.environ.get("KVM_TESTBED_CLOCK_GUEST") == "patched"
+PATCHED = clock_guest_patched()
 PVTI = "struct pvclock_vcpu_time_info"
 
 
@@ -47,18 +46,6 @@ def test_probe_reports_clock_guest() -> None:
         caps = probe(kvm)
     print(f"clock_guest: {caps.clock_guest} ({caps.clock_guest_detail}); patched modules: {PATCHED}")
     assert caps.clock_guest is PATCHED, caps.clock_guest_detail
-
-
-@pytest.fixture(scope="module")
-def clock_guest_kvm() -> Iterator[System]:
-    """/dev/kvm with the patched modules (a skip naming the ioctl elsewhere), for the module."""
-    with System() as kvm:
-        caps = probe(kvm)
-        if PATCHED:
-            assert caps.clock_guest is True, f"patched modules loaded, yet {caps.clock_guest_detail}"
-        elif not caps.clock_guest:
-            pytest.skip(UNSUPPORTED)
-        yield kvm
 
 
 @pytest.fixture
@@ -158,6 +145,25 @@ def test_set_field_rules(guest: Guest, change: dict[str, Any], want: int) -> Non
 def test_set_erange_when_the_frequency_differs(guest: Guest, delta_khz: float, want: int) -> None:
     khz = guest.vcpu.get_tsc_khz()
     assert errno_of_set(guest, at_khz(get(guest), khz, delta_khz)) == want
+
+
+@needs_clock_guest
+@pytest.mark.parametrize("delta_khz, want", [
+    (0, 0),                                    # control: the rate the record was taken at
+    (2, errno.ERANGE), (-2, errno.ERANGE),     # the pair's machines, 2596121 and 2596119 kHz
+    (-20, errno.ERANGE),                       # ... and 2596140 and 2596120 kHz (docs/pair.md)
+])
+def test_set_erange_on_a_vcpu_at_another_rate(guest: Guest, delta_khz: int, want: int) -> None:
+    """Across two hosts: each kernel calibrates its own TSC rate, and without TSC scaling
+    (KVM_CAP_TSC_CONTROL, which the lane lacks) the destination's vCPU keeps its host's rate, so
+    the source's record implies a rate the vCPU does not have. Modelled on one host: the record
+    as it came, after KVM_SET_TSC_KHZ moved the vCPU's rate by delta_khz (within KVM's 250 ppm
+    tolerance it needs no scaling: the vCPU's rate becomes the one asked for)."""
+    rec = get(guest)
+    khz = guest.vcpu.get_tsc_khz()
+    guest.vcpu.set_tsc_khz(khz + delta_khz)
+    assert guest.vcpu.get_tsc_khz() == khz + delta_khz
+    assert errno_of_set(guest, rec) == want
 
 
 @needs_clock_guest

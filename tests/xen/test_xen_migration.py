@@ -34,6 +34,7 @@ from xen_lane_migrations import GAP_S, LANE_SLACK_PPM, ms
 import dest_agent.__main__  # noqa: F401
 from kvmcore import (Guest, GuestConfig, Strategy, System, analyse, capture, probe, restore,
                      xen)
+from kvmcore.analysis import MEMORY_NOT_COMPARED
 import protocol
 from source_agent import netem
 from source_agent.loopback import loopback
@@ -45,8 +46,9 @@ BIN = Path(sys.executable).parent
 GAP_NS = int(GAP_S * 1e9)
 HEADLINE = Strategy.parse("clock=realtime,tsc=offset,runstate=kernel")
 # capture() closes the runstate right before reading the clock: one ioctl apart (<= 0.2 ms
-# measured under TCG).
-OPEN_LIMIT_NS = 2_000_000
+# measured under TCG), unless the emulated CPU is descheduled between the two on a loaded host
+# (4.2 ms seen once, in a CI-path lane run).
+OPEN_LIMIT_NS = 10_000_000
 
 
 @pytest.mark.xen_lane
@@ -81,9 +83,11 @@ def test_seed_flow_in_process() -> None:
           f"{ms(after.host_run_ns)} ms")
     assert a.checks["seed_runnable"].ok is True
     assert lo <= delta <= hi
-    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a here).
+    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a here), and
+    # memory_intact only where both memories were compared (n/a: not here).
     assert {n: c.ok for n, c in a.checks.items()} == dict.fromkeys(a.checks, True) | {
-        "pvclock_preserved": None}, a.checks
+        "pvclock_preserved": None, "memory_intact": None}, a.checks
+    assert a.checks["memory_intact"].detail == MEMORY_NOT_COMPARED
 
 
 def check_agents_migration(m: Migration, label: str) -> dict:
@@ -106,6 +110,7 @@ def check_agents_migration(m: Migration, label: str) -> dict:
     assert report["measurements"]["xen_runnable_delta"]["value_ns"] == delta
     assert report["verdicts"]["seed_runnable"]["ok"] is True
     # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a otherwise).
+    # memory_intact passes too: the agents compare the source's memory with the REPORT's digest.
     pvclock = True if report["strategy"].startswith("clock=guest,") else None
     assert {n: v["ok"] for n, v in report["verdicts"].items()} == dict.fromkeys(
         report["verdicts"], True) | {"pvclock_preserved": pvclock}, report["verdicts"]

@@ -9,7 +9,11 @@ import pytest
 from kvmcore import Guest, GuestConfig, KvmIoctlError, xen
 from kvmcore._kvm import lib
 
-AREA_GPA = 0x9000      # KVMCORE_RUNSTATE_GPA; 0xa000-0xffff is free guest memory
+# The runstate area moved (KVM_XEN_VCPU_ATTR_TYPE_RUNSTATE_ADDR) into free guest memory, two free
+# pages: 0xb000-0xffff is free (abi.h). Not next to KVMCORE_RUNSTATE_GPA (0x9000): the page after
+# it holds struct kvmcore_config (0xa000), which the area and its sentinels would overwrite -- the
+# guest's workload then once wrote past its memory (KVM_EXIT_MMIO at 0x200000).
+AREA_GPA = 0xb000
 SENTINEL = 0xA5
 
 
@@ -96,7 +100,7 @@ def test_runstate_data_refused_when_inconsistent(kvm) -> None:
         assert snap.runnable_ns >= now - rs.state_entry_time
 
 
-# Offsets of the area in its page: aligned, and across the boundary at 0xa000 before the entry
+# Offsets of the area in its page: aligned, and across the boundary at 0xc000 before the entry
 # time, inside it, and with only `state` on the first page.
 OFFSETS = [0x000, 0xfe0, 0xff0, 0xffc]
 
