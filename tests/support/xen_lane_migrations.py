@@ -9,11 +9,16 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvmcore import (
     Analysis, Guest, GuestConfig, HostCapabilities, KvmIoctlError, RestoreRecord, Snapshot,
     Strategy, System, Unsupported, VmState, analyse, capture, restore, xen,
 )
+from source_agent.report import compose
+
+if TYPE_CHECKING:
+    from source_agent.migrate import Migration
 
 GAP_S = 0.010                       # the seed's gap
 # TCG slack for the runnable window: the kvmclock follows the lane kernel's raw monotonic clock,
@@ -153,3 +158,36 @@ def table(rows: list[tuple[Row, str]]) -> str:
             f"| {yes_no(row.checks.get('kvmclock_follows_gap'))} "
             f"| {yes_no(row.checks.get('tsc_follows_gap'))} | {why} |")
     return "\n".join(lines)
+
+
+def check_agents_migration(m: Migration, label: str) -> dict:
+    """The composed report's verdicts and the runnable window, from the source's own state."""
+    report = compose(m, run_id="lane", started_ns=time.time_ns(), command=label)
+    state, a, record = m.source.state, m.analysis, m.destination.restore_record
+    assert state.runstate is not None
+    assert state.runstate.state == xen.RUNSTATE_RUNNABLE          # closed at capture
+    assert record.runstate_restored is not None
+    assert record.runstate_restored.state == xen.RUNSTATE_RUNNABLE
+    open_ns = state.clock["clock"] - state.runstate.state_entry_time
+    delta, gap = a.xen_runnable_delta.value_ns, a.wall_gap.value_ns
+    assert delta is not None and gap is not None
+    uncertainty = round(m.clock.uncertainty_ns)
+    lo, hi = xen.runnable_window(gap, m.destination.after.host_run_ns, open_ns, uncertainty,
+                                 LANE_SLACK_PPM)
+    print(f"{label}: clock-sync RTT {ms(round(m.clock.rtt_ns))} ms (+-{ms(uncertainty)} ms), "
+          f"runnable delta {ms(delta)} ms, wall gap {ms(gap)} ms, window [{ms(lo)}, {ms(hi)}] ms, "
+          "verdicts " + ", ".join(f"{k}={v['ok']}" for k, v in report["verdicts"].items()))
+    assert report["measurements"]["xen_runnable_delta"]["value_ns"] == delta
+    assert report["verdicts"]["seed_runnable"]["ok"] is True
+    # Every verdict passes; pvclock_preserved applies only to clock=guest (n/a otherwise).
+    # memory_intact passes too: the agents compare the source's memory with the REPORT's digest.
+    pvclock = True if report["strategy"].startswith("clock=guest,") else None
+    assert {n: v["ok"] for n, v in report["verdicts"].items()} == dict.fromkeys(
+        report["verdicts"], True) | {"pvclock_preserved": pvclock}, report["verdicts"]
+    assert lo <= delta <= hi
+    # The report's own verdict: the same bound, at the product's 1000 ppm (tighter than the
+    # lane's 5000, so inside [lo, hi]).
+    window = report["verdicts"]["xen_runnable_in_window"]
+    assert window["value_ns"] == delta and lo <= window["lo_ns"] <= window["hi_ns"] <= hi
+    assert window["expected_ns"] == gap + open_ns
+    return report
