@@ -109,6 +109,9 @@ REQUIREMENTS: dict[tuple[str, str], Requirement] = {
         "runstate", lambda s: s.runstate is not None,
         "runstate=kernel needs a Xen-configured guest"),
 }
+#: How far apart (kHz) KVM_SET_CLOCK_GUEST lets the record's TSC rate and the vCPU's be
+#: (kernel-facts.md; the series' rule, tools/clock_guest's patch): beyond it, ERANGE.
+CLOCK_GUEST_KHZ_TOLERANCE = 1
 #: A Xen-configured guest needs a Xen host whatever its runstate choice.
 XEN_GUEST = REQUIREMENTS["runstate", "kernel"]
 
@@ -214,6 +217,24 @@ class Strategy:
         if missing:
             raise Unsupported(missing[0])
 
+    def check_pair(self, source: HostCapabilities, destination: HostCapabilities) -> None:
+        """check_host(destination), and what only both hosts' figures decide: clock=guest's
+        record must meet a vCPU at its own TSC rate (KVM_SET_CLOCK_GUEST is ERANGE beyond
+        CLOCK_GUEST_KHZ_TOLERANCE) unless the destination scales it. A source asks this
+        after HELLO, before any guest exists: Unsupported, naming the destination's lack."""
+        self.check_host(destination)
+        problem = self._rate_problem(source.tsc_khz, destination)
+        if problem:
+            raise Unsupported(problem)
+
+    def _rate_problem(self, record_khz: int, caps: HostCapabilities) -> str | None:
+        if (self.clock != "guest" or caps.tsc_control or not record_khz
+                or abs(record_khz - caps.tsc_khz) <= CLOCK_GUEST_KHZ_TOLERANCE):
+            return None
+        return (f"KVM_SET_CLOCK_GUEST at the source's TSC rate: {record_khz} kHz against "
+                f"this host's {caps.tsc_khz} kHz, more than {CLOCK_GUEST_KHZ_TOLERANCE} kHz "
+                "apart (ERANGE), and no KVM_CAP_TSC_CONTROL to scale it")
+
     def check(self, caps: HostCapabilities, state: VmState) -> RestorePlan:
         """The plan restore() carries out, once this host and ``state`` allow it: Unsupported
         (host) or StateError (state) otherwise. A destination calls this at MIGRATE, before
@@ -229,6 +250,9 @@ class Strategy:
         # (KVM_CAP_TSC_CONTROL, KVM_SET_TSC_KHZ); else the analysis names the ppm not carried.
         scale = (state.tsc_khz if caps.tsc_control and state.tsc_khz
                  and state.tsc_khz != caps.tsc_khz else None)
+        problem = self._rate_problem(state.tsc_khz, caps)
+        if problem:
+            raise Unsupported(problem)
         return RestorePlan(self, state, scale)
 
 

@@ -210,7 +210,7 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
         dest_caps = _peer_caps(hs.peer.capabilities)
         # What the destination cannot do is refused now, not after the whole transfer.
         try:
-            plan.strategy.check_host(dest_caps)
+            plan.strategy.check_pair(caps, dest_caps)
         except Unsupported as exc:
             await channel.bye()
             raise DestinationUnsupported(exc.what) from None

@@ -124,3 +124,25 @@ def test_check_names_the_state_field_a_choice_needs(full, captured_state):
     xen_guest = dataclasses.replace(state, runstate=xen.Runstate(0, 0, 0, 0, 0, 0))
     with pytest.raises(Unsupported, match="KVM_CAP_XEN_HVM"):
         Strategy("plain", "none", "off").check(dataclasses.replace(full, xen_hvm=[]), xen_guest)
+
+
+def test_clock_guest_needs_the_record_rate_within_its_tolerance(full, captured_state):
+    """KVM_SET_CLOCK_GUEST is ERANGE beyond 1 kHz between the record's rate and the vCPU's
+    (the pair's machines calibrate up to 33 kHz apart): refused by the source after HELLO
+    (check_pair) and by the destination at MIGRATE (check), before any guest or memory,
+    unless the destination can scale (KVM_CAP_TSC_CONTROL)."""
+    guest = Strategy("guest", "none", "off")
+    rate = full.tsc_khz
+    state = dataclasses.replace(captured_state, tsc_khz=rate,
+                                clock_guest=captured_state.clock_guest or {"version": 0})
+    near = dataclasses.replace(full, tsc_khz=rate + 1, tsc_control=False)
+    far = dataclasses.replace(full, tsc_khz=rate + 8, tsc_control=False)
+    guest.check_pair(full, near)                                         # control: 1 kHz
+    guest.check(near, state)
+    for refuse in (lambda: guest.check_pair(full, far), lambda: guest.check(far, state)):
+        with pytest.raises(Unsupported, match=rf"{rate} kHz against .*{rate + 8} kHz.*ERANGE"):
+            refuse()
+    scaling = dataclasses.replace(far, tsc_control=True)                 # scaled: carried
+    guest.check_pair(full, scaling)
+    assert guest.check(scaling, state).tsc_khz == rate
+    Strategy("realtime", "none", "off").check_pair(full, far)            # only clock=guest
