@@ -39,7 +39,6 @@ import statistics
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
@@ -49,6 +48,7 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import kvmcore_cycle  # noqa: E402
 from agents_loopback import load  # noqa: E402
+from data_path import raw_sink, raw_transfer  # noqa: E402
 
 from kvmcore import Strategy, System, probe  # noqa: E402
 from source_agent.loopback import loopback  # noqa: E402
@@ -57,28 +57,12 @@ from source_agent.migrate import Migration, MigrationPlan, migrate  # noqa: E402
 MiB = 1 << 20
 
 
-def raw_sink(pipe: Any, size: int) -> None:
+def raw_receiver(pipe: Any, size: int) -> None:
     """The raw socket's receiver, in its own process: each connection's ``size`` bytes
-    ``recv_into`` one buffer, then a one-byte reply."""
-    into = memoryview(bytearray(size))
+    ``recv_into`` one buffer of its own, then a one-byte reply (bench/data_path.py's sink)."""
     server = socket.create_server(("127.0.0.1", 0))
     pipe.send(server.getsockname()[1])
-    while True:
-        conn, _ = server.accept()
-        with conn:
-            got = 0
-            while got < size and (count := conn.recv_into(into[got:])):
-                got += count
-            conn.sendall(b"\1")
-
-
-def raw_seconds(port: int, data: memoryview) -> float:
-    """One ``sendall`` of ``data`` to the raw sink, until its reply."""
-    with socket.create_connection(("127.0.0.1", port)) as conn:
-        t0 = time.perf_counter()
-        conn.sendall(data)
-        assert conn.recv(1) == b"\1"
-        return time.perf_counter() - t0
+    raw_sink(server, memoryview(bytearray(size)))
 
 
 @contextlib.contextmanager
@@ -161,7 +145,7 @@ def main() -> int:
         figures.setdefault(key, []).append(value)
 
     mine, theirs = multiprocessing.Pipe()
-    sink = multiprocessing.get_context("spawn").Process(target=raw_sink, args=(theirs, big),
+    sink = multiprocessing.get_context("spawn").Process(target=raw_receiver, args=(theirs, big),
                                                         daemon=True)
     sink.start()
     with System() as kvm, destination_process() as port:
@@ -185,9 +169,9 @@ def main() -> int:
             return checked(trio.run(migrate, plan, kvm, caps), plan)
 
         run("small")                                           # warm both agents
-        raw_seconds(raw_port, data)                            # and the raw sink's buffer
+        raw_transfer(raw_port, data)                            # and the raw sink's buffer
         for _ in range(args.runs):
-            raw = big / raw_seconds(raw_port, data) / MiB
+            raw = big / raw_transfer(raw_port, data) / MiB
             m = run("big")
             agents = big / (transfer_ns(m) / 1e9) / MiB
             note("raw", raw)
