@@ -19,6 +19,7 @@ inside one worker thread call.
 
 from __future__ import annotations
 
+import ctypes
 import threading
 import time
 from collections.abc import Callable
@@ -168,6 +169,25 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
                                                          digest).to_plain()))
 
 
+#: madvise(2) advice (Linux 5.14): fault the range in, writable, as a write to each page would.
+MADV_POPULATE_WRITE = 23
+_libc = ctypes.CDLL(None)
+_libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+
+
+def populate(memory: GuestMemory) -> bool:
+    """Fault all of a prepared memory in now, at PREPARE, off the downtime path (best effort);
+    whether it was.
+
+    Fresh anonymous memory is allocated and zeroed by the kernel at its first write, which
+    would otherwise be the receive's: for 256 MiB (huge pages) about 45 ms of the
+    destination's CPU inside the transfer, and so inside a stop-copy downtime. (ctypes drops
+    the GIL meanwhile: other sessions run on.) A kernel without the advice (EINVAL), or
+    short of memory now, leaves it to the receive, as before.
+    """
+    return _libc.madvise(memory.address, memory.size, MADV_POPULATE_WRITE) == 0
+
+
 class Preparation:
     """PREPARE's memory, VM and their thread, held until the migration ends however it ends:
     ``async with`` closes the VM in its thread, then the memory, then joins the thread."""
@@ -191,6 +211,7 @@ class Preparation:
 
     def _prepare(self) -> Guest:
         assert self.memory is not None
+        populate(self.memory)
         try:
             guest = prepare(self.kvm, self.config, self.memory)
         except KvmError as exc:

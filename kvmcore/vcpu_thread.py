@@ -27,7 +27,7 @@ class VcpuThread:
 
     ``submit`` returns a concurrent.futures.Future; ``call`` waits for it and
     re-raises what the function raised; ``acall`` does the same from trio,
-    waiting in a trio worker thread -- and a cancelled ``acall`` still waits for
+    the trio task woken by this thread -- and a cancelled ``acall`` still waits for
     its call to finish, so no guest is left half-created or mid-run behind it.
     Closing (or leaving the ``with``) runs what was already submitted, then joins.
     """
@@ -80,11 +80,21 @@ class VcpuThread:
 
     async def acall(self, fn: Callable[..., T], *args: Any) -> T:
         """``call`` from trio. Not abandoned on cancellation: the call finishes first,
-        then the cancellation is delivered. (trio is imported here: kvmcore itself does
-        not need it.)"""
+        then the cancellation is delivered (at the caller's next checkpoint).
+
+        The trio task itself waits for the call, woken by this thread when it is done
+        (``run_sync_soon``): no trio worker thread in between, whose two more wake-ups
+        (trio -> worker -> here, and back) would cost a migration's downtime a scheduler
+        round trip each on a busy host. (trio is imported here: kvmcore itself does not
+        need it.)"""
         import trio
 
-        return await trio.to_thread.run_sync(self.call, fn, *args)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        future = self.submit(fn, *args)
+        task, token = trio.lowlevel.current_task(), trio.lowlevel.current_trio_token()
+        future.add_done_callback(lambda _: token.run_sync_soon(trio.lowlevel.reschedule, task))
+        await trio.lowlevel.wait_task_rescheduled(lambda _: trio.lowlevel.Abort.FAILED)
+        return future.result()
 
     def close(self) -> None:
         """Refuse new calls, let the queued ones run, join the thread (idempotent)."""
