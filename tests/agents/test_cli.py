@@ -100,7 +100,7 @@ def test_clock_none_fails_never_backwards_with_exit_1(cli):
     # In the seed's order the destination VM is created at MIGRATE, its own kvmclock near 0:
     # backwards by the source's kvmclock then, about its warm-up -- long enough that a loaded
     # host's restore and first entry (the destination's kvmclock) cannot make up for it.
-    run = cli("source-agent", "loopback", "--json", "--clock", "none", "--warmup", "100ms",
+    run = cli("source-agent", "loopback", "--json", "--clock", "none", "--warmup", "300ms",
               "--destroy-first")
     assert run.code == 1
     r = run.json()
