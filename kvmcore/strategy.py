@@ -185,13 +185,18 @@ class Strategy:
                       for part in PARTS})
 
     @classmethod
-    def resolve(cls, overrides: str, caps: HostCapabilities) -> Strategy:
+    def resolve(cls, overrides: str, caps: HostCapabilities,
+                *others: HostCapabilities) -> Strategy:
         """The host's best with ``overrides`` (``"clock=plain"``, ``""`` or ``"best"``) laid
         over it, checked against the host: what a command line asks for, refused
-        (Unsupported) before any VM or connection exists."""
-        best = cls.best(caps)
+        (Unsupported) before any VM or connection exists. With ``others`` (a destination's
+        HELLO capabilities), the best all of them support instead, checked against each,
+        ``caps`` first: the parts the options leave open are negotiated, the parts they give
+        are refused where a host lacks them."""
+        best = cls.best_common(caps, *others)
         strategy = best if overrides in ("", "best") else cls.parse(overrides, best)
-        strategy.check_host(caps)
+        for host in (caps, *others):
+            strategy.check_host(host)
         return strategy
 
     def guest_config(self, memory_size: int) -> GuestConfig:

@@ -197,11 +197,17 @@ def plan_from_args(args: argparse.Namespace) -> MigrationPlan:
         idle_timeout=args.idle_timeout)
 
 
+def strategy_options(args: argparse.Namespace) -> str:
+    """The parts --clock/--tsc/--runstate give (``"tsc=offset"``; ``""``: none)."""
+    return ",".join(f"{part}={getattr(args, part)}" for part in PARTS
+                    if getattr(args, part) is not None)
+
+
 def resolve_strategy(args: argparse.Namespace, caps: HostCapabilities) -> Strategy:
     """This host's best, overridden part by part; Unsupported (exit 2) for a part the host
-    cannot do, before any VM or connection."""
-    return Strategy.resolve(",".join(f"{part}={getattr(args, part)}" for part in PARTS
-                                     if getattr(args, part) is not None), caps)
+    cannot do, before any VM or connection. `migrate` negotiates the parts left open once
+    the destination's HELLO is in (MigrationPlan.negotiate)."""
+    return Strategy.resolve(strategy_options(args), caps)
 
 
 async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: str,
@@ -213,7 +219,9 @@ async def run_migration(args: argparse.Namespace, plan: MigrationPlan, run_id: s
         raise UsageError(f"cannot open /dev/kvm: {exc.strerror}") from None
     with kvm:
         caps = await trio.to_thread.run_sync(probe, kvm)
-        plan = dataclasses.replace(plan, strategy=resolve_strategy(args, caps))
+        plan = dataclasses.replace(plan, strategy=resolve_strategy(args, caps),
+                                   negotiate=strategy_options(args)
+                                   if args.command == "migrate" else None)
         log.info("migrating a %d MiB guest (%s, %s) %s", plan.memory_size >> 20, plan.strategy,
                  plan.mode, "over loopback" if args.command == "loopback"
                  else f"to {plan.destination}")

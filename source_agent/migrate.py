@@ -126,6 +126,9 @@ class MigrationPlan:
     downtime_limit_ns: int = 30_000_000
     #: ... or after this many rounds (round 0, all memory, included).
     max_rounds: int = 10
+    #: Not None: ``strategy`` is negotiated after HELLO -- these options' parts
+    #: (``"tsc=offset"``, ``""``) laid over the best both hosts support (Strategy.resolve).
+    negotiate: str | None = None
     #: The guest's dirtying workload (kvmcore.GuestConfig): bytes/s over ``working_set`` bytes.
     dirty_rate: int = 0
     working_set: int = 0
@@ -210,6 +213,9 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
         dest_caps = _peer_caps(hs.peer.capabilities)
         # What the destination cannot do is refused now, not after the whole transfer.
         try:
+            if plan.negotiate is not None:
+                plan = dataclasses.replace(plan, strategy=Strategy.resolve(
+                    plan.negotiate, caps, dest_caps))
             plan.strategy.check_pair(caps, dest_caps)
         except Unsupported as exc:
             await channel.bye()

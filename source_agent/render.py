@@ -35,7 +35,9 @@ def render(report: dict[str, Any], file: IO[str]) -> None:
     head = Table(show_header=False, box=None, pad_edge=False)
     head.add_row("run", f"{report['run_id']}  {report['started_at']}  ({report['command']})")
     head.add_row("topology", f"{report['topology']} -> {report.get('destination') or '-'}")
-    head.add_row("strategy", str(report.get("strategy") or "-"))
+    chosen = report.get("strategy_chosen")
+    head.add_row("strategy", str(report.get("strategy") or "-")
+                 + (f"  ({chosen})" if chosen == "best both hosts support" else ""))
     head.add_row("outcome", f"{report['outcome']} (exit {report['exit_code']})")
     if report.get("error"):
         head.add_row("error", report["error"])

@@ -91,6 +91,9 @@ def compose(m: Migration, *, run_id: str, started_ns: int, command: str) -> dict
         "destination": plan.destination,
         "destination_agent_version": m.destination_version,
         "strategy": a.strategy,
+        # How it was chosen: negotiated after HELLO (the options' parts over the best both
+        # hosts support), or as given (options, sweep point, loopback: this host's best).
+        "strategy_chosen": "best both hosts support" if plan.negotiate is not None else "as given",
         "memory_size": plan.memory_size,
         "warmup_reports": m.source.warmup_reports,
         "gap_requested_ns": plan.gap_ns,

@@ -299,3 +299,31 @@ async def test_realtime_synced_without_the_estimate_is_refused_naming_it(server,
         assert waited.cancelled_caught
     await settle(server)
     assert server.counters.vms_created == 0
+
+
+async def test_migrate_negotiates_the_parts_the_options_leave_open(nursery, kvm, caps):
+    """`source-agent migrate` without --clock: the best both hosts support, named in the report
+    (a destination without KVM_CLOCK_REALTIME: clock=plain, where this host's own best is
+    realtime); a part the options give is still refused where the destination lacks it."""
+    import dataclasses
+
+    from dest_agent import AGENT_VERSION, DestinationServer, ServerConfig
+    from source_agent.migrate import DestinationUnsupported
+    from source_agent.report import compose
+
+    lacking = dataclasses.replace(caps, adjust_clock_flags=["TSC_STABLE", "HOST_TSC"])
+    srv = DestinationServer(kvm, lacking, ServerConfig(psk=PSK, port=0), AGENT_VERSION)
+    await nursery.start(srv.serve)
+    local = Strategy.resolve("", caps)
+    if local.clock != "realtime":
+        pytest.skip(f"unsupported on this host: KVM_CLOCK_REALTIME (best here: {local})")
+    plan = MigrationPlan(*srv.address, psk=PSK, warmup_ns=0, strategy=local, negotiate="")
+    m = await migrate(plan, kvm, caps)
+    assert m.plan.strategy == dataclasses.replace(local, clock="plain"), m.plan.strategy
+    report = compose(m, run_id="t", started_ns=0, command="migrate")
+    assert report["strategy"].startswith("clock=plain,")
+    assert report["strategy_chosen"] == "best both hosts support"
+    # Control: the same part given by the options is refused, naming the destination's lack.
+    with pytest.raises(DestinationUnsupported, match="KVM_CLOCK_REALTIME"):
+        await migrate(dataclasses.replace(plan, negotiate="clock=realtime"), kvm, caps)
+    assert srv.counters.vms_created == 1
