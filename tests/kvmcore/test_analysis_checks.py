@@ -114,3 +114,35 @@ def test_pvclock_preserved_compares_the_records_at_the_same_guest_tsc(kvm, caps)
         check = pvclock_preserved(guest, state, m.after)
         assert check.ok is ok, (moved, check.detail)
         assert check.error_ns == -moved
+
+
+def test_pvclock_preserved_allows_the_rate_drift_between_two_hosts(kvm, caps):
+    """Between hosts whose TSC rates differ (the pair's lane machines: 1 kHz apart) the
+    destination's pvclock runs at its vCPU's rate after KVM_SET_CLOCK_GUEST, the record at the
+    source's: the bound widens by exactly that drift from the restore's guest TSC to the
+    report's. Control: the same error fails at equal rates, and beyond the drift."""
+    from kvmcore.analysis import PVCLOCK_BOUND_NS, pvclock_preserved, pvclock_rate_drift_ns
+
+    m = migrate(kvm, caps, Strategy.best(caps), 0.01)
+    pv = m.after.pvclock
+    khz = m.record.tsc_khz_destination
+    ticks = 10 * khz                                          # 10 ms of the vCPU's TSC
+    record = dataclasses.replace(m.record, tsc_offset_applied=0, clock_after={
+        **m.record.clock_after, "host_tsc": m.after.tsc - ticks})
+    apart = dataclasses.replace(m.state, tsc_khz=khz + 100)   # ~38 ppm: ~385 ns over 10 ms
+    drift = pvclock_rate_drift_ns(apart, record, m.after.tsc)
+    assert drift == -(-ticks * 100 * 1_000_000 // (khz * khz))
+    assert 300 < drift < 500, drift
+    guest = Strategy.parse("clock=guest", Strategy.best(caps))
+    base = {"version": pv.version, "pad0": 0, "tsc_timestamp": pv.tsc_timestamp,
+            "system_time": pv.system_time, "tsc_to_system_mul": pv.tsc_to_system_mul,
+            "tsc_shift": pv.tsc_shift, "flags": pv.flags, "pad": [0, 0]}
+    moved = drift + PVCLOCK_BOUND_NS - 1
+    for state_khz, shift, ok in ((khz + 100, moved, True), (khz + 100, moved + 2, False),
+                                 (khz, moved, False)):
+        state = dataclasses.replace(m.state, tsc_khz=state_khz, clock_guest={
+            **base, "system_time": pv.system_time + shift})
+        check = pvclock_preserved(guest, state, m.after, record)
+        assert check.ok is ok, (state_khz, shift, check.detail)
+    assert "rate drift" in pvclock_preserved(guest, dataclasses.replace(
+        apart, clock_guest=base), m.after, record).detail
