@@ -158,15 +158,11 @@ async def _migration(channel: protocol.Channel, migrate: protocol.Migrate, kvm: 
         t_commit, rt_commit = time.perf_counter_ns(), time.time_ns()
         after, record, close_ns = await trio.to_thread.run_sync(
             _restore_and_run, kvm, plan, memory, counters, max_run_time)
-        digest, verify_ns = await trio.to_thread.run_sync(_digest, memory)
+        await _report(channel, counters, memory, after, record, validate_ns=t_checked - t_migrate,
+                      receive_ns=t_commit - t_checked, close_ns=close_ns,
+                      migrate_realtime_ns=rt_migrate, commit_realtime_ns=rt_commit)
     finally:
         memory.close()  # receive_memory leaves no view of it behind, however it ended
-    counters.add("migrations")
-    phases = DestinationPhases(validate_ns=t_checked - t_migrate, receive_ns=t_commit - t_checked,
-                               close_ns=close_ns, migrate_realtime_ns=rt_migrate,
-                               commit_realtime_ns=rt_commit, verify_ns=verify_ns)
-    await channel.send(protocol.Report(DestinationReport(after, record, phases,
-                                                         digest).to_plain()))
 
 
 #: madvise(2) advice (Linux 5.14): fault the range in, writable, as a write to each page would.
@@ -281,15 +277,23 @@ async def _prepared_migration(channel: protocol.Channel, message: protocol.Prepa
         t_commit, rt_commit = time.perf_counter_ns(), time.time_ns()
         after, record, close_ns = await prepared.thread.acall(
             _restore_into, prepared, plan, max_run_time)
-        digest, verify_ns = await trio.to_thread.run_sync(_digest, prepared.memory)
-    counters.add("migrations")
-    phases = DestinationPhases(validate_ns=t_checked - t_migrate, receive_ns=t_commit - t_checked,
-                               close_ns=close_ns, migrate_realtime_ns=rt_migrate,
-                               commit_realtime_ns=rt_commit, prepare_ns=prepare_ns,
-                               rounds_receive_ns=rounds_ns, verify_ns=verify_ns)
-    await channel.send(protocol.Report(DestinationReport(after, record, phases,
-                                                         digest).to_plain()))
+        await _report(channel, counters, prepared.memory, after, record,
+                      validate_ns=t_checked - t_migrate, receive_ns=t_commit - t_checked,
+                      close_ns=close_ns, migrate_realtime_ns=rt_migrate,
+                      commit_realtime_ns=rt_commit, prepare_ns=prepare_ns,
+                      rounds_receive_ns=rounds_ns)
     return True
+
+
+async def _report(channel: protocol.Channel, counters: Counters, memory: GuestMemory,
+                  after: Snapshot, record: RestoreRecord, **phases: int) -> None:
+    """The guest ran on here: its memory's digest (off the downtime path, the VM closed),
+    then the REPORT with the destination's phases -- the one REPORT both paths send."""
+    digest, verify_ns = await trio.to_thread.run_sync(_digest, memory)
+    counters.add("migrations")
+    report = DestinationReport(after, record, DestinationPhases(**phases, verify_ns=verify_ns),
+                               digest)
+    await channel.send(protocol.Report(report.to_plain()))
 
 
 def _final_sink(memory: GuestMemory) -> memoryview:
