@@ -15,7 +15,7 @@ from ._kvm import lib
 from .intact import MemoryComparison
 from .report_doc import RestoreRecord
 from .strategy import Strategy
-from .snapshot import Snapshot, pvclock_ns, signed64, tsc_ticks_to_ns
+from .snapshot import MASK64, Snapshot, pvclock_ns, signed64, tsc_ticks_to_ns
 from .state import VmState
 
 # Guest time is compared with a host bracket, not a host stamp: each report happened
@@ -290,7 +290,7 @@ def pvclock_rate_drift_ns(state: VmState, record: RestoreRecord, tsc: int) -> in
     if not source or not vcpu or source == vcpu or not host_tsc or \
             record.tsc_offset_applied is None:
         return 0
-    ticks = (tsc - host_tsc - record.tsc_offset_applied) & ((1 << 64) - 1)
+    ticks = (tsc - host_tsc - record.tsc_offset_applied) & MASK64
     if ticks >= 1 << 63:            # the report before the restore's reading: nothing known
         return 0
     return -(-ticks * abs(source - vcpu) * 1_000_000 // (vcpu * vcpu))    # ceil, in ns

@@ -57,7 +57,7 @@ from agentcore.options import UsageError, format_duration
 
 from .precopy import precopy
 from .source_guest import Rollback, SourceGuest, SourceRun, run_source_guest
-from .stats import MODES, MigrationStats, RoundStats
+from .stats import MODES, MigrationStats
 
 __all__ = ["DestinationUnsupported", "GuestLost", "Migration", "MigrationPlan",
            "PeerReportError", "RolledBack", "SourceRun", "migrate", "run_source_guest"]
@@ -246,8 +246,7 @@ async def migrate(plan: MigrationPlan, kvm: System, caps: HostCapabilities) -> M
                 raise
             final_bytes = (plan.memory_size if final_runs is None
                            else sum(length for _, length in final_runs))
-            stats.final = RoundStats.of(final_bytes, sent.send_ns)
-            stats.bandwidth = stats.final.bandwidth or stats.bandwidth
+            stats.add_final(final_bytes, sent.send_ns)
             if not plan.destroy_first:
                 stats.source_destroy_ns = await guest.destroy()
             comparison = None

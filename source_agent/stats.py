@@ -80,6 +80,12 @@ class MigrationStats:
         self.bandwidth = stats.bandwidth or self.bandwidth
         return stats
 
+    def add_final(self, sent: int, ns: int) -> RoundStats:
+        """Record MIGRATE's memory, after the stop; the last bandwidth measured, as a round's."""
+        self.final = RoundStats.of(sent, ns)
+        self.bandwidth = self.final.bandwidth or self.bandwidth
+        return self.final
+
     def dirtied(self, dirty_bytes: int) -> None:
         """The dirty set found after the last round: that round's dirty rate."""
         last = self.rounds[-1]
